@@ -1,0 +1,171 @@
+"""Frozen policy objects: what ``config.py`` builds from YAML and ``decide/`` obeys.
+
+Every default carries its unit in its name and its reason in a comment,
+and docs/policy.md repeats them for users.
+"""
+
+from __future__ import annotations
+
+import signal as _signal
+from dataclasses import dataclass, field
+from enum import Enum
+
+from .expr import Expr
+
+__all__ = [
+    "ActionKind",
+    "Rule",
+    "RestartPolicy",
+    "Limits",
+    "WorkloadPolicy",
+    "DaemonPolicy",
+    "DEFAULTS",
+]
+
+
+class ActionKind(str, Enum):
+    """What a rule does when it fires, mildest first.
+
+    ``severity`` orders them: a harder rule may act during the post-action
+    delay of a softer one (invariant 3).
+    """
+
+    WARN = "warn"  # report only
+    BLOCK = "block"  # close admission: new trials wait, running ones continue
+    RESTART = "restart"  # stop gracefully (stop signal, grace, SIGKILL), then start again at once
+    TERMINATE = "terminate"  # stop gracefully; the restart policy decides what follows
+    KILL = "kill"  # SIGKILL at once; the restart policy decides what follows
+
+    @property
+    def severity(self) -> int:
+        return _SEVERITY[self]
+
+    @property
+    def stops_worker(self) -> bool:
+        return self in (ActionKind.RESTART, ActionKind.TERMINATE, ActionKind.KILL)
+
+    @property
+    def is_level(self) -> bool:
+        """Level actions hold while the rule is active and undo on release (block, warn)."""
+        return self in (ActionKind.WARN, ActionKind.BLOCK)
+
+
+_SEVERITY = {
+    ActionKind.WARN: 0,
+    ActionKind.BLOCK: 1,
+    ActionKind.RESTART: 2,
+    ActionKind.TERMINATE: 3,
+    ActionKind.KILL: 4,
+}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One ``rules:`` entry.
+
+    ``key`` identifies the rule across reloads (its source text), so an
+    unchanged rule keeps its timers when the config is reloaded.
+    """
+
+    name: str  # user-given ``name:`` or "rules[2]"
+    when: Expr
+    when_text: str
+    action: ActionKind
+    scope: str  # "system" | "worker"
+    for_s: float = 0.0
+    release: Expr | None = None
+    release_text: str | None = None
+    grace_s: float | None = None  # None: the workload's stop grace
+    source: str = ""  # "file.yaml:12"
+
+    @property
+    def key(self) -> str:
+        return f"{self.scope}|{self.when_text}|{self.action.value}|{self.for_s}|{self.release_text}"
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    # on-failure: restart after a non-zero exit, a signal, or a stop by memguard;
+    # a worker that exits 0 on its own has finished its work (an Optuna worker
+    # that ran its n_trials) and stays stopped.
+    mode: str = "on-failure"  # "always" | "on-failure" | "never"
+    # Capped exponential backoff: Ray caps task retries at 60 s; supervisord's
+    # +1 s per try is the most common complaint about it (supervisor#487).
+    backoff_min_s: float = 1.0
+    backoff_max_s: float = 60.0
+    # Restart budget: more than `budget_count` restarts in `budget_window_s`
+    # marks the worker `failed` (no restart storm; circus' flapping plugin).
+    budget_count: int = 10
+    budget_window_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    memory_bytes: int | None = None  # the base of `worker.memory` percentages
+    runtime_s: float | None = None  # past it the worker is restarted (reason: runtime)
+
+
+@dataclass(frozen=True)
+class WorkloadPolicy:
+    name: str
+    command: tuple[str, ...]
+    replicas: int = 1
+    # Lower priority is chosen first as a victim under system pressure.
+    priority: int = 0
+    user: str | None = None
+    group: str | None = None
+    working_dir: str | None = None
+    environment: tuple[tuple[str, str], ...] = ()
+    limits: Limits = field(default_factory=Limits)
+    rules: tuple[Rule, ...] = ()
+    restart: RestartPolicy = field(default_factory=RestartPolicy)
+    # 10 s: supervisord's stopwaitsecs; long enough for a Python worker to
+    # flush and exit, short enough that memory comes back before the box stalls.
+    grace_s: float = 10.0
+    stop_signal: int = int(_signal.SIGTERM)
+    source: str = ""
+
+    def spec_key(self) -> tuple:
+        """What a running worker was started with: a change restarts it on reload."""
+        return (self.command, self.user, self.group, self.working_dir, self.environment, self.limits)
+
+    def worker_names(self) -> list[str]:
+        return [f"{self.name}-{i}" for i in range(self.replicas)]
+
+
+@dataclass(frozen=True)
+class DaemonPolicy:
+    # 1 s: a relaxed pace that costs well under 0.5 % of a core.
+    poll_interval_s: float = 1.0
+    # 100 ms near or past a threshold (earlyoom's floor between reads).
+    fast_poll_interval_s: float = 0.1
+    scope: str = "auto"  # "auto" | "host" | "cgroup"
+    workloads_dir: str | None = None
+    dry_run: bool = False
+    protect: tuple[str, ...] = ()
+    rules: tuple[Rule, ...] = ()
+    # 5 s after a victim exits before a second one is chosen for a rule no
+    # harder than the first: the kernel needs a moment to return its pages and
+    # the readings to settle (oomd and systemd-oomd wait 15 s, but act on 30 s
+    # averages; memguard reads instantaneous figures).
+    post_action_delay_s: float = 5.0
+    # The fastest memory fill rate the fast path plans for: with H bytes of
+    # headroom to a threshold it re-reads memory after H / rate seconds.
+    # 6000 MiB/s is earlyoom's figure for RAM.
+    max_fill_rate_bytes_per_s: float = 6000.0 * 1024 * 1024
+    # Shortest pause of the fast path, 1 ms (earlyoom goes as low).
+    min_fast_path_interval_s: float = 0.001
+    runtime_dir: str | None = None  # admission files, control socket; default chosen at start
+    log_format: str = "auto"  # "auto" | "console" | "json"
+    log_level: str = "info"
+    workloads: tuple[WorkloadPolicy, ...] = ()
+    source: str = ""
+
+    def workload(self, name: str) -> WorkloadPolicy | None:
+        for w in self.workloads:
+            if w.name == name:
+                return w
+        return None
+
+
+DEFAULTS = DaemonPolicy()

@@ -1,0 +1,968 @@
+"""The layer that owns the worker processes: spawn, watch, signal, reap.
+
+:class:`ChildSupervisor` lives on the daemon's asyncio event loop (one
+thread; every method is called from that thread). Each worker is started
+with :class:`subprocess.Popen` in a session and process group of its own,
+wrapped in ``setpriv --pdeathsig KILL --`` so that its main process dies
+with the daemon's thread, and registered with the **sentinel**
+(:mod:`memguard.act.sentinel`), a tiny process that kills every registered
+group when the daemon's end of its pipe closes, however the daemon died.
+
+Exits are detected through a pidfd per worker (no ``waitpid(-1)``, no
+child watcher): when it becomes readable the worker is reaped with
+``waitid(P_PIDFD)``, its output pipes are drained, and an
+:class:`~memguard.model.Exited` is reported.
+
+The daemon is a child subreaper: descendants orphaned by a worker are
+reparented to it and reaped here (see :meth:`ChildSupervisor._sweep`).
+
+Popen never reaps: its ``returncode`` is set here once we have reaped, so
+neither ``Popen.__del__`` nor ``subprocess._cleanup`` can race us.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ctypes
+import errno
+import grp
+import logging
+import os
+import pwd
+import shutil
+import signal as _signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Deque, Iterable, Mapping, Sequence
+
+from memguard.act.errors import SpawnError
+from memguard.model import Exited, Spawned, SpawnFailed, WorkerEvent
+
+__all__ = ["ChildSupervisor", "SpawnError", "MEMBER_SIGNALS", "LINE_MAX"]
+
+log = logging.getLogger(__name__)
+
+#: Signals that also go to every recorded member of a worker's tree (the
+#: members that may have escaped the process group with setsid()). Graceful
+#: signals (SIGTERM, SIGINT...) go to the process group only.
+MEMBER_SIGNALS = frozenset({_signal.SIGKILL, _signal.SIGSTOP, _signal.SIGCONT})
+
+#: A single output line longer than this many bytes is truncated.
+LINE_MAX = 64 * 1024
+_TRUNCATED = " [... line truncated by memguard]"
+
+_PR_SET_CHILD_SUBREAPER = 36
+_SWEEP_INTERVAL = 1.0  # seconds between safety-net sweeps (SIGCHLD also sweeps)
+_SENTINEL_RESTART_DELAY = 1.0
+_SENTINEL_PATH = Path(__file__).with_name("sentinel.py")
+_SETPRIV = shutil.which("setpriv")  # checked once
+
+
+# ---------------------------------------------------------------------------
+# /proc helpers
+
+
+@dataclass(frozen=True)
+class _Stat:
+    state: str
+    ppid: int
+    pgrp: int
+    session: int
+    start: int
+
+
+def _read_stat(pid: int) -> _Stat | None:
+    """The fields of ``/proc/<pid>/stat`` we use, None if the pid is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    try:
+        rest = data[data.rindex(b")") + 2 :].split()
+        return _Stat(
+            state=rest[0].decode(),
+            ppid=int(rest[1]),
+            pgrp=int(rest[2]),
+            session=int(rest[3]),
+            start=int(rest[19]),
+        )
+    except (ValueError, IndexError):
+        return None
+
+
+def _set_subreaper(on: bool) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(err)}")
+
+
+def _reap_pidfd(pidfd: int, pid: int) -> tuple[int | None, int | None] | None:
+    """Reap the exited process behind ``pidfd``: (returncode, signal), or None if still running.
+
+    ``(-1, None)`` when the status was lost (someone else reaped it).
+    """
+    try:
+        if hasattr(os, "P_PIDFD"):
+            res = os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)
+            if res is None or res.si_pid == 0:
+                return None
+            if res.si_code == os.CLD_EXITED:
+                return res.si_status, None
+            return None, res.si_status  # CLD_KILLED / CLD_DUMPED
+        got, status = os.waitpid(pid, os.WNOHANG)
+        if got == 0:
+            return None
+        if os.WIFSIGNALED(status):
+            return None, os.WTERMSIG(status)
+        return os.waitstatus_to_exitcode(status), None
+    except ChildProcessError:
+        return -1, None
+
+
+def _is_alive(pidfd: int) -> bool:
+    import select
+
+    p = select.poll()
+    p.register(pidfd, select.POLLIN)
+    return not p.poll(0)
+
+
+# ---------------------------------------------------------------------------
+# Records
+
+
+class _Stream:
+    """One output pipe of a worker, read without blocking, split into lines."""
+
+    __slots__ = ("name", "file", "fd", "buf", "discarding")
+
+    def __init__(self, name: str, file) -> None:  # type: ignore[no-untyped-def]
+        self.name = name
+        self.file = file
+        self.fd: int | None = file.fileno()
+        self.buf = bytearray()
+        self.discarding = False
+        os.set_blocking(self.fd, False)
+
+
+@dataclass(eq=False)
+class _Proc:
+    worker: str
+    incarnation: int
+    pid: int
+    start: int
+    popen: subprocess.Popen  # type: ignore[type-arg]
+    pidfd: int | None
+    streams: list[_Stream]
+    tail: Deque[str]
+    members: dict[int, int] = field(default_factory=dict)  # pid -> start time
+    reaped: bool = False
+
+    @property
+    def pipes_open(self) -> bool:
+        return any(s.fd is not None for s in self.streams)
+
+
+# ---------------------------------------------------------------------------
+
+
+class ChildSupervisor:
+    """Owns the worker processes; lives on one asyncio event loop.
+
+    ``on_event`` receives :class:`Spawned` and :class:`SpawnFailed` (from
+    :meth:`spawn`, synchronously) and :class:`Exited` (when a worker's main
+    process has been reaped). ``on_output`` receives every output line as
+    ``(worker, "stdout" | "stderr", line)``, without its newline.
+    """
+
+    def __init__(
+        self,
+        on_event: Callable[[WorkerEvent], None],
+        on_output: Callable[[str, str, str], None],
+        clock: Callable[[], float] = time.monotonic,
+        sentinel: bool = True,
+        subreaper: bool = True,
+        tail_lines: int = 50,
+    ) -> None:
+        self._on_event = on_event
+        self._on_output = on_output
+        self._clock = clock
+        self._use_sentinel = sentinel
+        self._use_subreaper = subreaper
+        self._tail_lines = tail_lines
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        self._workers: dict[str, _Proc] = {}  # latest incarnation per worker
+        self._old: set[_Proc] = set()  # earlier incarnations with output pipes still open
+        # Registrations mirrored to the sentinel (the daemon's copy is the truth;
+        # a restarted sentinel is sent all of it again).
+        self._groups: dict[int, int] = {}  # pgid -> leader start time
+        self._pids: dict[int, int] = {}  # pid -> start time
+        self._cgroups: dict[str, None] = {}
+        # Sessions/groups created by our workers or their recorded members:
+        # a zombie child of ours in one of them is an orphan of a worker tree.
+        self._sessions: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self._subreaper_set = False
+        self._sigchld = False
+        self._sweep_pending = False
+        self._timer: asyncio.TimerHandle | None = None
+        # sentinel
+        self._sentinel: subprocess.Popen | None = None  # type: ignore[type-arg]
+        self._sentinel_pidfd: int | None = None
+        self._sentinel_w: int | None = None
+        self._sentinel_buf = bytearray()
+        self._sentinel_writer = False
+        self._sentinel_started_at = 0.0
+        self._sentinel_restarts = 0
+        self._sentinel_timer: asyncio.TimerHandle | None = None
+
+    # ------------------------------------------------------------------ life
+
+    async def start(self) -> None:
+        """Become a subreaper, start the sentinel, start watching for orphans."""
+        if self._loop is not None:
+            raise RuntimeError("ChildSupervisor already started")
+        self._loop = asyncio.get_running_loop()
+        if self._use_subreaper:
+            _set_subreaper(True)
+            self._subreaper_set = True
+        if self._use_sentinel:
+            self._start_sentinel()
+        try:
+            self._loop.add_signal_handler(_signal.SIGCHLD, self._schedule_sweep)
+            self._sigchld = True
+        except (RuntimeError, ValueError, NotImplementedError):
+            # Not the main thread: the periodic sweep alone reaps orphans.
+            self._sigchld = False
+        self._timer = self._loop.call_later(_SWEEP_INTERVAL, self._periodic)
+
+    async def close(self) -> None:
+        """Stop watching, close fds, tell the sentinel to quit without killing.
+
+        Workers still running are left running (a graceful shutdown stops
+        them before calling this); they are no longer watched or reaped.
+        """
+        if self._closed or self._loop is None:
+            self._closed = True
+            return
+        self._closed = True
+        loop = self._loop
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._sentinel_timer is not None:
+            self._sentinel_timer.cancel()
+        if self._sigchld:
+            loop.remove_signal_handler(_signal.SIGCHLD)
+            self._sigchld = False
+        for rec in list(self._workers.values()) + list(self._old):
+            self._forget(rec)
+        self._old.clear()
+        await self._stop_sentinel()
+        if self._subreaper_set:
+            try:
+                _set_subreaper(False)
+            except OSError:  # pragma: no cover - prctl(…, 0) does not fail
+                pass
+            self._subreaper_set = False
+
+    # ------------------------------------------------------------------ API
+
+    def spawn(
+        self,
+        worker: str,
+        incarnation: int,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        cwd: str | None,
+        user: str | None,
+        group: str | None,
+        oom_score_adj: int | None,
+    ) -> int:
+        """Start one incarnation of ``worker``; return its pid.
+
+        Reports :class:`Spawned` (or :class:`SpawnFailed`) through
+        ``on_event`` before returning (or raising :class:`SpawnError`).
+        """
+        try:
+            pid = self._spawn(worker, incarnation, argv, env, cwd, user, group, oom_score_adj)
+        except SpawnError as e:
+            self._emit(SpawnFailed(worker, incarnation, str(e), at=self._clock()))
+            raise
+        self._emit(Spawned(worker, incarnation, pid, at=self._clock()))
+        return pid
+
+    def signal(self, worker: str, pid: int, incarnation: int, signum: int) -> bool:
+        """Send ``signum`` to the worker's process group (and, for
+        :data:`MEMBER_SIGNALS`, to its recorded members).
+
+        Refused (False) unless ``pid`` is the not-yet-reaped main process of
+        that exact incarnation; False too if the group is already gone.
+        """
+        rec = self._workers.get(worker)
+        if rec is None or rec.reaped or rec.pid != pid or rec.incarnation != incarnation or rec.pidfd is None:
+            return False
+        sent = False
+        st = _read_stat(pid)
+        if st is not None and st.pgrp != pid:
+            # The main process left its group: signal it by pidfd as well.
+            # Otherwise killpg reaches it, and it must not get a signal twice
+            # (many programs treat a second SIGINT/SIGTERM as "force quit").
+            try:
+                _signal.pidfd_send_signal(rec.pidfd, signum)
+                sent = True
+            except ProcessLookupError:
+                pass
+            except OSError as e:
+                log.warning("pidfd_send_signal(%s, %s) failed: %s", pid, signum, e)
+        try:
+            # pgid == pid (setsid); the number cannot be reused while the
+            # main process is unreaped, and only we reap it.
+            os.killpg(pid, signum)
+            sent = True
+        except ProcessLookupError:
+            pass
+        except OSError as e:
+            log.warning("killpg(%s, %s) failed: %s", pid, signum, e)
+        if signum in MEMBER_SIGNALS:
+            for mpid, mstart in list(rec.members.items()):
+                if self._signal_member(mpid, mstart, signum, rec.pid):
+                    sent = True
+                else:
+                    rec.members.pop(mpid, None)
+        return sent
+
+    def add_members(self, worker: str, members: Iterable[tuple[int, int]]) -> None:
+        """Record processes of ``worker``'s tree, as (pid, start time), found by sensing.
+
+        They receive :data:`MEMBER_SIGNALS` with the group, are reaped here
+        when they become our orphans, and those outside the worker's process
+        group are registered with the sentinel.
+        """
+        rec = self._workers.get(worker)
+        if rec is None:
+            return
+        for mpid, mstart in members:
+            if mpid == rec.pid or rec.members.get(mpid) == mstart:
+                continue
+            st = _read_stat(mpid)
+            if st is None or st.start != mstart or st.state in ("Z", "X"):
+                continue
+            rec.members[mpid] = mstart
+            for sid in {st.session, st.pgrp} - {rec.pid}:
+                self._note_session(sid)  # an escaped session/group: its orphans are ours
+            if st.pgrp == rec.pid:
+                continue  # killed with the worker's group
+            if st.pgrp == mpid:
+                self._register_group(mpid, mstart)
+            elif mpid not in self._pids:
+                self._pids[mpid] = mstart
+                self._sentinel_send(f"pid {mpid} {mstart}\n")
+
+    def live(self) -> dict[str, tuple[int, int]]:
+        """worker -> (pid, incarnation) of every worker whose main process is not reaped."""
+        return {w: (r.pid, r.incarnation) for w, r in self._workers.items() if not r.reaped}
+
+    def last_lines(self, worker: str) -> tuple[str, ...]:
+        """The last output lines of the worker's latest incarnation (both streams, in order)."""
+        rec = self._workers.get(worker)
+        return tuple(rec.tail) if rec is not None else ()
+
+    def watch_cgroup(self, path: str) -> None:
+        """Have the sentinel kill everything in cgroup ``path`` if the daemon dies."""
+        if path not in self._cgroups:
+            self._cgroups[path] = None
+            self._sentinel_send(f"cgroup {path}\n")
+
+    def unwatch_cgroup(self, path: str) -> None:
+        if self._cgroups.pop(path, 0) is None:
+            self._sentinel_send(f"uncgroup {path}\n")
+
+    @property
+    def sentinel_pid(self) -> int | None:
+        """Pid of the running sentinel (None without one)."""
+        return self._sentinel.pid if self._sentinel is not None else None
+
+    # ------------------------------------------------------------------ spawn
+
+    def _spawn(
+        self,
+        worker: str,
+        incarnation: int,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        cwd: str | None,
+        user: str | None,
+        group: str | None,
+        oom_score_adj: int | None,
+    ) -> int:
+        if self._loop is None or self._closed:
+            raise SpawnError("the child supervisor is not running")
+        old = self._workers.get(worker)
+        if old is not None and not old.reaped:
+            raise SpawnError(f"worker {worker!r} is still running (pid {old.pid})")
+        argv = [str(a) for a in argv]
+        if not argv or not argv[0]:
+            raise SpawnError("empty command")
+        if oom_score_adj is not None and not -1000 <= oom_score_adj <= 1000:
+            raise SpawnError(f"oom_score_adj {oom_score_adj} is outside -1000..1000")
+        uid, gid = _resolve_ids(user, group)
+        if cwd is not None and not os.path.isdir(cwd):
+            what = "does not exist" if not os.path.exists(cwd) else "is not a directory"
+            raise SpawnError(f"working directory {cwd!r} {what}")
+        _check_command(argv[0], env, cwd)
+
+        full = [_SETPRIV, "--pdeathsig", "KILL", "--", *argv] if _SETPRIV else argv
+        kwargs: dict[str, object] = {}
+        if uid is not None:
+            kwargs["user"] = uid
+            kwargs["extra_groups"] = []  # drop root's supplementary groups
+        if gid is not None:
+            kwargs["group"] = gid
+        try:
+            popen = subprocess.Popen(
+                full,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                close_fds=True,
+                start_new_session=True,
+                cwd=cwd,
+                env=dict(env),
+                **kwargs,  # type: ignore[arg-type]
+            )
+        except FileNotFoundError as e:
+            if cwd is not None and e.filename == cwd:
+                raise SpawnError(f"working directory {cwd!r} does not exist") from e
+            raise SpawnError(f"command not found: {argv[0]!r}") from e
+        except PermissionError as e:
+            raise SpawnError(f"cannot start {argv[0]!r}: {e}") from e
+        except (OSError, ValueError, subprocess.SubprocessError) as e:
+            raise SpawnError(f"cannot start {argv[0]!r}: {e}") from e
+
+        pid = popen.pid
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError as e:
+            _abort(popen)
+            raise SpawnError(f"cannot watch {argv[0]!r} (pidfd_open: {e})") from e
+        st = _read_stat(pid)  # unreaped, so readable even if it already exited
+        start = st.start if st is not None else 0
+        if oom_score_adj is not None:
+            try:
+                with open(f"/proc/{pid}/oom_score_adj", "w") as f:
+                    f.write(str(oom_score_adj))
+            except OSError as e:
+                gone = e.errno in (errno.ESRCH, errno.ENOENT) or not _is_alive(pidfd)
+                if not gone:
+                    os.close(pidfd)
+                    _abort(popen)
+                    raise SpawnError(f"cannot set oom_score_adj {oom_score_adj} for {argv[0]!r}: {e}") from e
+
+        assert popen.stdout is not None and popen.stderr is not None
+        rec = _Proc(
+            worker=worker,
+            incarnation=incarnation,
+            pid=pid,
+            start=start,
+            popen=popen,
+            pidfd=pidfd,
+            streams=[_Stream("stdout", popen.stdout), _Stream("stderr", popen.stderr)],
+            tail=collections.deque(maxlen=self._tail_lines),
+        )
+        if old is not None and old.pipes_open:
+            self._old.add(old)
+        self._workers[worker] = rec
+        self._note_session(pid)
+        self._register_group(pid, start)
+        loop = self._loop
+        for s in rec.streams:
+            assert s.fd is not None
+            loop.add_reader(s.fd, self._on_readable, rec, s)
+        loop.add_reader(pidfd, self._on_exit, rec)
+        return pid
+
+    # ------------------------------------------------------------------ output
+
+    def _on_readable(self, rec: _Proc, s: _Stream) -> None:
+        self._read(rec, s, drain=False)
+
+    def _read(self, rec: _Proc, s: _Stream, drain: bool) -> None:
+        """Read what the pipe holds (one chunk, or until empty with ``drain``)."""
+        while s.fd is not None:
+            try:
+                chunk = os.read(s.fd, 65536)
+            except BlockingIOError:
+                return
+            except InterruptedError:
+                continue
+            except OSError:
+                chunk = b""
+            if not chunk:
+                if s.buf or s.discarding:
+                    line = bytes(s.buf)
+                    s.buf.clear()
+                    if not s.discarding:
+                        self._line(rec, s.name, line)
+                    s.discarding = False
+                self._close_stream(s)
+                self._maybe_drop(rec)
+                return
+            self._feed(rec, s, chunk)
+            if not drain:
+                return
+
+    def _feed(self, rec: _Proc, s: _Stream, chunk: bytes) -> None:
+        start = 0
+        while True:
+            nl = chunk.find(b"\n", start)
+            if nl < 0:
+                piece = chunk[start:]
+                if not s.discarding:
+                    s.buf += piece
+                    if len(s.buf) > LINE_MAX:
+                        self._line(rec, s.name, bytes(s.buf[:LINE_MAX]), truncated=True)
+                        s.buf.clear()
+                        s.discarding = True
+                return
+            piece = chunk[start:nl]
+            start = nl + 1
+            if s.discarding:
+                s.discarding = False
+                continue
+            if s.buf:
+                s.buf += piece
+                line = bytes(s.buf)
+                s.buf.clear()
+            else:
+                line = piece
+            if len(line) > LINE_MAX:
+                self._line(rec, s.name, line[:LINE_MAX], truncated=True)
+            else:
+                self._line(rec, s.name, line)
+
+    def _line(self, rec: _Proc, stream: str, raw: bytes, truncated: bool = False) -> None:
+        if raw.endswith(b"\r"):
+            raw = raw[:-1]
+        text = raw.decode("utf-8", "replace")
+        if truncated:
+            text += _TRUNCATED
+        rec.tail.append(text)
+        try:
+            self._on_output(rec.worker, stream, text)
+        except Exception:
+            log.exception("on_output callback failed")
+
+    def _close_stream(self, s: _Stream) -> None:
+        if s.fd is None:
+            return
+        if self._loop is not None:
+            self._loop.remove_reader(s.fd)
+        s.fd = None
+        try:
+            s.file.close()
+        except OSError:
+            pass
+
+    # ------------------------------------------------------------------ exit
+
+    def _on_exit(self, rec: _Proc) -> None:
+        if rec.reaped or rec.pidfd is None:
+            return
+        status = _reap_pidfd(rec.pidfd, rec.pid)
+        if status is None:
+            return  # spurious wakeup: still running
+        returncode, signum = status
+        assert self._loop is not None
+        self._loop.remove_reader(rec.pidfd)
+        os.close(rec.pidfd)
+        rec.pidfd = None
+        rec.reaped = True
+        # Tell Popen the process is reaped, so it never waits on the pid.
+        rec.popen.returncode = returncode if signum is None else -signum
+        # Everything the main process wrote is in the pipes by now: drain it
+        # so that the Exited carries the last lines. Descendants may keep
+        # the pipes open; their later output is still read and forwarded.
+        for s in rec.streams:
+            self._read(rec, s, drain=True)
+        self._check_group(rec.pid)
+        if rec.pipes_open and self._workers.get(rec.worker) is not rec:
+            self._old.add(rec)
+        self._emit(
+            Exited(
+                rec.worker,
+                rec.incarnation,
+                rec.pid,
+                at=self._clock(),
+                returncode=returncode,
+                signal=signum,
+                last_lines=tuple(rec.tail),
+            )
+        )
+
+    def _maybe_drop(self, rec: _Proc) -> None:
+        if rec in self._old and rec.reaped and not rec.pipes_open:
+            self._old.discard(rec)
+
+    # ------------------------------------------------------------------ members
+
+    def _signal_member(self, pid: int, start: int, signum: int, worker_pgid: int) -> bool:
+        """Signal one recorded member if it is still the process we recorded."""
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            return False
+        try:
+            st = _read_stat(pid)  # after pidfd_open: proves the pidfd is that process
+            if st is None or st.start != start or st.state in ("Z", "X"):
+                return False
+            _signal.pidfd_send_signal(fd, signum)
+            if st.pgrp == pid and pid != worker_pgid:
+                try:  # an escaped group leader: take its group too
+                    os.killpg(pid, signum)
+                except OSError:
+                    pass
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+
+    def _note_session(self, sid: int) -> None:
+        self._sessions[sid] = None
+        self._sessions.move_to_end(sid)
+        while len(self._sessions) > 4096:
+            self._sessions.popitem(last=False)
+
+    # ------------------------------------------------------------------ groups
+
+    def _register_group(self, pgid: int, start: int) -> None:
+        if self._groups.get(pgid) == start:
+            return
+        self._groups[pgid] = start
+        self._sentinel_send(f"add {pgid} {start}\n")
+
+    def _check_group(self, pgid: int) -> None:
+        """Forget ``pgid`` (here and in the sentinel) once no process is left in it."""
+        if pgid not in self._groups:
+            return
+        try:
+            os.killpg(pgid, 0)
+            return
+        except ProcessLookupError:
+            pass
+        except OSError:
+            return  # exists (EPERM)
+        del self._groups[pgid]
+        self._sentinel_send(f"del {pgid}\n")
+
+    # ------------------------------------------------------------------ sweep
+
+    def _schedule_sweep(self) -> None:
+        if not self._sweep_pending and self._loop is not None and not self._closed:
+            self._sweep_pending = True
+            self._loop.call_soon(self._sweep)
+
+    def _periodic(self) -> None:
+        if self._closed or self._loop is None:
+            return
+        self._sweep()
+        self._timer = self._loop.call_later(_SWEEP_INTERVAL, self._periodic)
+
+    def _sweep(self) -> None:
+        """Reap orphans of worker trees; forget groups and members that are gone.
+
+        A child of ours is reaped here only if it is a zombie, is not a
+        worker's unreaped main process nor the sentinel, and either was
+        reparented to us (it hangs under the thread that receives orphans:
+        the first live thread, normally the main one) or belongs to a
+        session or group of our workers and their recorded members. Other
+        threads' own subprocesses are left to their Popen.
+        """
+        self._sweep_pending = False
+        if self._closed:
+            return
+        keep = {r.pid for r in self._workers.values() if not r.reaped}
+        if self._sentinel is not None:
+            keep.add(self._sentinel.pid)
+        for pid, orphan_thread in _children():
+            if pid in keep:
+                continue
+            st = _read_stat(pid)
+            if st is None or st.state != "Z":
+                continue
+            if not (orphan_thread or st.session in self._sessions or st.pgrp in self._sessions):
+                continue
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+        for pgid in list(self._groups):
+            if pgid not in keep:
+                self._check_group(pgid)
+        for pid, start in list(self._pids.items()):
+            st = _read_stat(pid)
+            if st is None or st.start != start or st.state in ("Z", "X"):
+                del self._pids[pid]
+                self._sentinel_send(f"unpid {pid}\n")
+        for rec in list(self._workers.values()) + list(self._old):
+            for mpid, mstart in list(rec.members.items()):
+                st = _read_stat(mpid)
+                if st is None or st.start != mstart or st.state in ("Z", "X"):
+                    del rec.members[mpid]
+
+    # ------------------------------------------------------------------ sentinel
+
+    def _start_sentinel(self) -> None:
+        assert self._loop is not None
+        if _SENTINEL_PATH.is_file():
+            argv = [sys.executable, "-I", str(_SENTINEL_PATH)]
+        else:  # pragma: no cover - zipped installs
+            argv = [sys.executable, "-I", "-m", "memguard.act.sentinel"]
+        r, w = os.pipe()
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=r,
+                stdout=subprocess.DEVNULL,
+                close_fds=True,
+                start_new_session=True,
+            )
+        except BaseException:
+            os.close(w)
+            raise
+        finally:
+            os.close(r)
+        os.set_blocking(w, False)
+        self._sentinel = proc
+        self._sentinel_w = w
+        self._sentinel_buf.clear()
+        self._sentinel_started_at = time.monotonic()
+        self._sentinel_pidfd = os.pidfd_open(proc.pid)
+        self._loop.add_reader(self._sentinel_pidfd, self._on_sentinel_exit)
+        lines = [f"add {g} {s}\n" for g, s in self._groups.items()]
+        lines += [f"pid {p} {s}\n" for p, s in self._pids.items()]
+        lines += [f"cgroup {c}\n" for c in self._cgroups]
+        if lines:
+            self._sentinel_send("".join(lines))
+
+    def _sentinel_send(self, text: str) -> None:
+        if self._sentinel_w is None:
+            return  # no sentinel now; a restarted one is sent everything
+        self._sentinel_buf += text.encode()
+        self._flush_sentinel()
+
+    def _flush_sentinel(self) -> None:
+        w = self._sentinel_w
+        while w is not None and self._sentinel_buf:
+            try:
+                n = os.write(w, self._sentinel_buf)
+            except BlockingIOError:
+                if not self._sentinel_writer and self._loop is not None:
+                    self._loop.add_writer(w, self._flush_sentinel)
+                    self._sentinel_writer = True
+                return
+            except InterruptedError:
+                continue
+            except OSError:
+                self._sentinel_buf.clear()  # sentinel died: its pidfd reports it
+                break
+            del self._sentinel_buf[:n]
+        if self._sentinel_writer and w is not None and self._loop is not None:
+            self._loop.remove_writer(w)
+            self._sentinel_writer = False
+
+    def _drop_sentinel_pipe(self) -> None:
+        w = self._sentinel_w
+        if w is None:
+            return
+        if self._sentinel_writer and self._loop is not None:
+            self._loop.remove_writer(w)
+            self._sentinel_writer = False
+        self._sentinel_w = None
+        self._sentinel_buf.clear()
+        os.close(w)
+
+    def _reap_sentinel(self) -> bool:
+        proc, fd = self._sentinel, self._sentinel_pidfd
+        if proc is None or fd is None:
+            return True
+        status = _reap_pidfd(fd, proc.pid)
+        if status is None:
+            return False
+        rc, sig = status
+        proc.returncode = rc if sig is None else -sig
+        if self._loop is not None:
+            self._loop.remove_reader(fd)
+        os.close(fd)
+        self._sentinel = None
+        self._sentinel_pidfd = None
+        return True
+
+    def _on_sentinel_exit(self) -> None:
+        proc = self._sentinel
+        if proc is None or not self._reap_sentinel():
+            return
+        log.warning("memguard sentinel (pid %s) exited with %s; restarting it", proc.pid, proc.returncode)
+        # Close our end only now: the new sentinel gets a new pipe.
+        self._drop_sentinel_pipe()
+        if self._closed:
+            return
+        self._sentinel_restarts += 1
+        delay = _SENTINEL_RESTART_DELAY if time.monotonic() - self._sentinel_started_at < 1.0 else 0.0
+        assert self._loop is not None
+        self._sentinel_timer = self._loop.call_later(delay, self._restart_sentinel)
+
+    def _restart_sentinel(self) -> None:
+        self._sentinel_timer = None
+        if self._closed or self._sentinel is not None:
+            return
+        try:
+            self._start_sentinel()
+        except OSError as e:
+            log.error("cannot restart the memguard sentinel: %s", e)
+            assert self._loop is not None
+            self._sentinel_timer = self._loop.call_later(_SENTINEL_RESTART_DELAY, self._restart_sentinel)
+
+    async def _stop_sentinel(self, timeout: float = 2.0) -> None:
+        """Clean quit: ``quit`` reaches the sentinel, then EOF; it kills nothing."""
+        proc, fd = self._sentinel, self._sentinel_pidfd
+        if proc is None or fd is None:
+            self._drop_sentinel_pipe()
+            return
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(fd)  # from now on we wait for it ourselves
+        self._sentinel_send("quit\n")
+        deadline = loop.time() + timeout
+        while self._sentinel_buf and self._sentinel_w is not None and loop.time() < deadline:
+            await asyncio.sleep(0.01)  # the writer callback flushes
+        if self._sentinel_buf:
+            # "quit" could not be delivered: EOF would make it kill everything.
+            _signal.pidfd_send_signal(fd, _signal.SIGKILL)
+        self._drop_sentinel_pipe()
+        exited = loop.create_future()
+        loop.add_reader(fd, lambda: exited.done() or exited.set_result(None))
+        try:
+            await asyncio.wait_for(exited, max(0.1, deadline - loop.time()))
+        except asyncio.TimeoutError:
+            _signal.pidfd_send_signal(fd, _signal.SIGKILL)
+            exited = loop.create_future()
+            loop.remove_reader(fd)
+            loop.add_reader(fd, lambda: exited.done() or exited.set_result(None))
+            await asyncio.wait_for(exited, 5.0)
+        finally:
+            loop.remove_reader(fd)
+        self._reap_sentinel()
+
+    # ------------------------------------------------------------------ misc
+
+    def _forget(self, rec: _Proc) -> None:
+        assert self._loop is not None
+        for s in rec.streams:
+            self._close_stream(s)
+        if rec.pidfd is not None:
+            self._loop.remove_reader(rec.pidfd)
+            os.close(rec.pidfd)
+            rec.pidfd = None
+
+    def _emit(self, event: WorkerEvent) -> None:
+        try:
+            self._on_event(event)
+        except Exception:
+            log.exception("on_event callback failed")
+
+
+# ---------------------------------------------------------------------------
+# spawn helpers
+
+
+def _resolve_ids(user: str | None, group: str | None) -> tuple[int | None, int | None]:
+    """(uid, gid) to switch to; the user's primary group when group is None."""
+    uid = gid = None
+    if user is not None:
+        try:
+            pw = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+            uid, gid = pw.pw_uid, pw.pw_gid
+        except KeyError:
+            if not user.isdigit() or group is None:
+                raise SpawnError(f"unknown user {user!r}") from None
+            uid = int(user)
+    if group is not None:
+        try:
+            gid = grp.getgrgid(int(group)).gr_gid if group.isdigit() else grp.getgrnam(group).gr_gid
+        except KeyError:
+            if not group.isdigit():
+                raise SpawnError(f"unknown group {group!r}") from None
+            gid = int(group)
+    return uid, gid
+
+
+def _check_command(cmd: str, env: Mapping[str, str], cwd: str | None) -> None:
+    """Fail early and clearly when the command cannot be found.
+
+    setpriv would only report it from inside the child (exit 127), so the
+    lookup is done here the way execvp() will do it: through ``PATH`` from
+    ``env``, relative paths against ``cwd``.
+    """
+    if "/" in cmd:
+        path = cmd if os.path.isabs(cmd) else os.path.join(cwd or os.getcwd(), cmd)
+        if not os.path.exists(path):
+            raise SpawnError(f"command not found: {cmd!r}")
+        if os.path.isdir(path) or not os.access(path, os.X_OK):
+            raise SpawnError(f"command is not executable: {cmd!r}")
+        return
+    search = env.get("PATH", os.defpath)
+    dirs = [d if os.path.isabs(d) else os.path.join(cwd or os.getcwd(), d or ".") for d in search.split(os.pathsep)]
+    if shutil.which(cmd, path=os.pathsep.join(dirs)) is None:
+        raise SpawnError(f"command not found: {cmd!r} (searched PATH={search})")
+
+
+def _abort(popen: subprocess.Popen) -> None:  # type: ignore[type-arg]
+    """Kill and reap a child we cannot supervise; close its pipes."""
+    try:
+        os.killpg(popen.pid, _signal.SIGKILL)
+    except OSError:
+        try:
+            popen.kill()
+        except OSError:
+            pass
+    popen.wait()
+    for f in (popen.stdout, popen.stderr):
+        if f is not None:
+            f.close()
+
+
+def _children() -> list[tuple[int, bool]]:
+    """Our child pids, each with whether it hangs under the orphan-receiving thread."""
+    me = os.getpid()
+    out: list[tuple[int, bool]] = []
+    try:
+        tids = sorted(int(t) for t in os.listdir("/proc/self/task"))
+    except OSError:
+        tids = []
+    # Orphans go to the first live thread of a subreaper: the main thread
+    # (tid == pid) when it lives, otherwise the lowest-numbered one.
+    first = me if me in tids else (tids[0] if tids else me)
+    found = False
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/children") as f:
+                data = f.read()
+        except OSError:
+            continue
+        found = True
+        out.extend((int(p), tid == first) for p in data.split())
+    if found:
+        return out
+    # No CONFIG_PROC_CHILDREN: scan /proc (no thread information).
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            st = _read_stat(int(name))
+            if st is not None and st.ppid == me:
+                out.append((int(name), False))
+    return out

@@ -1,0 +1,693 @@
+"""The functional core: ``step(state, observation, policy, now) -> (state, actions)``.
+
+No I/O, no clock, no asyncio, no logging: everything it needs comes in as
+arguments, everything it decides goes out as values. Durations are
+computed from the ``now`` it is given, so tests drive it in virtual time.
+
+One step, in order:
+
+1. note kernel OOM kills the scope counted since the last step;
+2. apply what the actor reported (spawned, failed to spawn, exited);
+3. SIGKILL workers whose grace period ran out;
+4. worker rules, each worker against its own limits;
+5. system rules, with one victim at a time (post-action delay);
+6. open or close admission gates whose rules changed;
+7. start workers whose (back-off) time has come.
+"""
+
+from __future__ import annotations
+
+import math
+import signal as _signal
+from dataclasses import replace
+from typing import Iterable
+
+from ..expr import parse_expr
+from ..model import (
+    Action,
+    Exited,
+    Explanation,
+    Notice,
+    Observation,
+    SetAdmission,
+    Signal,
+    Spawn,
+    Spawned,
+    SpawnFailed,
+    UNKNOWN,
+    Unknown,
+    is_known,
+)
+from ..policy import ActionKind, DaemonPolicy, Rule, WorkloadPolicy
+from ..units import format_duration, format_size
+from .evaluate import Context, evaluate, explain
+from .state import CoreState, Phase, RuleState, StopState, WorkerState, check_transition
+
+__all__ = [
+    "step",
+    "reconcile",
+    "begin_shutdown",
+    "all_stopped",
+    "operator_start",
+    "operator_stop",
+    "operator_restart",
+    "runtime_rule",
+]
+
+SIGKILL = int(_signal.SIGKILL)
+_ALIVE = (Phase.STARTING, Phase.RUNNING, Phase.STOPPING)
+
+
+class _Step:
+    """Mutable scratch space for one step; the result is frozen again."""
+
+    def __init__(self, state: CoreState, policy: DaemonPolicy, now: float) -> None:
+        self.policy = policy
+        self.now = now
+        self.workers: dict[str, WorkerState] = dict(state.workers)
+        self.system_rules: dict[str, RuleState] = dict(state.system_rules)
+        self.victim = state.victim
+        self.victim_severity = state.victim_severity
+        self.delay_until = state.delay_until
+        self.shutting_down = state.shutting_down
+        self.oom_kills = state.oom_kills
+        self.actions: list[Action] = []
+        self.oom_delta = 0
+
+    def freeze(self) -> CoreState:
+        return CoreState(
+            workers=self.workers,
+            system_rules=self.system_rules,
+            victim=self.victim,
+            victim_severity=self.victim_severity,
+            delay_until=self.delay_until,
+            shutting_down=self.shutting_down,
+            oom_kills=self.oom_kills,
+        )
+
+    def emit(self, action: Action) -> None:
+        self.actions.append(action)
+
+    def set(self, w: WorkerState, **changes: object) -> WorkerState:
+        new = replace(w, **changes)
+        check_transition(w.phase, new.phase)
+        self.workers[w.name] = new
+        return new
+
+    def workload(self, w: WorkerState) -> WorkloadPolicy:
+        wl = self.policy.workload(w.workload)
+        if wl is None:  # removed by a reload while it still runs: keep its last known shape
+            return WorkloadPolicy(name=w.workload, command=("",))
+        return wl
+
+
+# ---------------------------------------------------------------------------
+# Public entry points
+
+
+def step(state: CoreState, obs: Observation, policy: DaemonPolicy, now: float) -> tuple[CoreState, list[Action]]:
+    s = _Step(state, policy, now)
+    _note_kernel_oom(s, obs)
+    _apply_events(s, obs)
+    _take_samples(s, obs)
+    _expire_grace(s)
+    if not s.shutting_down:
+        system_ctx = _system_context(obs)
+        for name in sorted(s.workers):
+            _worker_rules(s, s.workers[name], system_ctx, obs)
+        _system_rules(s, system_ctx, obs)
+    _admission(s)
+    _start_due(s)
+    return s.freeze(), s.actions
+
+
+def reconcile(state: CoreState, policy: DaemonPolicy, now: float, reason: str = "reload") -> tuple[CoreState, list[Action]]:
+    """Make the worker slots match ``policy`` (at start and on reload).
+
+    New slots start now; slots of removed workloads or replicas stop for
+    good; a worker started with a different command, environment, user or
+    limits restarts; failed and stopped workers get a fresh start (a reload
+    is the operator saying "try again"). Rule timers of unchanged rules
+    carry over; those of removed rules are dropped.
+    """
+    s = _Step(state, policy, now)
+    wanted: dict[str, tuple[WorkloadPolicy, int]] = {}
+    for wl in policy.workloads:
+        for i, name in enumerate(wl.worker_names()):
+            wanted[name] = (wl, i)
+    keep_system = {r.key for r in policy.rules}
+    s.system_rules = {k: v for k, v in s.system_rules.items() if k in keep_system}
+    for name, w in list(s.workers.items()):
+        if name not in wanted:
+            if w.phase in (Phase.RUNNING, Phase.STARTING):
+                _begin_stop(s, w, event="stop", reason="removed", then="remove", severity=ActionKind.TERMINATE.severity)
+            elif w.phase == Phase.STOPPING:
+                s.workers[name] = replace(w, stop=replace(w.stop, then="remove")) if w.stop else w
+            else:
+                del s.workers[name]
+    for name, (wl, i) in wanted.items():
+        w = s.workers.get(name)
+        if w is None:
+            s.workers[name] = WorkerState(name=name, workload=wl.name, replica=i, spawn_at=now, spec=wl.spec_key())
+            continue
+        keep = {r.key for r in _worker_rule_list(wl)}
+        w = s.workers[name] = replace(w, rules={k: v for k, v in w.rules.items() if k in keep})
+        if w.phase in (Phase.FAILED, Phase.STOPPED) and reason == "reload":
+            s.set(w, phase=Phase.PENDING, spawn_at=now, restarts=(), backoff_s=0.0, spec=wl.spec_key())
+        elif w.phase == Phase.RUNNING and w.spec != wl.spec_key():
+            _begin_stop(s, w, event="restart", reason="config changed", then="restart",
+                        severity=ActionKind.RESTART.severity)
+        elif w.phase == Phase.PENDING:
+            s.workers[name] = replace(w, spec=wl.spec_key())
+    _admission(s)
+    _start_due(s)
+    return s.freeze(), s.actions
+
+
+def begin_shutdown(state: CoreState, policy: DaemonPolicy, now: float) -> tuple[CoreState, list[Action]]:
+    """Stop every worker for good: stop signal now, SIGKILL after each workload's grace."""
+    s = _Step(state, policy, now)
+    s.shutting_down = True
+    for name in sorted(s.workers):
+        w = s.workers[name]
+        if w.phase == Phase.RUNNING:
+            _begin_stop(s, w, event="stop", reason="shutdown", then="stay", severity=ActionKind.TERMINATE.severity)
+        elif w.phase == Phase.STOPPING and w.stop is not None:
+            s.workers[name] = replace(w, stop=replace(w.stop, then="stay"))
+        elif w.phase == Phase.PENDING:
+            s.set(w, phase=Phase.STOPPED, last_exit="never started (shutdown)")
+    return s.freeze(), s.actions
+
+
+def all_stopped(state: CoreState) -> bool:
+    return not any(w.phase in _ALIVE for w in state.workers.values())
+
+
+def operator_start(state: CoreState, policy: DaemonPolicy, worker: str, now: float) -> tuple[CoreState, list[Action]]:
+    s = _Step(state, policy, now)
+    w = s.workers.get(worker)
+    if w is not None and w.phase in (Phase.STOPPED, Phase.FAILED):
+        s.set(w, phase=Phase.PENDING, spawn_at=now, restarts=(), backoff_s=0.0)
+        _start_due(s)
+    return s.freeze(), s.actions
+
+
+def operator_stop(state: CoreState, policy: DaemonPolicy, worker: str, now: float) -> tuple[CoreState, list[Action]]:
+    s = _Step(state, policy, now)
+    w = s.workers.get(worker)
+    if w is not None:
+        if w.phase == Phase.RUNNING:
+            _begin_stop(s, w, event="stop", reason="operator", then="stay", severity=ActionKind.TERMINATE.severity)
+        elif w.phase == Phase.PENDING:
+            s.set(w, phase=Phase.STOPPED, last_exit="stopped by the operator")
+        elif w.phase == Phase.STOPPING and w.stop is not None:
+            s.workers[worker] = replace(w, stop=replace(w.stop, then="stay"))
+    return s.freeze(), s.actions
+
+
+def operator_restart(state: CoreState, policy: DaemonPolicy, worker: str, now: float) -> tuple[CoreState, list[Action]]:
+    s = _Step(state, policy, now)
+    w = s.workers.get(worker)
+    if w is not None:
+        if w.phase == Phase.RUNNING:
+            _begin_stop(s, w, event="restart", reason="operator", then="restart", severity=ActionKind.RESTART.severity)
+        elif w.phase in (Phase.STOPPED, Phase.FAILED, Phase.PENDING):
+            s.set(w, phase=Phase.PENDING, spawn_at=now, restarts=(), backoff_s=0.0)
+            _start_due(s)
+    return s.freeze(), s.actions
+
+
+# ---------------------------------------------------------------------------
+# 1. Events from the actor
+
+
+def _apply_events(s: _Step, obs: Observation) -> None:
+    for ev in obs.events:
+        w = s.workers.get(ev.worker)
+        if w is None or ev.incarnation != w.incarnation:
+            continue  # about a slot or an incarnation that no longer exists
+        if isinstance(ev, Spawned):
+            if w.phase != Phase.STARTING:
+                continue
+            w = s.set(w, phase=Phase.RUNNING, pid=ev.pid, started_at=ev.at, rules={}, memory=UNKNOWN,
+                      sample=None, admission_open=True)
+            if s.shutting_down or w.stop is not None:
+                _begin_stop(s, w, event="stop", reason="shutdown" if s.shutting_down else "operator",
+                            then="stay", severity=ActionKind.TERMINATE.severity)
+        elif isinstance(ev, SpawnFailed):
+            if w.phase != Phase.STARTING:
+                continue
+            s.emit(Notice("spawn_failed", level="error", worker=w.name, workload=w.workload,
+                          reason=ev.error, fields={"incarnation": ev.incarnation}))
+            _after_exit(s, w, ran_for=0.0, kind="spawn_failed", detail=ev.error, clean=False)
+        elif isinstance(ev, Exited):
+            if w.phase not in (Phase.RUNNING, Phase.STOPPING) or ev.pid != w.pid:
+                continue
+            _on_exit(s, w, ev)
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return _signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def _on_exit(s: _Step, w: WorkerState, ev: Exited) -> None:
+    ran_for = max(0.0, ev.at - (w.started_at if w.started_at is not None else ev.at))
+    stop = w.stop
+    fields: dict[str, object] = {"ran_for_s": round(ran_for, 3), "incarnation": w.incarnation}
+    if ev.returncode is not None:
+        fields["returncode"] = ev.returncode
+    if ev.signal is not None:
+        fields["signal"] = _signal_name(ev.signal)
+    if stop is not None:
+        kind = "stopped"
+        detail = f"stopped by memguard ({stop.event}, {stop.reason}" + (f", rule {stop.rule}" if stop.rule else "") + ")"
+        clean = True
+    elif ev.kernel_oom or (ev.signal == SIGKILL and ev.kernel_oom is None and s.oom_delta > 0):
+        kind = "kernel_oom"
+        detail = "killed by the kernel OOM killer" + ("" if ev.kernel_oom else " (the scope's OOM kill counter rose)")
+        clean = False
+    elif ev.signal is not None:
+        kind = "signal"
+        detail = f"killed by {_signal_name(ev.signal)} (not sent by memguard)"
+        clean = False
+    elif ev.returncode == 0:
+        kind = "exited"
+        detail = "exited 0"
+        clean = True
+    else:
+        kind = "failed"
+        detail = f"exited {ev.returncode}"
+        clean = False
+    fields["cause"] = kind
+    if not clean and ev.last_lines:
+        fields["last_lines"] = list(ev.last_lines[-5:])
+    level = "warning" if kind in ("kernel_oom", "signal", "failed") else "info"
+    s.emit(Notice("exit", level=level, worker=w.name, workload=w.workload, pid=ev.pid, reason=detail,
+                  explain=stop.explain if stop else None, fields=fields))
+    if s.victim == (w.name, w.incarnation):
+        s.delay_until = ev.at + s.policy.post_action_delay_s
+    _after_exit(s, w, ran_for=ran_for, kind=kind, detail=detail, clean=kind == "exited")
+
+
+def _after_exit(s: _Step, w: WorkerState, *, ran_for: float, kind: str, detail: str, clean: bool) -> None:
+    """Decide what follows an exit: stay stopped, restart now, restart after backoff, or fail."""
+    wl = s.workload(w)
+    stop = w.stop
+    base = dict(pid=None, stop=None, sample=None, memory=UNKNOWN, rules={}, last_exit=detail)
+    if stop is not None and stop.then == "remove":
+        del s.workers[w.name]
+        return
+    if s.shutting_down or (stop is not None and stop.then == "stay"):
+        s.set(w, phase=Phase.STOPPED, **base)
+        return
+    restart_now = stop is not None and stop.then == "restart"
+    if not restart_now:
+        mode = wl.restart.mode
+        if mode == "never" or (mode == "on-failure" and kind == "exited"):
+            s.set(w, phase=Phase.STOPPED, **base)
+            if kind == "exited":
+                s.emit(Notice("completed", worker=w.name, workload=w.workload,
+                              reason="exited 0 on its own; restart policy on-failure leaves it stopped"))
+            return
+    window = wl.restart.budget_window_s
+    recent = tuple(t for t in w.restarts if s.now - t < window)
+    if len(recent) >= wl.restart.budget_count:
+        s.set(w, phase=Phase.FAILED, restarts=recent, **base)
+        s.emit(Notice("failed", level="error", worker=w.name, workload=w.workload,
+                      reason=(f"restart budget spent: {len(recent)} restarts in the last "
+                              f"{format_duration(window)} (budget {wl.restart.budget_count}/"
+                              f"{format_duration(window)}); last exit: {detail}. "
+                              f"It stays failed until a reload or an operator start."),
+                      fields={"restarts": len(recent)}))
+        return
+    lo, hi = wl.restart.backoff_min_s, wl.restart.backoff_max_s
+    backoff = w.backoff_s or lo
+    if ran_for >= hi:
+        backoff = lo  # it ran long enough: this is not a crash loop
+    delay = 0.0 if restart_now else backoff
+    next_backoff = lo if restart_now else min(max(backoff * 2, lo), hi)
+    s.set(w, phase=Phase.PENDING, spawn_at=s.now + delay, backoff_s=next_backoff, restarts=recent + (s.now,), **base)
+    s.emit(Notice("restart_scheduled", worker=w.name, workload=w.workload,
+                  reason=f"restart in {format_duration(delay)} after: {detail}",
+                  fields={"delay_s": delay, "restarts_in_window": len(recent) + 1,
+                          "budget": f"{wl.restart.budget_count}/{format_duration(window)}"}))
+
+
+# ---------------------------------------------------------------------------
+# 2-3. Kernel OOM counter, samples, grace expiry
+
+
+def _note_kernel_oom(s: _Step, obs: Observation) -> None:
+    now_count = obs.scope.oom_kills
+    if is_known(now_count) and is_known(s.oom_kills):
+        s.oom_delta = max(0, int(now_count) - int(s.oom_kills))
+        if s.oom_delta:
+            s.emit(Notice("kernel_oom_kill", level="error",
+                          reason=(f"the kernel OOM killer killed {s.oom_delta} process(es) in the "
+                                  f"{obs.scope.kind} scope"),
+                          fields={"oom_kills": int(now_count), "scope": obs.scope.kind}))
+    if is_known(now_count):
+        s.oom_kills = now_count
+
+
+def _take_samples(s: _Step, obs: Observation) -> None:
+    if not obs.full:
+        return
+    for name, w in list(s.workers.items()):
+        sample = obs.workers.get(name)
+        if w.phase in (Phase.RUNNING, Phase.STOPPING) and sample is not None and sample.pid == w.pid:
+            s.workers[name] = replace(w, sample=sample, memory=sample.memory_bytes)
+
+
+def _expire_grace(s: _Step) -> None:
+    for name in sorted(s.workers):
+        w = s.workers[name]
+        stop = w.stop
+        if w.phase != Phase.STOPPING or stop is None or stop.kill_at is None or s.now < stop.kill_at:
+            continue
+        if w.sample is not None and w.sample.protected:
+            continue
+        s.workers[name] = replace(w, stop=replace(stop, kill_at=None))
+        s.emit(Signal(worker=w.name, workload=w.workload, pid=w.pid or 0, incarnation=w.incarnation,
+                      signum=SIGKILL, event="escalate",
+                      reason=(f"still running {format_duration(s.now - stop.requested_at)} after the stop "
+                              f"signal; grace period over, SIGKILL"),
+                      explain=stop.explain))
+
+
+# ---------------------------------------------------------------------------
+# 4. Worker rules
+
+
+def runtime_rule(wl: WorkloadPolicy) -> Rule | None:
+    """``limits.runtime`` as a rule, so it is explained like any other."""
+    if wl.limits.runtime_s is None:
+        return None
+    text = f"worker.age > {wl.limits.runtime_s:g}s"
+    return Rule(name="limits.runtime", when=parse_expr(text, "worker"), when_text=text,
+                action=ActionKind.RESTART, scope="worker", source=wl.source)
+
+
+def _worker_rule_list(wl: WorkloadPolicy) -> list[Rule]:
+    rules = list(wl.rules)
+    rt = runtime_rule(wl)
+    if rt is not None:
+        rules.append(rt)
+    return rules
+
+
+def _system_values(obs: Observation) -> dict[str, object]:
+    sc, pr = obs.scope, obs.pressure
+    total, avail = sc.total_bytes, sc.available_bytes
+    used = (float(total) - float(avail)) if is_known(total) and is_known(avail) else UNKNOWN
+    swap_total, swap_free = sc.swap_total_bytes, sc.swap_free_bytes
+    if is_known(swap_total) and is_known(swap_free):
+        swap_used: object = float(swap_total) - float(swap_free)
+    else:
+        swap_used = UNKNOWN
+    return {
+        "memory.available": avail,
+        "memory.used": used,
+        "swap.used": swap_used,
+        "swap.free": swap_free,
+        "psi.some_avg10": pr.some_avg10,
+        "psi.some_avg60": pr.some_avg60,
+        "psi.full_avg10": pr.full_avg10,
+        "psi.full_avg60": pr.full_avg60,
+    }
+
+
+def _system_context(obs: Observation) -> Context:
+    return Context(values=_system_values(obs),
+                   bases={"memory.total": obs.scope.total_bytes, "swap.total": obs.scope.swap_total_bytes})
+
+
+def worker_context(w: WorkerState, wl: WorkloadPolicy, system: Context, now: float) -> Context:
+    values = dict(system.values)
+    values["worker.memory"] = w.memory
+    values["worker.age"] = (now - w.started_at) if w.started_at is not None else UNKNOWN
+    values["worker.processes"] = w.sample.processes if w.sample is not None else UNKNOWN
+    window = wl.restart.budget_window_s
+    values["worker.restarts"] = float(sum(1 for t in w.restarts if now - t < window))
+    bases = dict(system.bases)
+    bases["limits.memory"] = wl.limits.memory_bytes if wl.limits.memory_bytes else Unknown("no limits.memory")
+    return Context(values=values, bases=bases)
+
+
+def _track(rs: RuleState, holds: bool | None, rule: Rule, now: float) -> tuple[RuleState, bool]:
+    """Advance a not-active rule's ``for:`` timer; returns (state, fires now)."""
+    if holds is True:
+        since = rs.pending_since if rs.pending_since is not None else now
+        if now - since >= rule.for_s and now >= rs.quiet_until:
+            return replace(rs, pending_since=since), True
+        return replace(rs, pending_since=since), False
+    if holds is False:
+        return replace(rs, pending_since=None), False
+    return rs, False  # unknown: neither advances nor resets
+
+
+def _releases(rule: Rule, ctx: Context, holds: bool | None) -> bool:
+    """Invariant 4: release only past the hysteresis band, and only on a definite reading."""
+    if rule.release is not None:
+        return evaluate(rule.release, ctx) is True
+    return holds is False
+
+
+def _worker_rules(s: _Step, w: WorkerState, system: Context, obs: Observation) -> None:
+    if w.phase not in (Phase.RUNNING, Phase.STOPPING):
+        return
+    wl = s.workload(w)
+    ctx = worker_context(w, wl, system, s.now)
+    states = dict(w.rules)
+    for rule in _worker_rule_list(wl):
+        rs = states.get(rule.key, RuleState())
+        holds = evaluate(rule.when, ctx)
+        if rs.active:
+            if _releases(rule, ctx, holds):
+                states[rule.key] = RuleState()
+                if rule.action == ActionKind.WARN:
+                    s.emit(Notice("warn_cleared", worker=w.name, workload=w.workload, pid=w.pid,
+                                  reason=f"rule {rule.name} released", explain=rs.explain))
+            continue
+        rs, fires = _track(rs, holds, rule, s.now)
+        states[rule.key] = rs
+        if not fires:
+            continue
+        ex = explain(rule.name, rule.when_text, rule.when, ctx, rule.source)
+        current = s.workers[w.name]
+        if rule.action.is_level:
+            states[rule.key] = RuleState(active=True, fired_at=s.now, explain=ex)
+            if rule.action == ActionKind.WARN:
+                s.emit(Notice("warn", level="warning", worker=w.name, workload=w.workload, pid=w.pid,
+                              reason=f"rule {rule.name}: {ex.display}", explain=ex))
+            continue
+        # A stop action: reset the timer (a new incarnation starts clean anyway).
+        states[rule.key] = RuleState(fired_at=s.now, explain=ex)
+        s.workers[w.name] = replace(current, rules=dict(states))
+        _stop_for_rule(s, s.workers[w.name], rule, ex, system_rule=False)
+        states = dict(s.workers[w.name].rules) if w.name in s.workers else states
+    if w.name in s.workers:
+        s.workers[w.name] = replace(s.workers[w.name], rules=states)
+
+
+def _stop_for_rule(s: _Step, w: WorkerState, rule: Rule, ex: Explanation, *, system_rule: bool) -> bool:
+    """Carry a stop action of ``rule`` out on ``w``; escalate if it is already stopping. True if acted."""
+    action = rule.action
+    if w.sample is not None and w.sample.protected:
+        s.emit(Notice("refused", level="warning", worker=w.name, workload=w.workload, pid=w.pid,
+                      reason=f"rule {rule.name} wants to {action.value} a protected process; never signalled",
+                      explain=ex))
+        return False
+    if w.phase == Phase.STOPPING:
+        stop = w.stop
+        if stop is None or action.severity <= stop.severity or stop.kill_at is None:
+            return False
+        if action == ActionKind.KILL:
+            s.workers[w.name] = replace(w, stop=replace(stop, kill_at=None, severity=action.severity,
+                                                         rule=rule.name, explain=ex))
+            s.emit(Signal(worker=w.name, workload=w.workload, pid=w.pid or 0, incarnation=w.incarnation,
+                          signum=SIGKILL, event="kill", reason=f"harder rule {rule.name} fired during the grace period",
+                          explain=ex))
+            return True
+        return False
+    if w.phase != Phase.RUNNING:
+        return False
+    then = "restart" if action == ActionKind.RESTART else "policy"
+    _begin_stop(s, w, event=action.value, reason="rule", then=then, severity=action.severity,
+                rule=rule.name, explain=ex, grace_s=rule.grace_s, system=system_rule)
+    return True
+
+
+def _begin_stop(s: _Step, w: WorkerState, *, event: str, reason: str, then: str, severity: int,
+                rule: str | None = None, explain: Explanation | None = None, grace_s: float | None = None,
+                system: bool = False) -> None:
+    wl = s.workload(w)
+    grace = wl.grace_s if grace_s is None else grace_s
+    if w.phase == Phase.STARTING:
+        # No pid yet: remember the wish; the Spawned event turns it into a stop.
+        s.workers[w.name] = replace(w, stop=StopState(event=event, reason=reason, then=then, requested_at=s.now,
+                                                      kill_at=s.now + grace, severity=severity, rule=rule,
+                                                      explain=explain, system=system))
+        return
+    protected = w.sample is not None and w.sample.protected
+    kill_now = event == "kill"
+    stop = StopState(event=event, reason=reason, then=then, requested_at=s.now,
+                     kill_at=None if kill_now else s.now + grace, severity=severity, rule=rule,
+                     explain=explain, system=system)
+    s.set(w, phase=Phase.STOPPING, stop=stop)
+    if protected:
+        s.emit(Notice("refused", level="warning", worker=w.name, workload=w.workload, pid=w.pid,
+                      reason=f"{event} ({reason}) of a protected process; never signalled", explain=explain))
+        return
+    signum = SIGKILL if kill_now else wl.stop_signal
+    if kill_now:
+        why = f"rule {rule}: SIGKILL at once" if rule else "SIGKILL"
+    else:
+        why = (f"{_signal_name(signum)} now, SIGKILL after {format_duration(grace)}"
+               + (f" (rule {rule})" if rule else f" ({reason})"))
+    if then == "restart":
+        why += "; restarts at once"
+    s.emit(Signal(worker=w.name, workload=w.workload, pid=w.pid or 0, incarnation=w.incarnation, signum=signum,
+                  event=event, reason=why, explain=explain))
+
+
+# ---------------------------------------------------------------------------
+# 5. System rules and victim choice
+
+
+def _victim_locked(s: _Step) -> bool:
+    """Invariant 3: the last victim's memory is still being freed."""
+    if s.victim is not None:
+        name, inc = s.victim
+        w = s.workers.get(name)
+        if w is not None and w.incarnation == inc and w.phase == Phase.STOPPING:
+            return True
+    return s.now < s.delay_until
+
+
+def _rank(s: _Step) -> list[WorkerState]:
+    """Victim order under system pressure: lowest priority first, then the largest."""
+    def key(w: WorkerState) -> tuple:
+        wl = s.workload(w)
+        mem = float(w.memory) if is_known(w.memory) else -1.0
+        return (wl.priority, -mem, w.name)
+
+    return sorted((w for w in s.workers.values()
+                   if w.phase == Phase.RUNNING and not (w.sample is not None and w.sample.protected)), key=key)
+
+
+def _system_rules(s: _Step, ctx: Context, obs: Observation) -> None:
+    # Hardest first, so that a kill rule takes the victim before a terminate rule would.
+    for rule in sorted(s.policy.rules, key=lambda r: -r.action.severity):
+        rs = s.system_rules.get(rule.key, RuleState())
+        holds = evaluate(rule.when, ctx)
+        if rs.active:
+            if _releases(rule, ctx, holds):
+                s.system_rules[rule.key] = RuleState()
+                if rule.action == ActionKind.WARN:
+                    s.emit(Notice("warn_cleared", reason=f"rule {rule.name} released", explain=rs.explain))
+            continue
+        rs, fires = _track(rs, holds, rule, s.now)
+        s.system_rules[rule.key] = rs
+        if not fires:
+            continue
+        ex = explain(rule.name, rule.when_text, rule.when, ctx, rule.source)
+        if rule.action.is_level:
+            s.system_rules[rule.key] = RuleState(active=True, fired_at=s.now, explain=ex)
+            if rule.action == ActionKind.WARN:
+                s.emit(Notice("warn", level="warning", reason=f"rule {rule.name}: {ex.display}", explain=ex))
+            continue
+        _system_stop(s, rule, rs, ex)
+
+
+def _system_stop(s: _Step, rule: Rule, rs: RuleState, ex: Explanation) -> None:
+    severity = rule.action.severity
+    if _victim_locked(s):
+        if severity <= s.victim_severity:
+            return  # stays pending; fires once the delay is over, if it still holds
+        # A harder rule: escalate on the victim still dying, or choose another.
+        if s.victim is not None:
+            w = s.workers.get(s.victim[0])
+            if w is not None and w.phase == Phase.STOPPING and w.incarnation == s.victim[1]:
+                if _stop_for_rule(s, w, rule, ex, system_rule=True):
+                    s.victim_severity = severity
+                    s.system_rules[rule.key] = RuleState(fired_at=s.now, explain=ex)
+                    return
+    candidates = _rank(s)
+    if not candidates:
+        s.system_rules[rule.key] = RuleState(fired_at=s.now, quiet_until=s.now + s.policy.post_action_delay_s,
+                                             explain=ex)
+        s.emit(Notice("no_victim", level="error",
+                      reason=f"rule {rule.name} fired ({ex.display}) but no running, unprotected worker is left to "
+                             f"{rule.action.value}", explain=ex))
+        return
+    victim = candidates[0]
+    wl = s.workload(victim)
+    mem = format_size(float(victim.memory)) if is_known(victim.memory) else "unknown"
+    detail = (f"{ex.display}; victim {victim.name} (priority {wl.priority}, memory {mem}, "
+              f"largest of {len(candidates)} candidate(s) at that priority)")
+    ex = replace(ex, display=detail)
+    _stop_for_rule(s, victim, rule, ex, system_rule=True)
+    s.victim = (victim.name, victim.incarnation)
+    s.victim_severity = severity
+    s.delay_until = math.inf  # set to exit time + delay when the victim is reaped
+    s.system_rules[rule.key] = RuleState(fired_at=s.now, explain=ex)
+
+
+# ---------------------------------------------------------------------------
+# 6-7. Admission and starts
+
+
+def _admission(s: _Step) -> None:
+    system_block = [rs for r in s.policy.rules
+                    if r.action == ActionKind.BLOCK and (rs := s.system_rules.get(r.key)) is not None and rs.active]
+    for name in sorted(s.workers):
+        w = s.workers[name]
+        if w.phase not in (Phase.RUNNING, Phase.STARTING):
+            continue
+        wl = s.workload(w)
+        blocking = [rs for r in _worker_rule_list(wl)
+                    if r.action == ActionKind.BLOCK and (rs := w.rules.get(r.key)) is not None and rs.active]
+        blocking = blocking + system_block
+        want_open = not blocking
+        if want_open == w.admission_open:
+            continue
+        s.workers[name] = replace(w, admission_open=want_open)
+        if want_open:
+            s.emit(SetAdmission(worker=name, workload=w.workload, open=True, event="release",
+                                reason="every block rule released; admission open"))
+        else:
+            ex = blocking[0].explain
+            s.emit(SetAdmission(worker=name, workload=w.workload, open=False, event="block",
+                                reason=f"admission closed: new trials wait (rule {ex.rule if ex else '?'})",
+                                explain=ex))
+
+
+def _start_due(s: _Step) -> None:
+    if s.shutting_down:
+        return
+    for name in sorted(s.workers):
+        w = s.workers[name]
+        if w.phase != Phase.PENDING or s.now < w.spawn_at:
+            continue
+        wl = s.policy.workload(w.workload)
+        if wl is None:
+            continue
+        first = w.incarnation == 0
+        w = s.set(w, phase=Phase.STARTING, incarnation=w.incarnation + 1, spec=wl.spec_key())
+        s.emit(Spawn(worker=name, workload=w.workload, incarnation=w.incarnation,
+                     reason="start" if first else f"restart #{len(w.restarts)} (after: {w.last_exit})"))
+
+
+def timers(state: CoreState) -> Iterable[float]:
+    """Moments at which the core has something due without a new reading."""
+    for w in state.workers.values():
+        if w.phase == Phase.PENDING:
+            yield w.spawn_at
+        if w.phase == Phase.STOPPING and w.stop is not None and w.stop.kill_at is not None:
+            yield w.stop.kill_at
+    if state.delay_until != math.inf and state.delay_until > 0:
+        yield state.delay_until

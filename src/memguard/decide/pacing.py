@@ -1,0 +1,100 @@
+"""Adaptive pacing: how long the daemon may wait before it looks again.
+
+Two clocks run in the daemon:
+
+* the **full tick** (process trees, PSI, every rule) runs at
+  ``poll_interval`` far from any threshold and at ``fast_poll_interval``
+  when a rule is near, pending or active, or a worker is stopping;
+* the **fast path** re-reads only the scope's memory figure (one small
+  file) between full ticks, after ``headroom / max_fill_rate`` seconds: a
+  hog filling memory at the planned rate cannot cross a memory threshold
+  unseen (earlyoom's scheme). Near the threshold this goes down to a
+  millisecond; far from it, the fast path is idle.
+"""
+
+from __future__ import annotations
+
+from ..model import Observation, is_known
+from ..policy import DaemonPolicy
+from .core import _system_context, _worker_rule_list, timers, worker_context
+from .evaluate import distance_to_fire, headroom_bytes
+from .state import CoreState, Phase
+
+__all__ = ["next_full_tick", "fast_path_interval", "NEAR"]
+
+# A rule is "near" when its readings are within 10 % of its scale (10
+# points of a percentage, or 10 % of an absolute threshold) from firing.
+NEAR = 0.10
+
+
+def _busy(state: CoreState, obs: Observation, policy: DaemonPolicy, now: float) -> bool:
+    if any(w.phase == Phase.STOPPING for w in state.workers.values()):
+        return True
+    if any(rs.pending_since is not None or rs.active for rs in state.system_rules.values()):
+        return True
+    ctx = _system_context(obs)
+    for rule in policy.rules:
+        d = distance_to_fire(rule.when, ctx)
+        if d is not None and d <= NEAR:
+            return True
+    for w in state.workers.values():
+        if w.phase != Phase.RUNNING:
+            continue
+        if any(rs.pending_since is not None or rs.active for rs in w.rules.values()):
+            return True
+        wl = policy.workload(w.workload)
+        if wl is None:
+            continue
+        wctx = worker_context(w, wl, ctx, now)
+        for rule in _worker_rule_list(wl):
+            if rule.action.value == "restart" and rule.name == "limits.runtime":
+                continue  # an age limit is a timer, not a reading to watch closely
+            d = distance_to_fire(rule.when, wctx)
+            if d is not None and d <= NEAR:
+                return True
+    return False
+
+
+def next_full_tick(state: CoreState, obs: Observation, policy: DaemonPolicy, now: float) -> float:
+    """Seconds until the next full tick."""
+    interval = policy.fast_poll_interval_s if _busy(state, obs, policy, now) else policy.poll_interval_s
+    due = [t - now for t in timers(state)]
+    due += [rs.pending_since + r.for_s - now for r in policy.rules
+            if (rs := state.system_rules.get(r.key)) is not None and rs.pending_since is not None]
+    for w in state.workers.values():
+        wl = policy.workload(w.workload)
+        if wl is None or w.phase != Phase.RUNNING:
+            continue
+        for r in _worker_rule_list(wl):
+            rs = w.rules.get(r.key)
+            if rs is not None and rs.pending_since is not None:
+                due.append(rs.pending_since + r.for_s - now)
+        if wl.limits.runtime_s is not None and w.started_at is not None:
+            due.append(w.started_at + wl.limits.runtime_s - now)
+    soonest = min([d for d in due if d > 0], default=interval)
+    return max(0.0, min(interval, soonest))
+
+
+def fast_path_interval(state: CoreState, obs: Observation, policy: DaemonPolicy) -> float | None:
+    """Seconds until the scope's memory should be re-read, or None if no rule watches it.
+
+    The headroom is the smallest gap, in bytes, between the scope's memory
+    figure and a memory threshold of a system rule that could still fire
+    (not a level rule already in force).
+    """
+    total = obs.scope.total_bytes
+    if not is_known(total):
+        return None
+    ctx = _system_context(obs)
+    rooms: list[float] = []
+    for rule in policy.rules:
+        rs = state.system_rules.get(rule.key)
+        if rs is not None and (rs.active or rs.pending_since is not None):
+            continue  # already crossed: the full tick at the fast pace follows it
+        room = headroom_bytes(rule.when, ctx, float(total))
+        if room is not None:
+            rooms.append(room)
+    if not rooms:
+        return None
+    wait = min(rooms) / policy.max_fill_rate_bytes_per_s
+    return max(policy.min_fast_path_interval_s, min(wait, policy.poll_interval_s))

@@ -1,0 +1,136 @@
+"""The decision core's memory: frozen values, replaced (never mutated) by each step.
+
+Theory of operation
+-------------------
+Each worker slot (``trials-0``, ``trials-1``, ...) walks one small state
+machine. The core asks for a process (``Spawn``); the actor reports it
+(``Spawned`` or ``SpawnFailed``); rules or the operator ask it to stop
+(``Signal``: the stop signal, then SIGKILL once the grace period is over);
+the actor reports the exit (``Exited``), and the restart policy and budget
+decide what comes next. Every transition the core makes is listed in
+:data:`TRANSITIONS`; :func:`check_transition` refuses any other, so a new
+code path cannot invent one silently.
+
+    pending --spawn--> starting --spawned--> running --stop--> stopping
+       ^                  |                    |                  |
+       |             spawn_failed            exited             exited
+       |                  v                    v                  v
+       +-----backoff---- (restart policy and budget) --> stopped | failed
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Mapping
+
+from ..model import Explanation, Reading, UNKNOWN, WorkerSample
+
+__all__ = [
+    "Phase",
+    "TRANSITIONS",
+    "check_transition",
+    "RuleState",
+    "StopState",
+    "WorkerState",
+    "CoreState",
+]
+
+
+class Phase(str, Enum):
+    PENDING = "pending"  # waiting to be started (first start, or backoff before a restart)
+    STARTING = "starting"  # Spawn asked for, not yet confirmed
+    RUNNING = "running"
+    STOPPING = "stopping"  # stop signal sent; SIGKILL when the grace period ends
+    STOPPED = "stopped"  # finished on its own, stopped by the operator, or shut down
+    FAILED = "failed"  # restart budget spent; stays so until reload or an operator start
+
+
+# (from, to): what causes it. The only moves the core may make.
+TRANSITIONS: dict[tuple[Phase, Phase], str] = {
+    (Phase.PENDING, Phase.STARTING): "spawn time reached",
+    (Phase.PENDING, Phase.STOPPED): "shutdown or operator stop before it started",
+    (Phase.STARTING, Phase.RUNNING): "Spawned",
+    (Phase.STARTING, Phase.PENDING): "SpawnFailed, restart after backoff",
+    (Phase.STARTING, Phase.FAILED): "SpawnFailed past the restart budget",
+    (Phase.STARTING, Phase.STOPPED): "SpawnFailed during shutdown",
+    (Phase.STARTING, Phase.STOPPING): "Spawned during shutdown or after an operator stop",
+    (Phase.RUNNING, Phase.STOPPING): "a rule, the runtime limit, a reload, the operator, or shutdown",
+    (Phase.RUNNING, Phase.PENDING): "exited on its own; the restart policy restarts it",
+    (Phase.RUNNING, Phase.STOPPED): "exited on its own; the restart policy does not restart it",
+    (Phase.RUNNING, Phase.FAILED): "exited on its own past the restart budget",
+    (Phase.STOPPING, Phase.PENDING): "stopped by memguard; restart (at once or after backoff)",
+    (Phase.STOPPING, Phase.STOPPED): "stopped for good (shutdown, operator, removed from config)",
+    (Phase.STOPPING, Phase.FAILED): "stopped by memguard past the restart budget",
+    (Phase.STOPPED, Phase.PENDING): "operator start or reload",
+    (Phase.FAILED, Phase.PENDING): "operator start or reload",
+}
+
+
+def check_transition(old: Phase, new: Phase) -> None:
+    if old != new and (old, new) not in TRANSITIONS:
+        raise AssertionError(f"illegal worker transition {old.value} -> {new.value}")
+
+
+@dataclass(frozen=True)
+class RuleState:
+    """One rule against one subject (the scope, or one worker incarnation).
+
+    ``pending_since``: when the condition was first seen true (for ``for:``).
+    ``active``: a level action (block, warn) is in force until release.
+    ``quiet_until``: no re-fire before then (a stop rule that found no victim).
+    """
+
+    pending_since: float | None = None
+    active: bool = False
+    fired_at: float | None = None
+    quiet_until: float = 0.0
+    explain: Explanation | None = None
+
+
+@dataclass(frozen=True)
+class StopState:
+    """A stop in progress: why, what to do after the exit, when to SIGKILL."""
+
+    event: str  # terminate | kill | restart | stop
+    reason: str  # rule | runtime | shutdown | operator | reload | removed
+    then: str  # "restart" (at once) | "policy" (restart policy) | "stay" | "remove"
+    requested_at: float
+    kill_at: float | None  # when SIGKILL is due; None once it was sent
+    severity: int
+    rule: str | None = None
+    explain: Explanation | None = None
+    system: bool = False  # chosen as a victim by a system rule
+
+
+@dataclass(frozen=True)
+class WorkerState:
+    name: str
+    workload: str
+    replica: int
+    phase: Phase = Phase.PENDING
+    incarnation: int = 0
+    pid: int | None = None
+    started_at: float | None = None
+    spawn_at: float = 0.0
+    backoff_s: float = 0.0  # the next backoff; 0 = the policy minimum
+    restarts: tuple[float, ...] = ()  # when each restart was decided (budget window)
+    stop: StopState | None = None
+    admission_open: bool = True
+    rules: Mapping[str, RuleState] = field(default_factory=dict)
+    memory: Reading = UNKNOWN
+    sample: WorkerSample | None = None
+    spec: tuple = ()  # WorkloadPolicy.spec_key() this incarnation was started with
+    last_exit: str = ""
+
+
+@dataclass(frozen=True)
+class CoreState:
+    workers: Mapping[str, WorkerState] = field(default_factory=dict)
+    system_rules: Mapping[str, RuleState] = field(default_factory=dict)
+    # The last victim of a system rule and the post-action delay (invariant 3).
+    victim: tuple[str, int] | None = None
+    victim_severity: int = -1
+    delay_until: float = 0.0
+    shutting_down: bool = False
+    oom_kills: Reading = UNKNOWN

@@ -1,0 +1,42 @@
+"""A worker for the children tests: forks one child, prints its pid, waits.
+
+usage: child_forker.py [--setsid] [--exit] [--child-exit-after SECONDS]
+
+--setsid                 the child calls setsid(): it escapes the worker's
+                         process group and session
+--exit                   the worker exits right after printing the pid, so
+                         its child becomes an orphan
+--child-exit-after S     the child exits after S seconds (default: never)
+"""
+
+import os
+import signal
+import sys
+import time
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    setsid = "--setsid" in args
+    exit_now = "--exit" in args
+    child_after = None
+    if "--child-exit-after" in args:
+        child_after = float(args[args.index("--child-exit-after") + 1])
+    pid = os.fork()
+    if pid == 0:
+        if setsid:
+            os.setsid()
+        if child_after is not None:
+            time.sleep(child_after)  # the child's own behaviour, not synchronisation
+            os._exit(0)
+        while True:
+            signal.pause()
+    print(pid, flush=True)
+    if exit_now:
+        os._exit(0)
+    while True:
+        signal.pause()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,301 @@
+"""The decision core, driven in virtual time with a simulated actor."""
+
+from __future__ import annotations
+
+from memguard.decide.pacing import fast_path_interval, next_full_tick
+from memguard.decide.state import Phase
+from memguard.model import UNKNOWN, Notice, SetAdmission, Signal, Spawn
+from memguard.policy import RestartPolicy
+
+from corekit import GiB, MiB, SIGKILL, SIGTERM, Sim, daemon, rule, signals, workload
+
+
+def test_start_spawns_every_replica():
+    """reconcile() at start asks for one process per replica, and Spawned makes them running."""
+    sim = Sim(daemon(workload("trials", replicas=2)))
+    actions = sim.start()
+    assert [a.worker for a in actions if isinstance(a, Spawn)] == ["trials-0", "trials-1"]
+    sim.tick(0.1)
+    assert {w.phase for w in sim.state.workers.values()} == {Phase.RUNNING}
+
+
+def test_terminate_after_sustained_breach_then_sigkill_after_grace_then_restart():
+    """A worker over its limit for `for:` gets SIGTERM, SIGKILL exactly at grace, then restarts after backoff."""
+    wl = workload(rules=(rule("worker.memory > 100%", "terminate", for_s=2.0, grace_s=5.0),), memory=GiB)
+    sim = Sim(daemon(wl))
+    sim.start()
+    sim.tick(0.1)
+    sim.memory["w-0"] = 1.2 * GiB
+    assert signals(sim.run(1.9, 0.1)) == []  # not yet sustained for 2 s
+    acts = sim.run(0.3, 0.1)
+    term = signals(acts)
+    assert len(term) == 1 and term[0].signum == SIGTERM and term[0].event == "terminate"
+    assert term[0].explain is not None and term[0].explain.signal == "worker.memory"
+    assert term[0].explain.value == 1.2 * GiB and term[0].explain.threshold == GiB
+    t_term = [t for t, a in sim.log if a is term[0]][0]
+    acts = sim.run(4.8, 0.1)
+    assert signals(acts) == []  # no SIGKILL inside the grace period
+    acts = sim.run(0.4, 0.1)
+    kill = signals(acts)
+    assert len(kill) == 1 and kill[0].signum == SIGKILL and kill[0].event == "escalate"
+    assert [t for t, a in sim.log if a is kill[0]][0] >= t_term + 5.0 - 1e-9
+    sim.exit("w-0", sig=SIGKILL)
+    acts = sim.tick(0.1)
+    exits = [a for a in acts if isinstance(a, Notice) and a.event == "exit"]
+    assert exits and exits[0].fields["cause"] == "stopped"
+    assert sim.state.workers["w-0"].phase == Phase.PENDING
+    acts = sim.run(1.1, 0.1)  # backoff 1 s
+    assert [a for a in acts if isinstance(a, Spawn)]
+
+
+def test_block_holds_until_release_band():
+    """A block rule closes admission at 85 % and reopens only below the release (75 %), not at 80 %."""
+    wl = workload(rules=(rule("worker.memory > 85%", "block", release="worker.memory < 75%"),), memory=GiB)
+    sim = Sim(daemon(wl))
+    sim.start()
+    sim.tick(0.1)
+    sim.memory["w-0"] = 0.9 * GiB
+    acts = sim.tick(0.1)
+    closes = [a for a in acts if isinstance(a, SetAdmission)]
+    assert len(closes) == 1 and closes[0].open is False and closes[0].event == "block"
+    sim.memory["w-0"] = 0.8 * GiB  # inside the band: stays closed
+    assert [a for a in sim.run(1, 0.1) if isinstance(a, SetAdmission)] == []
+    sim.memory["w-0"] = 0.7 * GiB
+    opens = [a for a in sim.tick(0.1) if isinstance(a, SetAdmission)]
+    assert len(opens) == 1 and opens[0].open is True
+
+
+def test_system_victim_is_lowest_priority_then_largest():
+    """Under system pressure the victim is the lowest-priority worker, the largest among equals."""
+    cheap = workload("cheap", replicas=2, priority=0)
+    precious = workload("precious", replicas=1, priority=10)
+    sim = Sim(daemon(cheap, precious, rules=(rule("memory.available < 10%", "terminate", "system"),)))
+    sim.start()
+    sim.tick(0.1)
+    sim.memory.update({"cheap-0": 1 * GiB, "cheap-1": 3 * GiB, "precious-0": 8 * GiB})
+    sim.tick(0.1)  # samples taken
+    sim.available = 1 * GiB
+    acts = signals(sim.tick(0.1))
+    assert [a.worker for a in acts] == ["cheap-1"]
+    assert "victim cheap-1" in acts[0].explain.display
+
+
+def test_post_action_delay_one_victim_at_a_time_unless_harder_rule():
+    """No second victim while the first is dying or within post_action_delay; a harder rule acts anyway."""
+    wl = workload("w", replicas=3)
+    term = rule("memory.available < 10%", "terminate", "system", grace_s=30.0)
+    kill = rule("memory.available < 3%", "kill", "system")
+    sim = Sim(daemon(wl, rules=(term, kill), post_action_delay_s=5.0))
+    sim.start()
+    sim.tick(0.1)
+    sim.memory.update({"w-0": 3 * GiB, "w-1": 2 * GiB, "w-2": 1 * GiB})
+    sim.tick(0.1)
+    sim.available = 2 * GiB  # ~8 %: terminate fires
+    first = signals(sim.tick(0.1))
+    assert [(a.worker, a.signum) for a in first] == [("w-0", SIGTERM)]
+    assert signals(sim.run(2, 0.1)) == []  # still dying: no second victim
+    sim.exit("w-0", sig=SIGTERM)
+    sim.memory["w-0"] = 100 * MiB  # its restart starts small
+    sim.tick(0.1)
+    assert signals(sim.run(4.5, 0.1)) == []  # inside the post-action delay
+    sim.available = int(0.5 * GiB)  # ~2 %: the harder kill rule acts inside the delay
+    hard = signals(sim.tick(0.1))
+    assert [(a.worker, a.signum) for a in hard] == [("w-1", SIGKILL)]
+
+
+def test_harder_rule_escalates_the_victim_still_in_grace():
+    """A kill rule firing while the terminate victim is in its grace period SIGKILLs that same victim."""
+    wl = workload("w", replicas=2)
+    sim = Sim(daemon(wl, rules=(rule("memory.available < 10%", "terminate", "system", grace_s=30.0),
+                                rule("memory.available < 3%", "kill", "system"))))
+    sim.start()
+    sim.tick(0.1)
+    sim.memory.update({"w-0": 3 * GiB, "w-1": 1 * GiB})
+    sim.tick(0.1)
+    sim.available = 2 * GiB
+    assert [(a.worker, a.signum) for a in signals(sim.tick(0.1))] == [("w-0", SIGTERM)]
+    sim.available = int(0.5 * GiB)
+    assert [(a.worker, a.signum) for a in signals(sim.tick(0.1))] == [("w-0", SIGKILL)]
+
+
+def test_restart_budget_marks_worker_failed():
+    """Past `budget` restarts in the window the worker is failed, an error event says so, and no more spawns."""
+    wl = workload(restart=RestartPolicy(backoff_min_s=1, backoff_max_s=1, budget_count=3, budget_window_s=600))
+    sim = Sim(daemon(wl))
+    sim.start()
+    spawns = 1
+    for _ in range(6):
+        sim.tick(0.1)
+        sim.exit("w-0", returncode=1)
+        acts = sim.run(1.2, 0.1)
+        spawns += sum(isinstance(a, Spawn) for a in acts)
+    assert spawns == 4  # first start + 3 restarts
+    assert sim.state.workers["w-0"].phase == Phase.FAILED
+    failed = [a for _, a in sim.log if isinstance(a, Notice) and a.event == "failed"]
+    assert len(failed) == 1 and "budget" in failed[0].reason
+
+
+def test_backoff_doubles_and_caps():
+    """Quick crashes restart after 1, 2, 4, 4 s (capped at backoff max)."""
+    wl = workload(restart=RestartPolicy(backoff_min_s=1, backoff_max_s=4, budget_count=100, budget_window_s=600))
+    sim = Sim(daemon(wl))
+    sim.start()
+    delays = []
+    for _ in range(4):
+        sim.tick(0.1)
+        sim.exit("w-0", returncode=2)
+        sim.tick(0.0)
+        delays.append(sim.state.workers["w-0"].spawn_at - sim.now)
+        while not any(isinstance(a, Spawn) for a in sim.tick(0.1)):
+            pass
+    assert [round(d) for d in delays] == [1, 2, 4, 4]
+
+
+def test_exit_zero_with_on_failure_is_completed():
+    """A worker that exits 0 on its own under restart policy on-failure is not restarted."""
+    sim = Sim(daemon(workload()))
+    sim.start()
+    sim.tick(0.1)
+    sim.exit("w-0", returncode=0)
+    acts = sim.run(5, 0.1)
+    assert not any(isinstance(a, Spawn) for a in acts)
+    assert sim.state.workers["w-0"].phase == Phase.STOPPED
+    assert any(isinstance(a, Notice) and a.event == "completed" for a in acts)
+
+
+def test_unknown_memory_never_fires():
+    """A worker whose memory cannot be read is never signalled or blocked by memory rules."""
+    wl = workload(rules=(rule("worker.memory > 50%", "block", release="worker.memory < 40%"),
+                         rule("worker.memory > 90%", "kill")))
+    sim = Sim(daemon(wl, rules=(rule("memory.available < 10%", "kill", "system"),)))
+    sim.start()
+    sim.tick(0.1)
+    sim.memory["w-0"] = UNKNOWN
+    sim.available = UNKNOWN
+    acts = sim.run(10, 0.1)
+    assert signals(acts) == [] and not [a for a in acts if isinstance(a, SetAdmission)]
+
+
+def test_unknown_does_not_release_a_block():
+    """A block in force stays in force while the reading is Unknown (no release on unknown)."""
+    wl = workload(rules=(rule("worker.memory > 50%", "block", release="worker.memory < 40%"),))
+    sim = Sim(daemon(wl))
+    sim.start()
+    sim.tick(0.1)
+    sim.memory["w-0"] = 0.6 * GiB
+    sim.tick(0.1)
+    sim.memory["w-0"] = UNKNOWN
+    assert not [a for a in sim.run(3, 0.1) if isinstance(a, SetAdmission)]
+    assert sim.state.workers["w-0"].admission_open is False
+
+
+def test_protected_worker_is_never_signalled():
+    """A worker whose tree holds a protected process is refused as a victim and never signalled."""
+    wl = workload(rules=(rule("worker.memory > 50%", "kill"),))
+    sim = Sim(daemon(wl, rules=(rule("memory.available < 10%", "kill", "system"),)))
+    sim.start()
+    sim.tick(0.1)
+    sim.protected.add("w-0")
+    sim.memory["w-0"] = 0.9 * GiB
+    sim.available = GiB // 2
+    acts = sim.run(3, 0.1)
+    assert signals(acts) == []
+    assert any(isinstance(a, Notice) and a.event in ("refused", "no_victim") for a in acts)
+
+
+def test_kernel_oom_classification_from_scope_counter():
+    """A SIGKILL memguard did not send, while the scope's OOM counter rose, is classified kernel_oom."""
+    sim = Sim(daemon(workload()))
+    sim.start()
+    sim.tick(0.1)
+    sim.oom_kills = 1
+    sim.exit("w-0", sig=SIGKILL)
+    acts = sim.tick(0.1)
+    exit_notice = [a for a in acts if isinstance(a, Notice) and a.event == "exit"][0]
+    assert exit_notice.fields["cause"] == "kernel_oom"
+    assert any(isinstance(a, Notice) and a.event == "kernel_oom_kill" for a in acts)
+
+
+def test_runtime_limit_restarts_at_once():
+    """limits.runtime restarts the worker (stop, then start again with no backoff), explained as a rule."""
+    sim = Sim(daemon(workload(runtime_s=60.0, grace_s=2.0)))
+    sim.start()
+    sim.tick(0.1)
+    acts = sim.run(60.5, 0.5)
+    sig = signals(acts)
+    assert len(sig) == 1 and sig[0].event == "restart" and sig[0].explain.rule == "limits.runtime"
+    sim.exit("w-0", sig=SIGTERM)
+    acts = sim.tick(0.1)
+    assert any(isinstance(a, Spawn) for a in acts)
+
+
+def test_shutdown_stops_everything_and_kills_stragglers():
+    """begin_shutdown sends the stop signal to all, SIGKILL after grace, and nothing restarts."""
+    from memguard.decide.core import all_stopped, begin_shutdown
+
+    sim = Sim(daemon(workload(replicas=2, grace_s=3.0)))
+    sim.start()
+    sim.tick(0.1)
+    sim.state, acts = begin_shutdown(sim.state, sim.policy, sim.now)
+    assert sorted((a.worker, a.signum) for a in signals(acts)) == [("w-0", SIGTERM), ("w-1", SIGTERM)]
+    sim.exit("w-0", sig=SIGTERM)
+    acts = sim.run(3.1, 0.1)
+    assert [(a.worker, a.signum) for a in signals(acts)] == [("w-1", SIGKILL)]
+    sim.exit("w-1", sig=SIGKILL)
+    acts = sim.tick(0.1)
+    assert not any(isinstance(a, Spawn) for a in acts)
+    assert all_stopped(sim.state)
+
+
+def test_reload_restarts_changed_and_stops_removed():
+    """On reload a changed command restarts its workers; a removed workload's workers stop for good."""
+    from memguard.decide.core import reconcile
+
+    a, b = workload("a"), workload("b")
+    sim = Sim(daemon(a, b))
+    sim.start()
+    sim.tick(0.1)
+    a2 = a.__class__(**{**a.__dict__, "command": ("python3", "other.py")})
+    sim.policy = daemon(a2)
+    sim.state, acts = reconcile(sim.state, sim.policy, sim.now)
+    got = sorted((s.worker, s.event) for s in signals(acts))
+    assert got == [("a-0", "restart"), ("b-0", "stop")]
+    sim.exit("b-0", sig=SIGTERM)
+    sim.exit("a-0", sig=SIGTERM)
+    acts = sim.tick(0.1)
+    assert "b-0" not in sim.state.workers
+    assert [s.worker for s in acts if isinstance(s, Spawn)] == ["a-0"]
+
+
+def test_pacing_fast_near_threshold_and_fast_path_headroom():
+    """Far from thresholds the full tick is relaxed; near one it is fast; the fast path scales with headroom."""
+    pol = daemon(workload(), rules=(rule("memory.available < 2GiB", "kill", "system"),))
+    sim = Sim(pol)
+    sim.start()
+    sim.tick(0.1)
+    obs = sim.observe()
+    assert next_full_tick(sim.state, obs, pol, sim.now) == pol.poll_interval_s
+    sim.available = int(2.1 * GiB)
+    obs = sim.observe()
+    assert next_full_tick(sim.state, obs, pol, sim.now) == pol.fast_poll_interval_s
+    far = fast_path_interval(sim.state, sim.observe(), pol)
+    sim.available = 2 * GiB + 6 * MiB
+    near = fast_path_interval(sim.state, sim.observe(), pol)
+    assert near < far and near <= 0.002
+    assert near >= pol.min_fast_path_interval_s
+
+
+def test_fast_path_tick_uses_scope_reading_and_acts_at_once():
+    """A light (fast-path) observation crossing a kill threshold produces SIGKILL in that very step."""
+    from memguard.decide.core import step
+    from memguard.model import Observation
+
+    pol = daemon(workload(), rules=(rule("memory.available < 2GiB", "kill", "system"),))
+    sim = Sim(pol)
+    sim.start()
+    sim.tick(0.1)
+    sim.tick(0.1)
+    light = Observation(at=sim.now, scope=sim.observe().scope.__class__(
+        kind="host", total_bytes=24 * GiB, available_bytes=GiB), workers={}, full=False)
+    state, acts = step(sim.state, light, pol, sim.now + 0.001)
+    assert [(a.worker, a.signum) for a in acts if isinstance(a, Signal)] == [("w-0", SIGKILL)]

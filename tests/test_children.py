@@ -221,22 +221,23 @@ def test_signal_terminates_and_refuses_wrong_incarnation() -> None:
 def test_session_env_and_cwd(tmp_path: Path) -> None:
     """The worker leads its own session and process group, its pid is the
     command's own (setpriv execs in place), its environment is exactly the
-    one passed, and cwd is applied."""
-    env = {"PATH": "/usr/bin:/bin", "MEMGUARD_TEST": "a b=c"}
+    one passed, its stdin is /dev/null, and cwd is applied."""
+    env = {"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8", "MEMGUARD_TEST": "a b=c"}
+    code = (
+        "import json, os; print(json.dumps({'pid': os.getpid(), 'pgid': os.getpgid(0), 'sid': os.getsid(0),"
+        " 'env': dict(os.environ), 'cwd': os.getcwd(), 'stdin': os.readlink('/proc/self/fd/0')}))"
+    )
 
     async def main() -> None:
         async with supervised() as (sup, rec):
-            pid = sup.spawn("w", 1, ["sleep", "30"], env, str(tmp_path), None, None, None)
-            assert os.getpgid(pid) == pid
-            assert os.getsid(pid) == pid
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                items = [x.decode() for x in f.read().split(b"\0") if x]
-            assert dict(x.split("=", 1) for x in items) == env
-            assert os.readlink(f"/proc/{pid}/cwd") == str(tmp_path)
-            assert Path(f"/proc/{pid}/exe").resolve().name.startswith("sleep")
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                assert f.read().split(b"\0")[0] == b"sleep"
-            assert os.readlink(f"/proc/{pid}/fd/0") == "/dev/null"
+            pid = sup.spawn("w", 1, [PY, "-I", "-c", code], env, str(tmp_path), None, None, None)
+            e = await rec.exit_of("w")
+            assert e.returncode == 0, e.last_lines
+            seen = json.loads(e.last_lines[-1])
+            assert seen["pid"] == seen["pgid"] == seen["sid"] == pid
+            assert seen["env"] == env
+            assert seen["cwd"] == str(tmp_path)
+            assert seen["stdin"] == "/dev/null"
 
     run(main())
 
@@ -374,6 +375,7 @@ def test_daemon_sigkill_leaves_no_worker_alive(restart_sentinel: bool) -> None:
         if daemon.poll() is None:
             daemon.kill()
             daemon.wait()
+        daemon.stdout.close()
         kill_and_reap(pidfds)
         children_mod._set_subreaper(False)
 
@@ -382,7 +384,7 @@ def test_clean_quit_spares_groups_and_oom_score_adj() -> None:
     """close() makes the sentinel quit cleanly: it exits without killing the
     registered groups. oom_score_adj is applied to the worker when given."""
 
-    async def main() -> tuple[int, int]:
+    async def main() -> tuple[ChildSupervisor, int, int]:
         rec = Recorder()
         sup = ChildSupervisor(rec.on_event, rec.on_output)
         await sup.start()
@@ -396,18 +398,18 @@ def test_clean_quit_spares_groups_and_oom_score_adj() -> None:
             await sup.close()
             assert gone(sfd, 0), "close() returned before the sentinel exited"
             assert not os.path.exists(f"/proc/{sentinel}"), "the sentinel was not reaped"
-            return pid, wfd
+            return sup, pid, wfd
         finally:
             os.close(sfd)
 
-    pid, wfd = run(main())
+    sup, pid, wfd = run(main())
     try:
         assert not gone(wfd, 0.3), "the sentinel's clean quit killed the worker"
     finally:
         os.killpg(pid, signal.SIGKILL)
-        gone(wfd, 5)
-        os.waitid(os.P_PIDFD, wfd, os.WEXITED)
         os.close(wfd)
+        # After close() the supervisor no longer reaps: the Popen it kept does.
+        sup._workers["w"].popen.wait(5)
 
 
 def test_oom_score_adj_out_of_range_is_refused() -> None:
@@ -437,3 +439,83 @@ def test_restart_after_exit_keeps_tails_apart() -> None:
             assert sup.last_lines("w") == ()
 
     run(main())
+
+
+def test_sentinel_eof_kills_registered_and_spares_reused() -> None:
+    """The sentinel on its own: at EOF it SIGKILLs a registered group (all its
+    members), a registered single pid and the pids of a registered cgroup
+    (cgroup.procs fallback when there is no cgroup.kill), but spares a
+    group whose leader's start time does not match (a reused pid)."""
+    import tempfile
+
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    pidfds: dict[int, int] = {}
+    sentinel: subprocess.Popen[bytes] | None = None
+    with tempfile.TemporaryDirectory() as cg:
+        try:
+            for name in ("single", "cgroup", "reused"):
+                procs[name] = subprocess.Popen(["sleep", "30"], start_new_session=True)
+            # A group of two: the forker and the child it forks (same group).
+            procs["group"] = subprocess.Popen([PY, "-I", FORKER], stdout=subprocess.PIPE, start_new_session=True)
+            out = procs["group"].stdout
+            assert out is not None
+            poller = select.poll()
+            poller.register(out, select.POLLIN)
+            assert poller.poll(10000)
+            member = int(out.readline())
+            out.close()
+            for p in procs.values():
+                pidfds[p.pid] = os.pidfd_open(p.pid)
+            pidfds[member] = os.pidfd_open(member)
+            Path(cg, "cgroup.procs").write_text(f"{procs['cgroup'].pid}\n")
+            sentinel = subprocess.Popen(
+                [PY, "-I", children_mod._SENTINEL_PATH], stdin=subprocess.PIPE, start_new_session=True
+            )
+            assert sentinel.stdin is not None
+            g, s_, r = procs["group"].pid, procs["single"].pid, procs["reused"].pid
+            sentinel.stdin.write(
+                (
+                    f"add {g} {start_time(g)}\n"
+                    f"pid {s_} {start_time(s_)}\n"
+                    f"add {r} {start_time(r) + 1}\n"  # not the process registered
+                    f"cgroup {cg}\n"
+                    "bogus line\n"
+                ).encode()
+            )
+            sentinel.stdin.close()  # EOF: as if the daemon died
+            assert sentinel.wait(5) == 0
+            for name in ("group", "single", "cgroup"):
+                assert gone(pidfds[procs[name].pid], 2), f"{name} survived the sentinel"
+            assert gone(pidfds[member], 2), "the group's second member survived the sentinel"
+            assert not gone(pidfds[r], 0.2), "the sentinel killed a group it had not registered"
+            assert not Path(cg, "cgroup.kill").exists()
+        finally:
+            if sentinel is not None and sentinel.poll() is None:
+                sentinel.kill()
+                sentinel.wait()
+            for fd in pidfds.values():
+                with contextlib.suppress(OSError):
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
+                os.close(fd)
+            for p in procs.values():
+                p.wait()
+
+
+def test_without_setpriv_the_pid_is_still_the_worker() -> None:
+    """Without setpriv the command is started directly (the sentinel alone
+    covers a dead daemon); the pid, group and errors are the same."""
+
+    async def main() -> None:
+        async with supervised() as (sup, rec):
+            pid = sup.spawn("w", 1, [PY, "-I", "-c", "import os; print(os.getpid(), os.getpgid(0))"], ENV, None, None, None, None)
+            e = await rec.exit_of("w")
+            assert e.last_lines == (f"{pid} {pid}",)
+            with pytest.raises(SpawnError, match="no-such-command-xyz"):
+                sup.spawn("x", 1, ["no-such-command-xyz"], ENV, None, None, None, None)
+
+    saved = children_mod._SETPRIV
+    children_mod._SETPRIV = None
+    try:
+        run(main())
+    finally:
+        children_mod._SETPRIV = saved

@@ -37,7 +37,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from .expr import Comparison, Expr, ExprError, comparisons, parse_expr
 from .policy import ActionKind, DaemonPolicy, Limits, RestartPolicy, Rule, WorkloadPolicy
 from .signals import SIGNALS, suggest
-from .units import DURATION_EXPECTED, SIZE_EXPECTED, UnitError, parse_duration, parse_size
+from .units import DURATION_EXPECTED, SIZE_EXPECTED, UnitError, format_duration, parse_duration, parse_size
 
 __all__ = [
     "ConfigIssue",
@@ -351,8 +351,9 @@ def _p_backoff(v: object) -> tuple[float, float]:
         raise ValueError(f"{expected}, got {_describe(v)}") from None
     if hi < lo:
         raise ValueError(f"the backoff minimum {lo_text.strip()} is longer than its maximum {hi_text.strip()}")
-    if hi <= 0:
-        raise ValueError(f"expected a backoff range with a maximum greater than zero, got {_describe(v)}")
+    if lo <= 0:
+        raise ValueError(f"expected a backoff minimum greater than zero (a wait that doubles from 0 stays 0), "
+                         f"got {_describe(v)}")
     return lo, hi
 
 
@@ -410,7 +411,6 @@ class _File:
         self.dir = os.path.dirname(os.path.abspath(display))
         self.issues: list[ConfigIssue] = []
         self.root: Node | None = None
-        self.readable = False
         self._constructor = SafeConstructor()
 
     # -- reading --------------------------------------------------------
@@ -450,7 +450,6 @@ class _File:
         except yaml.YAMLError as e:
             self.issue(0, "", f"invalid YAML: {e}")
             return None
-        self.readable = True
         if root is None:
             self.issue(1, "", "the file is empty: expected a mapping of keys such as 'name: value'")
             return None
@@ -758,6 +757,9 @@ _COMMAND_EXAMPLE = "a list of strings such as [python3, train.py]"
 
 
 def _read_command(f: _File, node: Node) -> tuple[str, ...] | None:
+    if f.is_null(node):
+        f.issue(node, "command", f"expected {_COMMAND_EXAMPLE}, got nothing")
+        return None
     if isinstance(node, ScalarNode) and isinstance(f.construct(node), str):
         text = f.construct(node)
         try:
@@ -980,14 +982,17 @@ def _read_daemon(f: _File, root: Node) -> tuple[dict[str, Any] | None, str | Non
     eff_poll = poll if _ok(poll) else base.poll_interval_s
     eff_fast = fast if _ok(fast) else base.fast_poll_interval_s
     eff_min = min_fast if _ok(min_fast) else base.min_fast_path_interval_s
+    def shown(key: str, seconds: float) -> str:
+        return f"{key} ({format_duration(seconds)}{'' if key in entries else ', the default'})"
+
     if BAD not in (poll, fast) and eff_fast > eff_poll:
         key = "fast_poll_interval" if "fast_poll_interval" in entries else "poll_interval"
-        f.issue(entries[key][1], key,
-                f"fast_poll_interval ({eff_fast:g}s) must not be longer than poll_interval ({eff_poll:g}s)")
+        f.issue(entries[key][1], key, f"{shown('fast_poll_interval', eff_fast)} must not be longer than "
+                                      f"{shown('poll_interval', eff_poll)}")
     if BAD not in (fast, min_fast) and eff_min > eff_fast:
         key = "min_fast_path_interval" if "min_fast_path_interval" in entries else "fast_poll_interval"
-        f.issue(entries[key][1], key,
-                f"min_fast_path_interval ({eff_min:g}s) must not be longer than fast_poll_interval ({eff_fast:g}s)")
+        f.issue(entries[key][1], key, f"{shown('min_fast_path_interval', eff_min)} must not be longer than "
+                                      f"{shown('fast_poll_interval', eff_fast)}")
 
     # The workload directory as the user sees it (relative to the daemon file's
     # directory, for messages and sources) and as it is stored (absolute).

@@ -14,6 +14,7 @@ compared, so a forgotten check fails loudly instead of escalating.
 
 from __future__ import annotations
 
+import signal as _signal
 from dataclasses import dataclass, field
 from typing import Mapping, Union
 
@@ -36,7 +37,20 @@ __all__ = [
     "SetAdmission",
     "Notice",
     "Action",
+    "SIGKILL",
+    "signal_name",
 ]
+
+SIGKILL = int(_signal.SIGKILL)
+
+
+def signal_name(signum: int) -> str:
+    """``SIGTERM`` for 15; ``signal 99`` for a number with no name."""
+    try:
+        return _signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
 
 
 class Unknown:

@@ -22,15 +22,21 @@ def main() -> None:
     child_after = None
     if "--child-exit-after" in args:
         child_after = float(args[args.index("--child-exit-after") + 1])
+    ready_r, ready_w = os.pipe()
     pid = os.fork()
     if pid == 0:
+        os.close(ready_r)
         if setsid:
             os.setsid()
+        os.close(ready_w)  # tells the parent the child is set up
         if child_after is not None:
             time.sleep(child_after)  # the child's own behaviour, not synchronisation
             os._exit(0)
         while True:
             signal.pause()
+    os.close(ready_w)
+    os.read(ready_r, 1)  # EOF once the child has called setsid() (if asked)
+    os.close(ready_r)
     print(pid, flush=True)
     if exit_now:
         os._exit(0)

@@ -80,12 +80,18 @@ def _kill_group(pgid: int, start: int) -> None:
 
 
 def _kill_cgroup(path: str) -> None:
-    try:
-        with open(os.path.join(path, "cgroup.kill"), "w") as f:
-            f.write("1")
-        return
+    try:  # cgroup v2 (Linux 5.14+): one write kills the whole cgroup
+        fd = os.open(os.path.join(path, "cgroup.kill"), os.O_WRONLY)  # no O_CREAT
     except OSError:
-        pass
+        fd = -1
+    if fd >= 0:
+        try:
+            os.write(fd, b"1")
+            return
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
     for _ in range(10):  # a few passes: processes may fork while we kill
         try:
             with open(os.path.join(path, "cgroup.procs")) as f:

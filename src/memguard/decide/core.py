@@ -18,13 +18,13 @@ One step, in order:
 from __future__ import annotations
 
 import math
-import signal as _signal
 from dataclasses import replace
 from typing import Iterable
 
 from ..expr import parse_expr
 from ..model import (
     Action,
+    SIGKILL,
     Exited,
     Explanation,
     Notice,
@@ -37,6 +37,7 @@ from ..model import (
     UNKNOWN,
     Unknown,
     is_known,
+    signal_name,
 )
 from ..policy import ActionKind, DaemonPolicy, Rule, WorkloadPolicy
 from ..units import format_duration, format_size
@@ -54,7 +55,6 @@ __all__ = [
     "runtime_rule",
 ]
 
-SIGKILL = int(_signal.SIGKILL)
 _ALIVE = (Phase.STARTING, Phase.RUNNING, Phase.STOPPING)
 
 
@@ -246,13 +246,6 @@ def _apply_events(s: _Step, obs: Observation) -> None:
             _on_exit(s, w, ev)
 
 
-def _signal_name(signum: int) -> str:
-    try:
-        return _signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
-
-
 def _on_exit(s: _Step, w: WorkerState, ev: Exited) -> None:
     ran_for = max(0.0, ev.at - (w.started_at if w.started_at is not None else ev.at))
     stop = w.stop
@@ -260,10 +253,11 @@ def _on_exit(s: _Step, w: WorkerState, ev: Exited) -> None:
     if ev.returncode is not None:
         fields["returncode"] = ev.returncode
     if ev.signal is not None:
-        fields["signal"] = _signal_name(ev.signal)
+        fields["signal"] = signal_name(ev.signal)
     if stop is not None:
         kind = "stopped"
-        detail = f"stopped by memguard ({stop.event}, {stop.reason}" + (f", rule {stop.rule}" if stop.rule else "") + ")"
+        detail = (f"stopped by memguard ({stop.event}, rule {stop.rule})" if stop.rule
+                  else f"stopped by memguard ({stop.event}, {stop.reason})")
         clean = True
     elif ev.kernel_oom or (ev.signal == SIGKILL and ev.kernel_oom is None and s.oom_delta > 0):
         kind = "kernel_oom"
@@ -271,7 +265,7 @@ def _on_exit(s: _Step, w: WorkerState, ev: Exited) -> None:
         clean = False
     elif ev.signal is not None:
         kind = "signal"
-        detail = f"killed by {_signal_name(ev.signal)} (not sent by memguard)"
+        detail = f"killed by {signal_name(ev.signal)} (not sent by memguard)"
         clean = False
     elif ev.returncode == 0:
         kind = "exited"
@@ -546,7 +540,7 @@ def _begin_stop(s: _Step, w: WorkerState, *, event: str, reason: str, then: str,
     if kill_now:
         why = f"rule {rule}: SIGKILL at once" if rule else "SIGKILL"
     else:
-        why = (f"{_signal_name(signum)} now, SIGKILL after {format_duration(grace)}"
+        why = (f"{signal_name(signum)} now, SIGKILL after {format_duration(grace)}"
                + (f" (rule {rule})" if rule else f" ({reason})"))
     if then == "restart":
         why += "; restarts at once"

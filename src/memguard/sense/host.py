@@ -22,7 +22,10 @@ __all__ = [
     "VMSTAT_PATH",
     "PinnedFile",
     "read_bytes",
+    "read_once",
+    "field_int",
     "read_meminfo",
+    "read_oom_kills",
     "host_scope",
     "host_totals",
 ]
@@ -77,6 +80,9 @@ class PinnedFile:
                 os.close(fd)
             except OSError:
                 pass
+
+    def __del__(self) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         return f"PinnedFile({self.path!r})"

@@ -1,0 +1,270 @@
+"""The daemon: wires sense -> decide -> act -> report into one asyncio loop.
+
+Each pass of the loop is one tick: read the machine (a full tick reads
+process trees and pressure too; a fast-path tick only the scope's memory
+figure), let the core decide, carry the decisions out, report them. Then
+sleep until the sooner of the next full tick and the fast path's next
+read, or until something happens (a worker exits, a signal arrives).
+
+Signal handlers only enqueue; the loop handles SIGHUP (reload), SIGTERM
+and SIGINT (graceful stop) by name, and puts the original handlers back on
+exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from dataclasses import replace
+from typing import Any, Callable
+
+from . import __version__
+from .act.actor import Actor
+from .act.children import ChildSupervisor
+from .config import ConfigError, load_config
+from .decide.core import all_stopped, begin_shutdown, reconcile, step
+from .decide.pacing import fast_path_interval, next_full_tick
+from .decide.state import CoreState, Phase
+from .model import Action, Exited, Observation, Pressure, Spawned, WorkerEvent, WorkerSample
+from .policy import DaemonPolicy
+from .report.log import action_event, get_logger
+from .report.notify import Notifier
+from .sense.cgroup import ScopeReader, choose_scope
+from .sense.procs import TreeTracker
+from .sense.psi import read_pressure
+from .units import format_size
+
+__all__ = ["Daemon", "default_runtime_dir"]
+
+_HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def default_runtime_dir() -> str:
+    if os.geteuid() == 0 and os.path.isdir("/run"):
+        return "/run/memguard"
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/memguard-{os.getuid()}"
+    return os.path.join(base, "memguard") if os.environ.get("XDG_RUNTIME_DIR") else base
+
+
+class Daemon:
+    def __init__(self, policy: DaemonPolicy, config_path: str | None = None, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.policy = policy
+        self.config_path = config_path
+        self.clock = clock
+        self.log = get_logger()
+        self.state = CoreState()
+        self.pending: list[WorkerEvent] = []
+        self.signals: list[int] = []
+        self.wake: asyncio.Event | None = None
+        self.tracker = TreeTracker()
+        self.samples: dict[str, WorkerSample] = {}
+        self.pressure = Pressure()
+        self.scope: ScopeReader = choose_scope(policy.scope)
+        self.runtime_dir = policy.runtime_dir or default_runtime_dir()
+        self.children = ChildSupervisor(self._on_event, self._on_output, clock=clock)
+        self.actor = Actor(self.children, self.runtime_dir, self._report, self._is_protected_pid)
+        self.notifier = Notifier()
+        self.ticks = 0
+        self.last_obs: Observation | None = None
+
+    # ------------------------------------------------------------------ callbacks
+
+    def _on_event(self, ev: WorkerEvent) -> None:
+        if isinstance(ev, Spawned):
+            self.tracker.track(ev.worker, ev.pid)
+        elif isinstance(ev, Exited):
+            self.tracker.forget(ev.worker)
+            self.samples.pop(ev.worker, None)
+        self.pending.append(ev)
+        if self.wake is not None:
+            self.wake.set()
+
+    def _on_output(self, worker: str, stream: str, line: str) -> None:
+        self.log.info("output", worker=worker, stream=stream, line=line,
+                      message=f"{worker} {stream}: {line}")
+
+    def _on_signal(self, signum: int) -> None:
+        self.signals.append(signum)
+        if self.wake is not None:
+            self.wake.set()
+
+    def _report(self, action: Action, dry_run: bool) -> None:
+        level, event, fields = action_event(action, dry_run=dry_run)
+        getattr(self.log, level)(event, **fields)
+
+    def _is_protected_pid(self, pid: int) -> bool:
+        if not self.policy.protect:
+            return False
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                return f.read().strip() in self.policy.protect
+        except OSError:
+            return False
+
+    # ------------------------------------------------------------------ sensing
+
+    def _sample_workers(self) -> dict[str, WorkerSample]:
+        live = {name: w.pid for name, w in self.state.workers.items()
+                if w.pid is not None and w.phase in (Phase.RUNNING, Phase.STOPPING)}
+        samples = self.tracker.sample_all(live, self.policy.protect)
+        return samples
+
+    async def _observe(self, full: bool) -> Observation:
+        scope = self.scope()
+        if full:
+            loop = asyncio.get_running_loop()
+            self.samples = await loop.run_in_executor(None, self._sample_workers)
+            for name in self.samples:
+                self.children.add_members(name, self.tracker.members(name))
+            pressure_path = self.scope.cgroup.pressure_path() if (
+                self.scope.kind == "cgroup" and self.scope.cgroup is not None) else None
+            self.pressure = read_pressure(pressure_path) if pressure_path else read_pressure()
+        events = tuple(self.pending)
+        self.pending.clear()
+        return Observation(at=self.clock(), scope=scope, pressure=self.pressure, workers=dict(self.samples),
+                           events=events, full=full)
+
+    # ------------------------------------------------------------------ the loop
+
+    def _execute(self, actions: list[Action]) -> None:
+        self.actor.execute(actions, self.policy)
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.wake = asyncio.Event()
+        for sig in _HANDLED:
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        try:
+            return await self._run()
+        finally:
+            for sig in _HANDLED:
+                loop.remove_signal_handler(sig)
+            await self.children.close()
+
+    def _started(self) -> None:
+        p = self.policy
+        self.log.info(
+            "started",
+            version=__version__, pid=os.getpid(), config=self.config_path, scope=self.scope.kind,
+            scope_description=self.scope.description, workloads=[w.name for w in p.workloads],
+            system_rules=len(p.rules), dry_run=p.dry_run, runtime_dir=self.runtime_dir,
+            message=(f"memguard {__version__} guarding {self.scope.description}; "
+                     f"{sum(w.replicas for w in p.workloads)} worker(s) in {len(p.workloads)} workload(s), "
+                     f"{len(p.rules)} system rule(s)" + ("; DRY RUN: no signals" if p.dry_run else "")),
+        )
+
+    async def _run(self) -> int:
+        await self.children.start()
+        self._started()
+        now = self.clock()
+        self.state, actions = reconcile(self.state, self.policy, now, reason="start")
+        self._execute(actions)
+        self.notifier.ready(self._status())
+        next_full = now
+        while True:
+            self._handle_signals()
+            now = self.clock()
+            full = now >= next_full
+            obs = await self._observe(full)
+            now = self.clock()
+            self.state, actions = step(self.state, obs, self.policy, now)
+            self._execute(actions)
+            self.ticks += 1
+            self.last_obs = obs
+            self.notifier.tick(self._status())
+            if self.state.shutting_down and all_stopped(self.state):
+                break
+            now = self.clock()
+            until_full = next_full_tick(self.state, obs, self.policy, now)
+            if full or now + until_full < next_full:
+                next_full = now + until_full
+            fp = fast_path_interval(self.state, obs, self.policy)
+            wake_at = next_full if fp is None else min(next_full, now + fp)
+            if self.notifier.max_sleep() is not None:
+                wake_at = min(wake_at, now + self.notifier.max_sleep())
+            await self._sleep_until(wake_at)
+        self.log.info("stopped", message="all workers stopped; memguard exits")
+        self.notifier.stopping()
+        return 0
+
+    async def _sleep_until(self, deadline: float) -> None:
+        assert self.wake is not None
+        timeout = deadline - self.clock()
+        if self.pending or self.signals:
+            return
+        if timeout > 0:
+            try:
+                await asyncio.wait_for(self.wake.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+        self.wake.clear()
+
+    def _handle_signals(self) -> None:
+        while self.signals:
+            signum = self.signals.pop(0)
+            if signum == signal.SIGHUP:
+                self.reload()
+            elif signum in (signal.SIGTERM, signal.SIGINT):
+                if self.state.shutting_down:
+                    self.log.info("stopping", message="already stopping; waiting for workers to exit")
+                    continue
+                self.log.info("stopping", signal=signal.Signals(signum).name,
+                              message=f"{signal.Signals(signum).name} received: stopping every worker")
+                self.notifier.stopping()
+                self.state, actions = begin_shutdown(self.state, self.policy, self.clock())
+                self._execute(actions)
+
+    def reload(self) -> bool:
+        """Re-read the configuration; a bad one keeps the running policy and logs every error."""
+        self.notifier.reloading()
+        try:
+            if self.config_path is None:
+                raise ConfigError([])
+            new = load_config(self.config_path)
+        except ConfigError as e:
+            for issue in e.errors:
+                self.log.error("config_error", file=issue.file, line=issue.line, key=issue.path,
+                               reason=issue.message, message=str(issue))
+            self.log.error("reload_failed", errors=len(e.errors),
+                           message=f"reload refused: {len(e.errors)} error(s); the running policy stays in force")
+            self.notifier.ready(self._status())
+            return False
+        if new.scope != self.policy.scope:
+            self.scope = choose_scope(new.scope)
+        if new.runtime_dir not in (None, self.runtime_dir):
+            self.log.warning("reload_note", message="runtime_dir changes take effect at the next start")
+            new = replace(new, runtime_dir=self.runtime_dir)
+        self.policy = new
+        self.state, actions = reconcile(self.state, self.policy, self.clock(), reason="reload")
+        self.log.info("reloaded", workloads=[w.name for w in new.workloads], system_rules=len(new.rules),
+                      message=f"configuration reloaded: {len(new.workloads)} workload(s), "
+                              f"{len(new.rules)} system rule(s)")
+        self._execute(actions)
+        self.notifier.ready(self._status())
+        return True
+
+    def _status(self) -> str:
+        """One ASCII line: workers by phase, blocked count, scope memory, what is firing."""
+        counts: dict[str, int] = {}
+        blocked = 0
+        for w in self.state.workers.values():
+            counts[w.phase.value] = counts.get(w.phase.value, 0) + 1
+            if w.phase == Phase.RUNNING and not w.admission_open:
+                blocked += 1
+        parts = [f"{counts.get('running', 0)} running", f"{blocked} blocked", f"{counts.get('failed', 0)} failed"]
+        obs = self.last_obs
+        if obs is not None:
+            avail = obs.scope.available_bytes
+            if not isinstance(avail, (int, float)):
+                parts.append("available unknown")
+            else:
+                parts.append(f"{format_size(avail)} available ({obs.scope.kind})")
+        firing = [k.split("|")[1] for k, rs in self.state.system_rules.items() if rs.active]
+        for w in self.state.workers.values():
+            firing += [f"{w.name}: {rs.explain.when}" for rs in w.rules.values() if rs.active and rs.explain]
+        if firing:
+            parts.append("firing: " + "; ".join(firing[:3]))
+        return ", ".join(parts)

@@ -1,0 +1,121 @@
+"""Logging: one structured event per decision, with the numbers that caused it.
+
+On a terminal the events are rendered for people (structlog's console
+renderer); otherwise as JSON lines, one object per event, which is what a
+log shipper, ``jq`` or the test-suite reads. Every decision event carries
+the same flat keys::
+
+    event, workload, worker, pid, rule, when, signal, value, threshold,
+    unit, action, reason, source
+
+``value`` and ``threshold`` are in the signal's base unit (bytes,
+seconds, percent); ``message`` is the sentence a person reads.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal as _signal
+import sys
+from typing import Any, TextIO
+
+import structlog
+
+from ..model import Action, Notice, SetAdmission, Signal, Spawn
+
+__all__ = ["configure_logging", "get_logger", "action_event", "LEVELS"]
+
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | None = None,
+                      extra_processors: list | None = None) -> None:
+    """Set up structlog for the daemon. ``fmt``: auto (console on a TTY, else JSON), console, json."""
+    stream = stream or sys.stdout
+    if fmt == "auto":
+        fmt = "console" if stream.isatty() else "json"
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=False),
+    ]
+    processors += extra_processors or []
+    if fmt == "json":
+        processors.append(structlog.processors.JSONRenderer(sort_keys=False))
+    else:
+        processors.append(_console_view)
+        processors.append(structlog.dev.ConsoleRenderer(colors=stream.isatty(), sort_keys=False,
+                                                        pad_event_to=0))
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(LEVELS.get(level, logging.INFO)),
+        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        cache_logger_on_first_use=False,
+    )
+
+
+_CONSOLE_HIDDEN = {"message", "when", "signal", "value", "threshold", "unit", "source", "reason", "rule",
+                   "workload", "worker", "pid", "action", "signal_sent", "incarnation"}
+
+
+def _console_view(logger: Any, name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """For people: the event name and its sentence; the numbers stay in the JSON form."""
+    message = event_dict.get("message")
+    if message:
+        event_dict["event"] = f"{event_dict['event']:<12} {message}"
+        for key in _CONSOLE_HIDDEN:
+            event_dict.pop(key, None)
+    return event_dict
+
+
+def get_logger(**bind: Any) -> Any:
+    return structlog.get_logger("memguard").bind(**bind)
+
+
+def _signame(n: int) -> str:
+    try:
+        return _signal.Signals(n).name
+    except ValueError:
+        return str(n)
+
+
+def action_event(action: Action, *, dry_run: bool = False) -> tuple[str, str, dict[str, Any]]:
+    """(level, event name, fields) for one decision of the core."""
+    fields: dict[str, Any] = {}
+    explain = getattr(action, "explain", None)
+    if isinstance(action, Spawn):
+        level, event = "info", "spawn"
+        fields.update(workload=action.workload, worker=action.worker, incarnation=action.incarnation,
+                      reason=action.reason)
+        message = f"{action.worker}: {action.reason}"
+    elif isinstance(action, Signal):
+        level, event = "warning", action.event
+        fields.update(workload=action.workload, worker=action.worker, pid=action.pid,
+                      action=action.event, signal_sent=_signame(action.signum), reason=action.reason)
+        message = f"{action.worker} (pid {action.pid}): {action.event}: {action.reason}"
+    elif isinstance(action, SetAdmission):
+        level, event = ("warning" if not action.open else "info"), action.event
+        fields.update(workload=action.workload, worker=action.worker, action=action.event, reason=action.reason)
+        message = f"{action.worker}: {action.reason}"
+    elif isinstance(action, Notice):
+        level, event = action.level, action.event
+        for key in ("workload", "worker", "pid"):
+            val = getattr(action, key)
+            if val is not None:
+                fields[key] = val
+        if action.reason:
+            fields["reason"] = action.reason
+        fields.update(action.fields)
+        who = f"{action.worker}: " if action.worker else ""
+        message = f"{who}{action.reason}" if action.reason else f"{who}{action.event}"
+    else:  # pragma: no cover - the Action union is closed
+        raise TypeError(f"not an action: {action!r}")
+    if explain is not None:
+        fields.update(rule=explain.rule, when=explain.when, signal=explain.signal, value=explain.value,
+                      threshold=explain.threshold, unit=explain.unit, source=explain.source)
+        message += f" [{explain.display}]"
+    if dry_run and isinstance(action, (Signal, SetAdmission)):
+        fields["dry_run"] = True
+        message = "DRY RUN, not done: " + message
+    fields["message"] = message
+    return level, event, fields

@@ -298,12 +298,12 @@ def limited_cgroup():
         cg.set_limit(256 * MIB)
         yield cg
     finally:
-        for pid in cg.pids():  # anything a failed test left behind: kill it and wait until it is out
-            fd = os.pidfd_open(pid)
-            signal.pidfd_send_signal(fd, signal.SIGKILL)
-            select.select([fd], [], [], DEADLINE_S)
-            os.close(fd)
-        if os.path.isdir(cg.path):
+        if os.path.isdir(cg.path):  # a test may have removed it already
+            for pid in cg.pids():  # anything a failed test left behind: kill it and wait until it is out
+                fd = os.pidfd_open(pid)
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+                select.select([fd], [], [], DEADLINE_S)
+                os.close(fd)
             cg.remove()
         assert not os.path.exists(cg.path)
 

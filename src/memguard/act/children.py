@@ -30,6 +30,7 @@ import grp
 import logging
 import os
 import pwd
+import select
 import shutil
 import signal as _signal
 import subprocess
@@ -58,6 +59,7 @@ _TRUNCATED = " [... line truncated by memguard]"
 _PR_SET_CHILD_SUBREAPER = 36
 _SWEEP_INTERVAL = 1.0  # seconds between safety-net sweeps (SIGCHLD also sweeps)
 _SENTINEL_RESTART_DELAY = 1.0
+_DRAIN_CHUNKS = 32  # 64 KiB reads: more than the largest pipe buffer (1 MiB)
 _SENTINEL_PATH = Path(__file__).with_name("sentinel.py")
 _SETPRIV = shutil.which("setpriv")  # checked once
 
@@ -126,8 +128,6 @@ def _reap_pidfd(pidfd: int, pid: int) -> tuple[int | None, int | None] | None:
 
 
 def _is_alive(pidfd: int) -> bool:
-    import select
-
     p = select.poll()
     p.register(pidfd, select.POLLIN)
     return not p.poll(0)
@@ -493,8 +493,11 @@ class ChildSupervisor:
         self._read(rec, s, drain=False)
 
     def _read(self, rec: _Proc, s: _Stream, drain: bool) -> None:
-        """Read what the pipe holds (one chunk, or until empty with ``drain``)."""
-        while s.fd is not None:
+        """Read what the pipe holds: one chunk, or with ``drain`` until it is
+        empty (bounded, in case a descendant writes as fast as we read)."""
+        budget = _DRAIN_CHUNKS if drain else 1
+        while s.fd is not None and budget > 0:
+            budget -= 1
             try:
                 chunk = os.read(s.fd, 65536)
             except BlockingIOError:
@@ -514,8 +517,6 @@ class ChildSupervisor:
                 self._maybe_drop(rec)
                 return
             self._feed(rec, s, chunk)
-            if not drain:
-                return
 
     def _feed(self, rec: _Proc, s: _Stream, chunk: bytes) -> None:
         start = 0

@@ -253,7 +253,7 @@ def _on_exit(s: _Step, w: WorkerState, ev: Exited) -> None:
     if ev.returncode is not None:
         fields["returncode"] = ev.returncode
     if ev.signal is not None:
-        fields["signal"] = signal_name(ev.signal)
+        fields["exit_signal"] = signal_name(ev.signal)
     if stop is not None:
         kind = "stopped"
         detail = (f"stopped by memguard ({stop.event}, rule {stop.rule})" if stop.rule

@@ -14,6 +14,7 @@ modules share (:class:`PinnedFile`, :func:`read_bytes`).
 from __future__ import annotations
 
 import os
+import threading
 
 from memguard.model import ScopeMemory, Unknown
 
@@ -49,31 +50,37 @@ class PinnedFile:
     disk would keep reading the old inode.
     """
 
-    __slots__ = ("path", "fd", "size")
+    __slots__ = ("path", "fd", "size", "_lock")
 
     def __init__(self, path: str, size: int = 4096) -> None:
         self.path = path
         self.fd = -1
         self.size = size
+        self._lock = threading.Lock()  # a reopen must not close an fd another thread is reading
 
     def read(self) -> bytes:
-        fd = self.fd
-        if fd < 0:
-            fd = self.fd = os.open(self.path, _O_FLAGS)
-            data = os.pread(fd, self.size, 0)
-        else:
-            try:
-                data = os.pread(fd, self.size, 0)
-            except OSError:
-                self.close()
+        with self._lock:
+            fd = self.fd
+            if fd < 0:
                 fd = self.fd = os.open(self.path, _O_FLAGS)
                 data = os.pread(fd, self.size, 0)
-        while len(data) >= self.size:  # bigger than expected: grow once and re-read whole
-            self.size *= 4
-            data = os.pread(fd, self.size, 0)
-        return data
+            else:
+                try:
+                    data = os.pread(fd, self.size, 0)
+                except OSError:
+                    self._close()
+                    fd = self.fd = os.open(self.path, _O_FLAGS)
+                    data = os.pread(fd, self.size, 0)
+            while len(data) >= self.size:  # bigger than expected: grow and re-read whole
+                self.size *= 4
+                data = os.pread(fd, self.size, 0)
+            return data
 
     def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
         fd, self.fd = self.fd, -1
         if fd >= 0:
             try:
@@ -82,7 +89,8 @@ class PinnedFile:
                 pass
 
     def __del__(self) -> None:
-        self.close()
+        if getattr(self, "fd", -1) >= 0:
+            self._close()
 
     def __repr__(self) -> str:
         return f"PinnedFile({self.path!r})"

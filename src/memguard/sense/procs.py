@@ -248,7 +248,15 @@ class TreeTracker:
     # -- sampling -------------------------------------------------------
 
     def sample(self, worker: str, pid: int, protect: Collection[str] = ()) -> WorkerSample:
-        """Measure ``worker``'s tree once (tracking it from ``pid`` if it is new or ``pid`` changed)."""
+        """Measure ``worker``'s tree once.
+
+        If ``worker`` is not tracked yet, or ``pid`` differs from the tracked
+        main process (a new incarnation), it is tracked from ``pid`` with the
+        start time read now; call :meth:`track` right after spawning, with
+        the start time recorded then, so a pid reused before the first
+        sample is recognised. ``protected`` is true when the comm or the
+        argv[0] basename of any process of the tree is in ``protect``.
+        """
         return self._sample(worker, pid, frozenset(protect), self._children_of())
 
     def sample_all(self, workers: Mapping[str, int], protect: Collection[str] = ()) -> dict[str, WorkerSample]:

@@ -1,0 +1,56 @@
+"""A test worker (standard library only): allocates memory at a rate, optionally forks, prints its pids.
+
+    worker_mem.py [--rate MB_PER_S] [--max MB] [--fork N] [--sigterm exit|ignore]
+
+Prints one line ``pids <pid> <child pid>...`` once started, then allocates
+``rate`` MB per second (touching every page) up to ``max`` MB, then holds.
+Replica-specific behaviour comes from the environment: ``RATE_<replica>``
+overrides --rate for that replica.
+"""
+
+import argparse
+import os
+import signal
+import sys
+import time
+
+p = argparse.ArgumentParser()
+p.add_argument("--rate", type=float, default=0.0)
+p.add_argument("--max", type=float, default=1e9)
+p.add_argument("--fork", type=int, default=0)
+p.add_argument("--sigterm", choices=["exit", "ignore"], default="exit")
+args = p.parse_args()
+
+replica = os.environ.get("MEMGUARD_REPLICA", "0")
+rate = float(os.environ.get(f"RATE_{replica}", args.rate))
+if args.sigterm == "ignore":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+children = []
+for _ in range(args.fork):
+    pid = os.fork()
+    if pid == 0:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        while True:
+            signal.pause()
+    children.append(pid)
+
+print("pids", os.getpid(), *children, flush=True)
+
+held = []
+chunk_mb = 4
+start = time.monotonic()
+allocated = 0.0
+while True:
+    if rate > 0 and allocated < args.max:
+        due = (time.monotonic() - start) * rate
+        while allocated + chunk_mb <= due and allocated < args.max:
+            block = bytearray(chunk_mb * 1024 * 1024)
+            for i in range(0, len(block), 4096):
+                block[i] = 1
+            held.append(block)
+            allocated += chunk_mb
+        time.sleep(0.005)
+    else:
+        signal.pause() if hasattr(signal, "pause") else time.sleep(3600)
+sys.exit(0)

@@ -200,3 +200,22 @@ def test_check_command_reports_every_broken_file_with_line(tmp_path):
     ok = subprocess.run(MEMGUARD + ["check", str(REPO / "config" / "demo" / "memguard.yaml")],
                         capture_output=True, text=True, cwd=REPO)
     assert ok.returncode == 0, ok.stderr
+
+
+def test_leftovers_of_an_exited_worker_are_killed(tmp_path):
+    """When a worker's main process exits on its own, the processes it left behind in its group are
+    killed with it (no orphan keeps holding memory), and the exit event counts them."""
+    cfg = write_config(tmp_path, "scope: host\nworkloads: workloads.d/\n", {"w": """
+        name: w
+        command: [sh, -c, 'sleep 300 & echo pids $$ $!; exit 3']
+        restart: {policy: never}
+        """})
+    d = Daemon(cfg)
+    try:
+        main, orphan = d.worker_pids("w-0")
+        ev = d.event("exit", worker="w-0")
+        assert ev["cause"] == "failed" and ev["returncode"] == 3
+        assert ev["leftovers_killed"] == 1
+        assert wait_gone([orphan], 2.0) == []
+    finally:
+        d.stop()

@@ -207,6 +207,7 @@ def test_forked_tree_counts_shared_pages_once(run):
     members = tracker.members("trainer")
     assert members[0] == (main, process_start_time(main))
     assert {p for p, _ in members} == {main, *kids}
+    assert tracker.members("trainer", refresh=False) == members  # the last walk, not re-walked
 
     scan = TreeTracker(use_children_files=False).sample("trainer", main)
     assert scan.processes == 5

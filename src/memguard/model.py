@@ -182,6 +182,7 @@ class Exited:
     signal: int | None = None
     kernel_oom: bool | None = None
     last_lines: tuple[str, ...] = ()
+    leftovers: int = 0  # processes of its tree still alive at its exit, killed then
 
 
 WorkerEvent = Union[Spawned, SpawnFailed, Exited]

@@ -104,6 +104,26 @@ def _set_subreaper(on: bool) -> None:
         raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(err)}")
 
 
+def _exited_unreaped(pidfd: int) -> bool:
+    """True when the process has exited and waits to be reaped (peek, do not reap)."""
+    try:
+        return os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return False
+
+
+def _group_members(pgid: int) -> list[tuple[int, int]]:
+    """(pid, start time) of every live process in process group ``pgid`` (one /proc scan)."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        st = _read_stat(int(name))
+        if st is not None and st.pgrp == pgid and st.state not in ("Z", "X"):
+            out.append((int(name), st.start))
+    return out
+
+
 def _reap_pidfd(pidfd: int, pid: int) -> tuple[int | None, int | None] | None:
     """Reap the exited process behind ``pidfd``: (returncode, signal), or None if still running.
 
@@ -189,7 +209,12 @@ class ChildSupervisor:
         sentinel: bool = True,
         subreaper: bool = True,
         tail_lines: int = 50,
+        kill_leftovers: bool = True,
     ) -> None:
+        # A worker's processes die with it: when its main process exits, what
+        # is left of its group and recorded tree is killed (no orphan keeps
+        # holding RAM or GPU memory after a crash).
+        self.kill_leftovers = kill_leftovers
         self._on_event = on_event
         self._on_output = on_output
         self._clock = clock
@@ -572,9 +597,31 @@ class ChildSupervisor:
 
     # ------------------------------------------------------------------ exit
 
+    def _kill_leftovers(self, rec: _Proc) -> int:
+        """SIGKILL what is left of a worker whose main process has exited but is not reaped yet.
+
+        While the main process is an unreaped zombie its pid, and so its
+        process-group number, cannot be reused: killpg cannot hit a stranger.
+        Recorded members outside the group are checked by start time.
+        """
+        left = 0
+        for mpid, mstart in list(rec.members.items()):
+            if self._signal_member(mpid, mstart, _signal.SIGKILL, rec.pid):
+                left += 1
+        group = [p for p, _ in _group_members(rec.pid) if p != rec.pid]
+        if group:
+            try:
+                os.killpg(rec.pid, _signal.SIGKILL)
+            except OSError:
+                group = []
+        return left + len([p for p in group if p not in rec.members])
+
     def _on_exit(self, rec: _Proc) -> None:
         if rec.reaped or rec.pidfd is None:
             return
+        leftovers = 0
+        if self.kill_leftovers and _exited_unreaped(rec.pidfd):
+            leftovers = self._kill_leftovers(rec)
         status = _reap_pidfd(rec.pidfd, rec.pid)
         if status is None:
             return  # spurious wakeup: still running
@@ -603,6 +650,7 @@ class ChildSupervisor:
                 returncode=returncode,
                 signal=signum,
                 last_lines=tuple(rec.tail),
+                leftovers=leftovers,
             )
         )
 

@@ -276,6 +276,8 @@ def _on_exit(s: _Step, w: WorkerState, ev: Exited) -> None:
         detail = f"exited {ev.returncode}"
         clean = False
     fields["cause"] = kind
+    if ev.leftovers:
+        fields["leftovers_killed"] = ev.leftovers
     if not clean and ev.last_lines:
         fields["last_lines"] = list(ev.last_lines[-5:])
     level = "warning" if kind in ("kernel_oom", "signal", "failed") else "info"

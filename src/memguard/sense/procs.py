@@ -190,6 +190,7 @@ class _Worker:
     pid: int
     start: int | None
     members: dict[int, int] = field(default_factory=dict)  # descendants seen: pid -> start time
+    tree: dict[int, int] = field(default_factory=dict)  # the live tree found by the last walk
 
 
 class TreeTracker:
@@ -228,16 +229,18 @@ class TreeTracker:
         """{worker: (main pid, main start time)} of every tracked worker."""
         return {name: (w.pid, w.start) for name, w in self._workers.items()}
 
-    def members(self, worker: str) -> list[tuple[int, int]]:
+    def members(self, worker: str, *, refresh: bool = True) -> list[tuple[int, int]]:
         """(pid, start time) of every live process of the worker's tree, main process first.
 
         The tree is walked afresh, so this is current when the actor uses it
-        to signal a whole tree. Empty for an unknown worker.
+        to signal a whole tree; ``refresh=False`` returns what the last walk
+        (the last :meth:`sample` or :meth:`members`) found, at no cost.
+        Empty for an unknown worker.
         """
         w = self._workers.get(worker)
         if w is None:
             return []
-        _why, tree = self._walk(w, self._children_of())
+        tree = self._walk(w, self._children_of())[1] if refresh else w.tree
         out = sorted(tree.items())
         main = (w.pid, w.start)
         if main in out:
@@ -307,6 +310,7 @@ class TreeTracker:
                 tree[child] = st.start
                 stack.append((child, st.threads, st.start))
         w.members = {p: s for p, s in tree.items() if not (p == w.pid and s == w.start)}
+        w.tree = tree
         return why, tree
 
     def _sample(self, worker: str, pid: int, protect: frozenset[str], children: ChildrenOf) -> WorkerSample:

@@ -55,6 +55,7 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 HOG = REPO / "bench" / "hog.py"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+LAST_TRACE: dict = {}
 
 
 class Refused(Exception):
@@ -555,9 +556,13 @@ def reaction_run(parent: Cgroup, rate: float, action: str, rep: int) -> dict[str
         send_go(s, rate=rate)
         t_go = last = time.monotonic()
         deadline = t_go + 20
+        trace_t: list[float] = []
+        trace_a: list[int] = []
         while True:
             a = cg.available()
             now = time.monotonic()
+            trace_t.append(now)
+            trace_a.append(a)
             samples += 1
             gap = now - last
             if gap > max_gap:
@@ -578,6 +583,8 @@ def reaction_run(parent: Cgroup, rate: float, action: str, rep: int) -> dict[str
             elif timed_out and now > deadline:
                 raise RunFailed("the hog survived SIGKILL for 10 s")
         avail_after_exit = cg.available()
+        global LAST_TRACE
+        LAST_TRACE = {"t_go": t_go, "t_cross": t_cross, "t_exit": t_exit, "t": trace_t, "a": trace_a}
         after = cg.counters()
         vm_after = vmstat_oom_kills()
 

@@ -42,7 +42,7 @@ def rule(when: str, action: str, scope: str = "worker", *, for_s: float = 0.0, r
 
 def workload(name: str = "w", replicas: int = 1, *, rules: tuple[Rule, ...] = (), memory: int | None = GiB,
              priority: int = 0, grace_s: float = 10.0, restart: RestartPolicy | None = None,
-             runtime_s: float | None = None) -> WorkloadPolicy:
+             runtime_s: float | None = None, **extra: object) -> WorkloadPolicy:
     return WorkloadPolicy(
         name=name,
         command=("python3", "worker.py"),
@@ -52,6 +52,7 @@ def workload(name: str = "w", replicas: int = 1, *, rules: tuple[Rule, ...] = ()
         rules=rules,
         grace_s=grace_s,
         restart=restart or RestartPolicy(),
+        **extra,
     )
 
 
@@ -101,6 +102,11 @@ class Sim:
              kernel_oom: bool | None = None) -> None:
         self.pending.append(Exited(worker, self.incarnations[worker], self.pids[worker], self.now,
                                    returncode=returncode, signal=sig, kernel_oom=kernel_oom))
+
+    def trial(self, worker: str, kind: str, name: str | None = None, ok: bool | None = None) -> None:
+        from memguard.model import TrialEvent
+
+        self.pending.append(TrialEvent(worker, self.incarnations[worker], kind, self.now, name=name, ok=ok))
 
     def observe(self) -> Observation:
         workers = {

@@ -299,3 +299,147 @@ def test_fast_path_tick_uses_scope_reading_and_acts_at_once():
         kind="host", total_bytes=24 * GiB, available_bytes=GiB), workers={}, full=False)
     state, acts = step(sim.state, light, pol, sim.now + 0.001)
     assert [(a.worker, a.signum) for a in acts if isinstance(a, Signal)] == [("w-0", SIGKILL)]
+
+
+# ---------------------------------------------------------------------------
+# Trials: the brake, recycling, stuck trials, reclaim, growth
+
+from memguard.model import Reclaim  # noqa: E402
+from memguard.policy import Brake, Recycle  # noqa: E402
+
+
+def _blocking_workload(**extra):
+    return workload(rules=(rule("worker.memory > 80%", "block", release="worker.memory < 50%", name="hold"),),
+                    **extra)
+
+
+def test_brake_restarts_a_worker_refused_n_times_while_its_own_memory_holds_the_gate():
+    """restart_when_blocked.refusals: after N refused trials in a row with its own block in force, the worker
+    is restarted (it is between trials), explained by the brake."""
+    sim = Sim(daemon(_blocking_workload(brake=Brake(refusals=3))))
+    sim.start()
+    sim.tick(0.1)
+    sim.memory["w-0"] = 0.9 * GiB
+    sim.tick(0.1)
+    assert sim.state.workers["w-0"].admission_open is False
+    for _ in range(2):
+        sim.trial("w-0", "refused")
+        assert signals(sim.tick(0.1)) == []
+    sim.trial("w-0", "refused")
+    sig = signals(sim.tick(0.1))
+    assert len(sig) == 1 and sig[0].event == "restart" and sig[0].explain.rule == "restart_when_blocked"
+    assert "only a restart gives leaked memory back" in sig[0].explain.display
+
+
+def test_brake_after_time_blocked():
+    """restart_when_blocked.after: a worker blocked by its own rule for longer than `after` is restarted."""
+    sim = Sim(daemon(_blocking_workload(brake=Brake(after_s=120))))
+    sim.start()
+    sim.tick(0.1)
+    sim.memory["w-0"] = 0.9 * GiB
+    sim.tick(0.1)
+    assert signals(sim.run(119, 1.0)) == []
+    sig = signals(sim.run(2, 0.5))
+    assert [s.event for s in sig] == ["restart"] and sig[0].explain.signal == "worker.blocked_for"
+
+
+def test_brake_does_not_fire_mid_trial():
+    """The brake waits for the running trial to end (a trial started before the gate closed)."""
+    sim = Sim(daemon(_blocking_workload(brake=Brake(after_s=10))))
+    sim.start()
+    sim.tick(0.1)
+    sim.trial("w-0", "start")
+    sim.memory["w-0"] = 0.9 * GiB
+    assert signals(sim.run(30, 1.0)) == []
+    sim.trial("w-0", "end", ok=True)
+    assert [s.event for s in signals(sim.tick(0.1))] == ["restart"]
+
+
+def test_recycle_after_max_trials_at_the_trial_boundary():
+    """recycle.max_trials restarts the worker after its Nth trial ends, never while one runs."""
+    sim = Sim(daemon(workload(recycle=Recycle(max_trials=3))))
+    sim.start()
+    sim.tick(0.1)
+    for i in range(2):
+        sim.trial("w-0", "start")
+        sim.tick(1)
+        sim.trial("w-0", "end", ok=True)
+        assert signals(sim.tick(0.1)) == []
+    sim.trial("w-0", "start")
+    assert signals(sim.tick(1)) == []
+    sim.trial("w-0", "end", ok=True)
+    sig = signals(sim.tick(0.1))
+    assert [s.event for s in sig] == ["restart"] and sig[0].explain.rule == "recycle.max_trials"
+    sim.exit("w-0", sig=SIGTERM)
+    assert any(isinstance(a, Spawn) for a in sim.tick(0.1))  # at once, no backoff
+
+
+def test_recycle_max_age_is_jittered_per_replica_and_waits_for_the_trial():
+    """recycle.max_age: replicas recycle at different ages (within the jitter), each between trials."""
+    sim = Sim(daemon(workload(replicas=2, recycle=Recycle(max_age_s=100, jitter=0.2))))
+    sim.start()
+    sim.tick(0.1)
+    when = {}
+    for _ in range(1100):
+        for a in signals(sim.tick(0.1)):
+            when.setdefault(a.worker, sim.now)
+    assert set(when) == {"w-0", "w-1"}
+    assert all(80 <= t <= 100.5 for t in when.values()) and when["w-0"] != when["w-1"]
+
+
+def test_trial_timeout_terminates_a_stuck_trial():
+    """trial_timeout: a trial running past it is terminated with reason stuck."""
+    sim = Sim(daemon(workload(trial_timeout_s=60)))
+    sim.start()
+    sim.tick(0.1)
+    sim.trial("w-0", "start", name="trial-7")
+    assert signals(sim.run(59, 1.0)) == []
+    sig = signals(sim.run(2, 0.5))
+    assert [s.event for s in sig] == ["terminate"] and sig[0].explain.rule == "trial_timeout"
+    assert sim.state.workers["w-0"].stop.reason == "stuck" and "trial-7" in sig[0].explain.display
+
+
+def test_heartbeat_timeout_terminates_a_silent_trial():
+    """heartbeat_timeout: heartbeats keep a long trial alive; silence past the timeout is stuck."""
+    sim = Sim(daemon(workload(heartbeat_timeout_s=10)))
+    sim.start()
+    sim.tick(0.1)
+    sim.trial("w-0", "start")
+    for _ in range(5):
+        sim.run(8, 1.0)
+        sim.trial("w-0", "heartbeat")
+    assert signals(sim.tick(0.1)) == []
+    sig = signals(sim.run(11, 1.0))
+    assert [s.explain.rule for s in sig] == ["heartbeat_timeout"]
+
+
+def test_reclaim_asks_the_worker_then_waits_its_interval():
+    """A reclaim rule sends one Reclaim to the worker, then none until reclaim_interval has passed."""
+    wl = workload(rules=(rule("worker.memory > 70%", "reclaim"),), reclaim_interval_s=30.0)
+    sim = Sim(daemon(wl))
+    sim.start()
+    sim.tick(0.1)
+    sim.memory["w-0"] = 0.8 * GiB
+    acts = sim.run(29, 1.0)
+    assert len([a for a in acts if isinstance(a, Reclaim)]) == 1
+    acts = sim.run(2, 1.0)
+    assert len([a for a in acts if isinstance(a, Reclaim)]) == 1
+
+
+def test_growth_rate_catches_a_leak_before_the_limit():
+    """worker.growth: a steady 2 MiB/s leak is seen as ~2 MiB/s and recycles the worker long before its limit."""
+    wl = workload(rules=(rule("worker.growth > 1MiB/s", "restart", for_s=10, name="leak"),), memory=8 * GiB,
+                  growth_window_s=60)
+    sim = Sim(daemon(wl))
+    sim.memory["w-0"] = 200 * MiB
+    sim.start()
+    sim.tick(0.1)
+    fired = []
+    for i in range(120):
+        sim.memory["w-0"] = 200 * MiB + i * 2 * MiB
+        fired += signals(sim.tick(1.0))
+        if fired:
+            break
+    assert fired and fired[0].explain.rule == "leak"
+    assert 1.8 * MiB < fired[0].explain.value < 2.2 * MiB
+    assert 39 <= sim.now <= 45  # half a window of samples, then `for: 10s`

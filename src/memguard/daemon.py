@@ -118,7 +118,7 @@ class Daemon:
             loop = asyncio.get_running_loop()
             self.samples = await loop.run_in_executor(None, self._sample_workers)
             for name in self.samples:
-                self.children.add_members(name, self.tracker.members(name))
+                self.children.add_members(name, self.tracker.members(name, refresh=False))
             pressure_path = self.scope.cgroup.pressure_path() if (
                 self.scope.kind == "cgroup" and self.scope.cgroup is not None) else None
             self.pressure = read_pressure(pressure_path) if pressure_path else read_pressure()

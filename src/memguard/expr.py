@@ -50,6 +50,8 @@ class Comparison:
             return f"{self.threshold:g}%"
         if self.unit == "seconds":
             return format_duration(self.threshold)
+        if self.unit == "bytes_per_second":
+            return f"{format_size(self.threshold)}/s"
         return f"{self.threshold:g}"
 
 

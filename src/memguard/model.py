@@ -29,12 +29,14 @@ __all__ = [
     "Spawned",
     "SpawnFailed",
     "Exited",
+    "TrialEvent",
     "WorkerEvent",
     "Observation",
     "Explanation",
     "Spawn",
     "Signal",
     "SetAdmission",
+    "Reclaim",
     "Notice",
     "Action",
     "SIGKILL",
@@ -185,7 +187,26 @@ class Exited:
     leftovers: int = 0  # processes of its tree still alive at its exit, killed then
 
 
-WorkerEvent = Union[Spawned, SpawnFailed, Exited]
+@dataclass(frozen=True)
+class TrialEvent:
+    """What a worker's client told memguard over the control socket.
+
+    ``kind``: ``start`` (a trial began; ``name`` optional), ``end`` (it
+    ended; ``ok`` False for a failure), ``heartbeat`` (a long trial is alive),
+    ``refused`` (a trial had to wait: admission was closed), ``reclaimed``
+    (the worker ran its reclaim callbacks).
+    """
+
+    worker: str
+    incarnation: int
+    kind: str
+    at: float
+    name: str | None = None
+    ok: bool | None = None
+    detail: str = ""
+
+
+WorkerEvent = Union[Spawned, SpawnFailed, Exited, TrialEvent]
 
 
 @dataclass(frozen=True)
@@ -279,4 +300,17 @@ class Notice:
     fields: Mapping[str, object] = field(default_factory=dict)
 
 
-Action = Union[Spawn, Signal, SetAdmission, Notice]
+@dataclass(frozen=True)
+class Reclaim:
+    """Ask the worker's client to give memory back (its on_reclaim callbacks)."""
+
+    worker: str
+    workload: str
+    pid: int
+    incarnation: int
+    reason: str
+    explain: Explanation | None = None
+    event: str = "reclaim"
+
+
+Action = Union[Spawn, Signal, SetAdmission, Reclaim, Notice]

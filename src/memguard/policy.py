@@ -17,6 +17,8 @@ __all__ = [
     "Rule",
     "RestartPolicy",
     "Limits",
+    "Brake",
+    "Recycle",
     "WorkloadPolicy",
     "DaemonPolicy",
     "DEFAULTS",
@@ -32,6 +34,7 @@ class ActionKind(str, Enum):
 
     WARN = "warn"  # report only
     BLOCK = "block"  # close admission: new trials wait, running ones continue
+    RECLAIM = "reclaim"  # ask the worker's client to give memory back (gc, empty caches)
     RESTART = "restart"  # stop gracefully (stop signal, grace, SIGKILL), then start again at once
     TERMINATE = "terminate"  # stop gracefully; the restart policy decides what follows
     KILL = "kill"  # SIGKILL at once; the restart policy decides what follows
@@ -53,9 +56,10 @@ class ActionKind(str, Enum):
 _SEVERITY = {
     ActionKind.WARN: 0,
     ActionKind.BLOCK: 1,
-    ActionKind.RESTART: 2,
-    ActionKind.TERMINATE: 3,
-    ActionKind.KILL: 4,
+    ActionKind.RECLAIM: 2,
+    ActionKind.RESTART: 3,
+    ActionKind.TERMINATE: 4,
+    ActionKind.KILL: 5,
 }
 
 
@@ -106,6 +110,32 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class Brake:
+    """``restart_when_blocked``: the fix for an emergency brake that cannot give memory back.
+
+    A worker whose own rule keeps its admission closed, and that was refused
+    ``refusals`` trials in a row or stayed blocked ``after_s``, is restarted:
+    only a restart returns leaked memory.
+    """
+
+    refusals: int | None = None
+    after_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Recycle:
+    """Restart a worker at a trial boundary after ``max_trials`` trials or ``max_age_s``.
+
+    ``jitter`` (a fraction) spreads replicas' max_age so they do not recycle
+    together (circus' max_age_variance, gunicorn's max_requests_jitter).
+    """
+
+    max_trials: int | None = None
+    max_age_s: float | None = None
+    jitter: float = 0.1
+
+
+@dataclass(frozen=True)
 class WorkloadPolicy:
     name: str
     command: tuple[str, ...]
@@ -123,6 +153,15 @@ class WorkloadPolicy:
     # flush and exit, short enough that memory comes back before the box stalls.
     grace_s: float = 10.0
     stop_signal: int = int(_signal.SIGTERM)
+    brake: Brake = field(default_factory=Brake)
+    recycle: Recycle = field(default_factory=Recycle)
+    trial_timeout_s: float | None = None  # a trial running longer is stuck: terminate
+    heartbeat_timeout_s: float | None = None  # a trial silent longer is stuck: terminate
+    # worker.growth is the slope of worker.memory over this window (least squares).
+    growth_window_s: float = 60.0
+    # 30 s between two reclaim requests of one rule: a reclaim is cheap, but a
+    # worker asked every tick would spend its time in gc.collect().
+    reclaim_interval_s: float = 30.0
     source: str = ""
 
     def spec_key(self) -> tuple:

@@ -67,6 +67,17 @@ SIGNALS: dict[str, SignalSpec] = {
         _s("worker.processes", "worker", "count", None, "Processes in the worker's tree."),
         _s("worker.restarts", "worker", "count", None,
            "Restarts of this worker slot inside the restart budget's window."),
+        _s("worker.trials", "worker", "count", None,
+           "Trials this incarnation has finished (reported by memguard.client)."),
+        _s("worker.trial_age", "worker", "seconds", None,
+           "Time since the running trial started; unknown while no trial runs."),
+        _s("worker.blocked_for", "worker", "seconds", None,
+           "Time the worker's admission has been closed; 0 while open."),
+        _s("worker.refusals", "worker", "count", None,
+           "Trials in a row that had to wait because admission was closed."),
+        _s("worker.growth", "worker", "bytes_per_second", None,
+           "Slope of worker.memory over the workload's growth window (least squares): a leak shows as a "
+           "steady positive rate, e.g. worker.growth > 5MiB/m. Unknown until half a window of samples."),
     ]
 }
 

@@ -18,6 +18,7 @@ One step, in order:
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import replace
 from typing import Iterable
 
@@ -29,11 +30,13 @@ from ..model import (
     Explanation,
     Notice,
     Observation,
+    Reclaim,
     SetAdmission,
     Signal,
     Spawn,
     Spawned,
     SpawnFailed,
+    TrialEvent,
     UNKNOWN,
     Unknown,
     is_known,
@@ -230,7 +233,8 @@ def _apply_events(s: _Step, obs: Observation) -> None:
             if w.phase != Phase.STARTING:
                 continue
             w = s.set(w, phase=Phase.RUNNING, pid=ev.pid, started_at=ev.at, rules={}, memory=UNKNOWN,
-                      sample=None, admission_open=True)
+                      sample=None, admission_open=True, trials=0, trial_started_at=None, trial_name=None,
+                      last_heartbeat=None, refusals=0, blocked_since=None, history=())
             if s.shutting_down or w.stop is not None:
                 _begin_stop(s, w, event="stop", reason="shutdown" if s.shutting_down else "operator",
                             then="stay", severity=ActionKind.TERMINATE.severity)
@@ -244,6 +248,30 @@ def _apply_events(s: _Step, obs: Observation) -> None:
             if w.phase not in (Phase.RUNNING, Phase.STOPPING) or ev.pid != w.pid:
                 continue
             _on_exit(s, w, ev)
+        elif isinstance(ev, TrialEvent):
+            if w.phase not in (Phase.RUNNING, Phase.STOPPING):
+                continue
+            _on_trial(s, w, ev)
+
+
+def _on_trial(s: _Step, w: WorkerState, ev: TrialEvent) -> None:
+    if ev.kind == "start":
+        s.workers[w.name] = replace(w, trial_started_at=ev.at, trial_name=ev.name, last_heartbeat=ev.at, refusals=0)
+    elif ev.kind == "end":
+        ran = ev.at - w.trial_started_at if w.trial_started_at is not None else None
+        s.workers[w.name] = replace(w, trial_started_at=None, trial_name=None, last_heartbeat=ev.at,
+                                    trials=w.trials + 1)
+        if ev.ok is False:
+            s.emit(Notice("trial_failed", level="warning", worker=w.name, workload=w.workload, pid=w.pid,
+                          reason=f"trial {ev.name or w.trials + 1} failed" + (f": {ev.detail}" if ev.detail else ""),
+                          fields={"trial": ev.name, "ran_for_s": round(ran, 3) if ran is not None else None}))
+    elif ev.kind == "heartbeat":
+        s.workers[w.name] = replace(w, last_heartbeat=ev.at)
+    elif ev.kind == "refused":
+        s.workers[w.name] = replace(w, refusals=w.refusals + 1)
+    elif ev.kind == "reclaimed":
+        s.emit(Notice("reclaimed", worker=w.name, workload=w.workload, pid=w.pid,
+                      reason="the worker ran its reclaim callbacks" + (f": {ev.detail}" if ev.detail else "")))
 
 
 def _on_exit(s: _Step, w: WorkerState, ev: Exited) -> None:
@@ -355,7 +383,12 @@ def _take_samples(s: _Step, obs: Observation) -> None:
     for name, w in list(s.workers.items()):
         sample = obs.workers.get(name)
         if w.phase in (Phase.RUNNING, Phase.STOPPING) and sample is not None and sample.pid == w.pid:
-            s.workers[name] = replace(w, sample=sample, memory=sample.memory_bytes)
+            history = w.history
+            if is_known(sample.memory_bytes):
+                window = s.workload(w).growth_window_s
+                history = tuple(p for p in history if obs.at - p[0] <= window) + (
+                    (obs.at, float(sample.memory_bytes)),)
+            s.workers[name] = replace(w, sample=sample, memory=sample.memory_bytes, history=history)
 
 
 def _expire_grace(s: _Step) -> None:
@@ -428,9 +461,28 @@ def worker_context(w: WorkerState, wl: WorkloadPolicy, system: Context, now: flo
     values["worker.processes"] = w.sample.processes if w.sample is not None else UNKNOWN
     window = wl.restart.budget_window_s
     values["worker.restarts"] = float(sum(1 for t in w.restarts if now - t < window))
+    values["worker.trials"] = float(w.trials)
+    values["worker.trial_age"] = (now - w.trial_started_at) if w.trial_started_at is not None else Unknown(
+        "no trial running")
+    values["worker.blocked_for"] = (now - w.blocked_since) if w.blocked_since is not None else 0.0
+    values["worker.refusals"] = float(w.refusals)
+    values["worker.growth"] = growth_rate(w.history, wl.growth_window_s)
     bases = dict(system.bases)
     bases["limits.memory"] = wl.limits.memory_bytes if wl.limits.memory_bytes else Unknown("no limits.memory")
     return Context(values=values, bases=bases)
+
+
+def growth_rate(history: tuple[tuple[float, float], ...], window_s: float) -> object:
+    """Least-squares slope of memory over time, bytes per second; Unknown until half a window is seen."""
+    if len(history) < 3 or history[-1][0] - history[0][0] < window_s / 2:
+        return Unknown("not enough samples for a growth rate yet")
+    n = len(history)
+    mt = sum(t for t, _ in history) / n
+    mm = sum(m for _, m in history) / n
+    var = sum((t - mt) ** 2 for t, _ in history)
+    if var <= 0:
+        return Unknown("samples at one instant")
+    return sum((t - mt) * (m - mm) for t, m in history) / var
 
 
 def _track(rs: RuleState, holds: bool | None, rule: Rule, now: float) -> tuple[RuleState, bool]:
@@ -480,6 +532,12 @@ def _worker_rules(s: _Step, w: WorkerState, system: Context, obs: Observation) -
                 s.emit(Notice("warn", level="warning", worker=w.name, workload=w.workload, pid=w.pid,
                               reason=f"rule {rule.name}: {ex.display}", explain=ex))
             continue
+        if rule.action == ActionKind.RECLAIM:
+            states[rule.key] = RuleState(fired_at=s.now, quiet_until=s.now + wl.reclaim_interval_s, explain=ex)
+            if w.phase == Phase.RUNNING and w.pid is not None:
+                s.emit(Reclaim(worker=w.name, workload=w.workload, pid=w.pid, incarnation=w.incarnation,
+                               reason=f"rule {rule.name}: asking the worker to give memory back", explain=ex))
+            continue
         # A stop action: reset the timer (a new incarnation starts clean anyway).
         states[rule.key] = RuleState(fired_at=s.now, explain=ex)
         s.workers[w.name] = replace(current, rules=dict(states))
@@ -487,6 +545,92 @@ def _worker_rules(s: _Step, w: WorkerState, system: Context, obs: Observation) -
         states = dict(s.workers[w.name].rules) if w.name in s.workers else states
     if w.name in s.workers:
         s.workers[w.name] = replace(s.workers[w.name], rules=states)
+        _trial_checks(s, s.workers[w.name], wl, ctx)
+
+
+def _jitter(name: str, incarnation: int) -> float:
+    """A fixed number in [0, 1) per incarnation: spreads replicas without a random generator."""
+    return (zlib.crc32(f"{name}/{incarnation}".encode()) & 0xFFFFFFFF) / 2**32
+
+
+def _builtin(name: str, when: str, signal: str, value: float, threshold: float, unit: str, display: str,
+             source: str) -> Explanation:
+    return Explanation(rule=name, when=when, signal=signal, value=value, threshold=threshold, unit=unit,
+                       display=display, source=source)
+
+
+def _trial_checks(s: _Step, w: WorkerState, wl: WorkloadPolicy, ctx: Context) -> None:
+    """Stuck trials, the brake, and recycling at a trial boundary: built-in rules of the workload."""
+    if w.phase != Phase.RUNNING or w.started_at is None:
+        return
+    now = s.now
+    in_trial = w.trial_started_at is not None
+    if in_trial and wl.trial_timeout_s is not None and now - w.trial_started_at >= wl.trial_timeout_s:
+        age = now - w.trial_started_at
+        ex = _builtin("trial_timeout", f"worker.trial_age > {format_duration(wl.trial_timeout_s)}", "worker.trial_age",
+                      age, wl.trial_timeout_s, "seconds",
+                      f"trial {w.trial_name or w.trials + 1} running {format_duration(age)} > trial_timeout "
+                      f"{format_duration(wl.trial_timeout_s)}", wl.source)
+        _begin_stop(s, w, event="terminate", reason="stuck", then="policy", severity=ActionKind.TERMINATE.severity,
+                    rule="trial_timeout", explain=ex)
+        return
+    if (in_trial and wl.heartbeat_timeout_s is not None and w.last_heartbeat is not None
+            and now - w.last_heartbeat >= wl.heartbeat_timeout_s):
+        quiet = now - w.last_heartbeat
+        ex = _builtin("heartbeat_timeout", f"no heartbeat for {format_duration(wl.heartbeat_timeout_s)}",
+                      "worker.heartbeat_age", quiet, wl.heartbeat_timeout_s, "seconds",
+                      f"no heartbeat for {format_duration(quiet)} > heartbeat_timeout "
+                      f"{format_duration(wl.heartbeat_timeout_s)} (trial {w.trial_name or w.trials + 1})", wl.source)
+        _begin_stop(s, w, event="terminate", reason="stuck", then="policy", severity=ActionKind.TERMINATE.severity,
+                    rule="heartbeat_timeout", explain=ex)
+        return
+    if in_trial:
+        return  # recycling and the brake act only between trials
+    brake = wl.brake
+    if (not w.admission_open and w.blocked_since is not None and _own_block(w, wl)
+            and (brake.refusals is not None or brake.after_s is not None)):
+        blocked_for = now - w.blocked_since
+        by_refusals = brake.refusals is not None and w.refusals >= brake.refusals
+        by_time = brake.after_s is not None and blocked_for >= brake.after_s
+        if by_refusals or by_time:
+            mem = format_size(float(w.memory)) if is_known(w.memory) else "unknown"
+            why = (f"{w.refusals} trials refused in a row (restart_when_blocked.refusals {brake.refusals})"
+                   if by_refusals else
+                   f"blocked {format_duration(blocked_for)} (restart_when_blocked.after "
+                   f"{format_duration(brake.after_s or 0)})")
+            ex = _builtin("restart_when_blocked", "admission closed by the worker's own rule",
+                          "worker.refusals" if by_refusals else "worker.blocked_for",
+                          float(w.refusals) if by_refusals else blocked_for,
+                          float(brake.refusals or 0) if by_refusals else float(brake.after_s or 0),
+                          "count" if by_refusals else "seconds",
+                          f"{why} while its own memory ({mem}) holds the gate: only a restart gives leaked memory back",
+                          wl.source)
+            _begin_stop(s, w, event="restart", reason="brake", then="restart", severity=ActionKind.RESTART.severity,
+                        rule="restart_when_blocked", explain=ex)
+            return
+    rc = wl.recycle
+    if rc.max_trials is not None and w.trials >= rc.max_trials:
+        ex = _builtin("recycle.max_trials", f"worker.trials >= {rc.max_trials}", "worker.trials", float(w.trials),
+                      float(rc.max_trials), "count", f"{w.trials} trials done >= recycle.max_trials {rc.max_trials}",
+                      wl.source)
+        _begin_stop(s, w, event="restart", reason="recycle", then="restart", severity=ActionKind.RESTART.severity,
+                    rule="recycle.max_trials", explain=ex)
+        return
+    if rc.max_age_s is not None:
+        limit = rc.max_age_s * (1.0 - rc.jitter * _jitter(w.name, w.incarnation))
+        age = now - w.started_at
+        if age >= limit:
+            ex = _builtin("recycle.max_age", f"worker.age >= {format_duration(limit)}", "worker.age", age, limit,
+                          "seconds", f"age {format_duration(age)} >= recycle.max_age {format_duration(rc.max_age_s)} "
+                          f"(less {rc.jitter:.0%} jitter: {format_duration(limit)})", wl.source)
+            _begin_stop(s, w, event="restart", reason="recycle", then="restart", severity=ActionKind.RESTART.severity,
+                        rule="recycle.max_age", explain=ex)
+
+
+def _own_block(w: WorkerState, wl: WorkloadPolicy) -> bool:
+    """Is the worker's gate held by one of its own (worker) block rules?"""
+    return any(r.action == ActionKind.BLOCK and (rs := w.rules.get(r.key)) is not None and rs.active
+               for r in wl.rules)
 
 
 def _stop_for_rule(s: _Step, w: WorkerState, rule: Rule, ex: Explanation, *, system_rule: bool) -> bool:
@@ -651,7 +795,7 @@ def _admission(s: _Step) -> None:
         want_open = not blocking
         if want_open == w.admission_open:
             continue
-        s.workers[name] = replace(w, admission_open=want_open)
+        s.workers[name] = replace(w, admission_open=want_open, blocked_since=None if want_open else s.now)
         if want_open:
             s.emit(SetAdmission(worker=name, workload=w.workload, open=True, event="release",
                                 reason="every block rule released; admission open"))

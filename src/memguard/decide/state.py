@@ -122,6 +122,14 @@ class WorkerState:
     sample: WorkerSample | None = None
     spec: tuple = ()  # WorkloadPolicy.spec_key() this incarnation was started with
     last_exit: str = ""
+    # Trials, as the worker's client reports them (this incarnation).
+    trials: int = 0
+    trial_started_at: float | None = None  # None: no trial running
+    trial_name: str | None = None
+    last_heartbeat: float | None = None
+    refusals: int = 0  # consecutive trials that had to wait
+    blocked_since: float | None = None  # admission closed since
+    history: tuple[tuple[float, float], ...] = ()  # (time, memory bytes) within the growth window
 
 
 @dataclass(frozen=True)

@@ -243,7 +243,7 @@ BROKEN_CASES = [
     ("bad_size.yaml", "8GiBB", "limits.memory", ["expected a size such as", "'8GiBB'"]),
     ("bad_duration.yaml", "grace: 20", "rules[1].grace", ["expected a duration such as", "20"]),
     ("unknown_action.yaml", "action: kil", "rules[0].action",
-     ["expected one of warn, block, restart, terminate, kill", "did you mean 'kill'?"]),
+     ["expected one of " + ", ".join(a.value for a in ActionKind), "did you mean 'kill'?"]),
     ("bad_when_signal.yaml", "worker.memroy", "rules[0].when",
      ["unknown signal 'worker.memroy'", "did you mean 'worker.memory'?"]),
     ("bad_when_syntax.yaml", "(worker.memory", "rules[0].when", ["expected"]),

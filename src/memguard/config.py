@@ -35,9 +35,10 @@ from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from .expr import Comparison, Expr, ExprError, comparisons, parse_expr
-from .policy import ActionKind, DaemonPolicy, Limits, RestartPolicy, Rule, WorkloadPolicy
+from .policy import ActionKind, Brake, DaemonPolicy, Limits, Recycle, RestartPolicy, Rule, WorkloadPolicy
 from .signals import SIGNALS, suggest
-from .units import DURATION_EXPECTED, SIZE_EXPECTED, UnitError, format_duration, parse_duration, parse_size
+from .units import (DURATION_EXPECTED, SIZE_EXPECTED, UnitError, format_duration, parse_duration, parse_percent,
+                    parse_size)
 
 __all__ = [
     "ConfigIssue",
@@ -86,11 +87,19 @@ WORKLOAD_KEYS = (
     "stop_signal",
     "rules",
     "restart",
+    "restart_when_blocked",
+    "recycle",
+    "trial_timeout",
+    "heartbeat_timeout",
+    "growth_window",
+    "reclaim_interval",
 )
 RULE_KEYS = ("name", "when", "for", "action", "release", "grace")
 LOG_KEYS = ("format", "level")
 LIMITS_KEYS = ("memory", "runtime")
 RESTART_KEYS = ("policy", "backoff", "budget")
+BRAKE_KEYS = ("refusals", "after")
+RECYCLE_KEYS = ("max_trials", "max_age", "jitter")
 
 SCOPES = ("auto", "host", "cgroup")
 LOG_FORMATS = ("auto", "console", "json")
@@ -861,6 +870,48 @@ def _read_restart(f: _File, node: Node) -> RestartPolicy | None:
     )
 
 
+def _read_brake(f: _File, node: Node) -> Brake | None:
+    entries = f.mapping(node, "restart_when_blocked", BRAKE_KEYS,
+                        what="a mapping such as {refusals: 10, after: 2m}")
+    if entries is None:
+        return None
+    refusals = f.get(entries, "refusals", "restart_when_blocked", _p_int(1, None), "a whole number of refusals")
+    after = f.get(entries, "after", "restart_when_blocked", _p_duration(0.0, strict=True), DURATION_EXPECTED)
+    if BAD in (refusals, after):
+        return None
+    if refusals is None and after is None:
+        f.issue(node, "restart_when_blocked", "expected refusals:, after: or both, e.g. {refusals: 10, after: 2m}")
+        return None
+    return Brake(refusals=refusals, after_s=after)
+
+
+def _p_fraction(v: object) -> float:
+    if isinstance(v, str) and v.strip().endswith("%"):
+        pct = parse_percent(v)
+        if pct > 100:
+            raise UnitError(f"expected a percentage between 0% and 100%, got {v!r}")
+        return pct / 100.0
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1:
+        return float(v)
+    raise UnitError(f"expected a fraction such as 10% or 0.1, got {v!r}")
+
+
+def _read_recycle(f: _File, node: Node) -> Recycle | None:
+    entries = f.mapping(node, "recycle", RECYCLE_KEYS, what="a mapping such as {max_trials: 50, max_age: 60m}")
+    if entries is None:
+        return None
+    max_trials = f.get(entries, "max_trials", "recycle", _p_int(1, None), "a whole number of trials")
+    max_age = f.get(entries, "max_age", "recycle", _p_duration(0.0, strict=True), DURATION_EXPECTED)
+    jitter = f.get(entries, "jitter", "recycle", _p_fraction, "a fraction such as 10%")
+    if BAD in (max_trials, max_age, jitter):
+        return None
+    if max_trials is None and max_age is None:
+        f.issue(node, "recycle", "expected max_trials:, max_age: or both, e.g. {max_trials: 50, max_age: 60m}")
+        return None
+    return Recycle(max_trials=max_trials, max_age_s=max_age,
+                   jitter=jitter if jitter is not None else Recycle().jitter)
+
+
 def _read_workload(f: _File, root: Node) -> WorkloadPolicy | None:
     """Build a WorkloadPolicy from a composed workload file; None when it has errors."""
     before = len(f.issues)
@@ -897,6 +948,12 @@ def _read_workload(f: _File, root: Node) -> WorkloadPolicy | None:
     stop_signal = f.get(entries, "stop_signal", "", _p_signal, "a signal")
     restart = _read_restart(f, entries["restart"][1]) if "restart" in entries else RestartPolicy()
     drafts = _read_rules(f, entries["rules"][1], "worker") if "rules" in entries else []
+    brake = _read_brake(f, entries["restart_when_blocked"][1]) if "restart_when_blocked" in entries else Brake()
+    recycle = _read_recycle(f, entries["recycle"][1]) if "recycle" in entries else Recycle()
+    trial_timeout = f.get(entries, "trial_timeout", "", _p_duration(0.0, strict=True), DURATION_EXPECTED)
+    heartbeat_timeout = f.get(entries, "heartbeat_timeout", "", _p_duration(0.0, strict=True), DURATION_EXPECTED)
+    growth_window = f.get(entries, "growth_window", "", _p_duration(0.0, strict=True), DURATION_EXPECTED)
+    reclaim_interval = f.get(entries, "reclaim_interval", "", _p_duration(0.0), DURATION_EXPECTED)
 
     # A percentage of worker.memory is a percentage of limits.memory.
     if not has_memory:
@@ -931,6 +988,13 @@ def _read_workload(f: _File, root: Node) -> WorkloadPolicy | None:
         restart=restart or RestartPolicy(),
         grace_s=grace if grace is not None else _default(WorkloadPolicy, "grace_s"),
         stop_signal=stop_signal if stop_signal is not None else _default(WorkloadPolicy, "stop_signal"),
+        brake=brake or Brake(),
+        recycle=recycle or Recycle(),
+        trial_timeout_s=trial_timeout,
+        heartbeat_timeout_s=heartbeat_timeout,
+        growth_window_s=growth_window if growth_window is not None else _default(WorkloadPolicy, "growth_window_s"),
+        reclaim_interval_s=(reclaim_interval if reclaim_interval is not None
+                            else _default(WorkloadPolicy, "reclaim_interval_s")),
         source=f"{f.display}:1",
     )
 

@@ -27,6 +27,7 @@ Exit status: 0 done, 1 a run failed to complete, 2 refused to run.
 from __future__ import annotations
 
 import argparse
+import bisect
 import datetime as _dt
 import json
 import mmap
@@ -252,6 +253,21 @@ def _v2_parent_for_children(own: Cgroup) -> Cgroup:
         d = parent
 
 
+def subtree_dirs(path: str) -> list[str]:
+    """``path`` and every cgroup below it, deepest first."""
+    return [d for d, _, _ in os.walk(path, topdown=False)] if os.path.isdir(path) else []
+
+
+def subtree_procs(path: str) -> list[int]:
+    out: list[int] = []
+    for d in subtree_dirs(path):
+        try:
+            out += [int(x) for x in _read(f"{d}/cgroup.procs").split()]
+        except OSError:
+            pass
+    return out
+
+
 @dataclass
 class Lab:
     """What one part of the benchmark started, so that :meth:`cleanup` can undo it."""
@@ -300,10 +316,11 @@ class Lab:
                 p.kill()
                 p.wait(timeout=5)
         if self.cg is not None:
-            # Whatever is left in the cgroup was started by this script (a
-            # worker, memguard's sentinel): SIGKILL each one through a pidfd.
+            # Whatever is left in the cgroup or below it (memguard may give
+            # each worker a cgroup of its own) was started by this script:
+            # SIGKILL each process through a pidfd.
             deadline = time.monotonic() + 10
-            while (left := self.cg.procs()) and time.monotonic() < deadline:
+            while (left := subtree_procs(self.cg.path)) and time.monotonic() < deadline:
                 for pid in left:
                     try:
                         fd = os.pidfd_open(pid)
@@ -332,17 +349,18 @@ class Lab:
         if self.cg is not None:
             self.cg.close()
             deadline = time.monotonic() + 10
-            while True:
-                try:
-                    os.rmdir(self.cg.path)
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError as e:
-                    if time.monotonic() > deadline:
-                        problems.append(f"cannot remove {self.cg.path}: {e}")
+            for d in subtree_dirs(self.cg.path):  # children first
+                while True:
+                    try:
+                        os.rmdir(d)
                         break
-                    time.sleep(0.1)
+                    except FileNotFoundError:
+                        break
+                    except OSError as e:
+                        if time.monotonic() > deadline:
+                            problems.append(f"cannot remove {d}: {e}")
+                            break
+                        time.sleep(0.1)
             self.cg = None
         return problems
 
@@ -499,7 +517,7 @@ def start_session(lab: Lab, action: str) -> Session:
     lab.pidfds.append(hog_fd)
     status = Path(f"/proc/{hog_pid}/status").read_text()
     ppid = int(next(x for x in status.splitlines() if x.startswith("PPid:")).split()[1])
-    if ppid != daemon.pid or hog_pid not in cg.procs():
+    if ppid != daemon.pid or hog_pid not in subtree_procs(cg.path):
         raise RunFailed(f"pid {hog_pid} from the pid file is not memguard's worker in {cg.path}")
     # The hog blocks opening the fifo until a writer comes; open it (non-blocking, so retry).
     deadline = time.monotonic() + 10
@@ -576,8 +594,7 @@ def reaction_run(parent: Cgroup, rate: float, action: str, rep: int) -> dict[str
         max_gap = 0.0
         timed_out = False
         wall_offset = time.time() - time.monotonic()
-        if WARM_UP:
-            warm_up(WARM_UP)
+        warm_rate = warm_up(WARM_UP) if WARM_UP else None
         send_go(s, rate=rate)
         t_go = last = time.monotonic()
         deadline = t_go + 20
@@ -608,6 +625,15 @@ def reaction_run(parent: Cgroup, rate: float, action: str, rep: int) -> dict[str
             elif timed_out and now > deadline:
                 raise RunFailed("the hog survived SIGKILL for 10 s")
         avail_after_exit = cg.available()
+        rate_last_100ms = gap_near_cross = None
+        if t_cross is not None:
+            ic = bisect.bisect_left(trace_t, t_cross)
+            i0 = bisect.bisect_left(trace_t, t_cross - 0.1)
+            if trace_t[ic] - trace_t[i0] > 0.05:
+                rate_last_100ms = (trace_a[i0] - trace_a[ic]) / (trace_t[ic] - trace_t[i0])
+            lo, hi = bisect.bisect_left(trace_t, t_cross - 0.05), bisect.bisect_left(trace_t, t_cross + 0.05)
+            gap_near_cross = max((trace_t[i] - trace_t[i - 1] for i in range(max(lo, 1), min(hi, len(trace_t)))),
+                                 default=None)
         global LAST_TRACE
         LAST_TRACE = {"t_go": t_go, "t_cross": t_cross, "t_exit": t_exit, "t": trace_t, "a": trace_a}
         after = cg.counters()
@@ -636,7 +662,11 @@ def reaction_run(parent: Cgroup, rate: float, action: str, rep: int) -> dict[str
         rec = {
             "rate_bytes_per_s": rate, "action": action, "rep": rep,
             "stopped_by": stopped_by,
+            "warm_up_rate_bytes_per_s": None if warm_rate is None else round(warm_rate),
             "available_at_go_bytes": avail_start,
+            "hog_rate_go_to_crossing_bytes_per_s": None if t_cross is None
+            else round((avail_start - THRESHOLD) / (t_cross - t_go)),
+            "hog_rate_last_100ms_bytes_per_s": None if rate_last_100ms is None else round(rate_last_100ms),
             "min_available_bytes": min_avail,
             "below_threshold_mib": round((THRESHOLD - min_avail) / MiB, 2),
             "go_to_crossing_ms": ms(t_go, t_cross),
@@ -653,11 +683,14 @@ def reaction_run(parent: Cgroup, rate: float, action: str, rep: int) -> dict[str
             "mean_sample_interval_ms": round((t_exit - t_go) / samples * 1000, 3),
             "max_sample_gap_ms": round(max_gap * 1000, 3),
             "sample_gap_at_crossing_ms": None if gap_at_cross is None else round(gap_at_cross * 1000, 3),
+            "max_sample_gap_near_crossing_ms": None if gap_near_cross is None else round(gap_near_cross * 1000, 3),
             "daemon_event": None if decision is None else {
                 k: decision.get(k) for k in ("event", "worker", "pid", "rule", "when", "value", "threshold",
                                              "signal_sent", "message", "timestamp")},
             "exit_event": None if exit_ev is None else {
                 k: exit_ev.get(k) for k in ("cause", "returncode", "reason", "ran_for_s")},
+            "daemon_scope": s.started.get("scope_description"),
+            "daemon_cgroups_note": next((e.get("message") for e in s.dlog.events if e.get("event") == "cgroups"), None),
             "daemon_exit_status": daemon_rc,
             "daemon_errors": [e.get("message") for e in errors],
         }
@@ -809,9 +842,10 @@ def preflight() -> Cgroup:
     if st.f_bavail * st.f_frsize < BALLOON + GiB:
         raise Refused(f"/dev/shm has less than {(BALLOON + GiB) // GiB} GiB free")
     avail = _field(_read("/proc/meminfo"), b"MemAvailable:") * KiB
-    if avail < LIMIT + 2 * GiB:
-        raise Refused(f"the host has {avail / GiB:.1f} GiB available; the benchmark needs "
-                      f"{(LIMIT + 2 * GiB) // GiB} GiB (a {LIMIT // GiB} GiB cgroup plus a margin)")
+    need = LIMIT + WARM_UP + 2 * GiB
+    if avail < need:
+        raise Refused(f"the host has {avail / GiB:.1f} GiB available; the benchmark needs {need // GiB} GiB "
+                      f"(a {LIMIT // GiB} GiB cgroup, {WARM_UP // GiB} GiB of warm-up outside it, a margin)")
     if not HOG.exists():
         raise Refused(f"{HOG} is missing")
     memguard_argv()
@@ -832,6 +866,36 @@ def machine() -> dict[str, Any]:
         "thp": _read("/sys/kernel/mm/transparent_hugepage/enabled").decode().strip()
         if os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled") else None,
     }
+
+
+def source_state() -> dict[str, Any]:
+    """Which memguard the daemon runs: its package directory and, in a git checkout, the commit and changes."""
+    r = subprocess.run([sys.executable, "-c", "import memguard, os; print(os.path.dirname(memguard.__file__))"],
+                       capture_output=True, text=True)
+    pkg = r.stdout.strip()
+    out: dict[str, Any] = {"package_dir": pkg}
+    if not pkg:
+        return out
+
+    def git(*a: str) -> str:
+        p = subprocess.run(["git", "-C", pkg, *a], capture_output=True, text=True)
+        return p.stdout.strip() if p.returncode == 0 else ""
+
+    head = git("rev-parse", "HEAD")
+    if head:
+        out["commit"] = head
+        changed = git("status", "--porcelain", "--", ".")
+        out["uncommitted_files"] = changed.splitlines()
+        if changed:
+            import hashlib
+            h = hashlib.sha256(git("diff", "HEAD", "--", ".").encode())
+            for line in changed.splitlines():
+                if line.startswith("??"):
+                    f = os.path.join(git("rev-parse", "--show-toplevel"), line[3:])
+                    if os.path.isfile(f):
+                        h.update(Path(f).read_bytes())
+            out["changes_sha256"] = h.hexdigest()[:16]
+    return out
 
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -864,6 +928,10 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "crossing_to_decision_ms_worst": worst("crossing_to_decision_ms"),
             "crossing_to_min_ms_median": med("crossing_to_min_ms"),
             "crossing_to_min_ms_worst": worst("crossing_to_min_ms"),
+            "hog_rate_last_100ms_gb_per_s_median": None if med("hog_rate_last_100ms_bytes_per_s") is None
+            else round(med("hog_rate_last_100ms_bytes_per_s") / 1e9, 2),
+            "hog_rate_last_100ms_gb_per_s_min": None if worst("hog_rate_last_100ms_bytes_per_s", False) is None
+            else round(worst("hog_rate_last_100ms_bytes_per_s", False) / 1e9, 2),
             "crossing_to_exit_ms_median": med("crossing_to_exit_ms"),
             "crossing_to_exit_ms_worst": worst("crossing_to_exit_ms"),
             "oom_kills_cgroup_total": sum(r["oom_kills_cgroup"] for r in rs),
@@ -873,12 +941,14 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def print_summary(rows: list[dict[str, Any]], cpu: dict[str, Any] | None) -> None:
-    print("\n| rate | action | runs | stopped by memguard | min available, MiB (median / worst) | "
+    print("\n| rate (measured in the last 100 ms before the crossing: median / lowest) | action | runs "
+          "| stopped by memguard | min available, MiB (median / worst) | "
           "below 2 GiB, MiB (median / worst) | crossing → decision, ms | crossing → min, ms | "
           "crossing → exit, ms | kernel OOM kills (cgroup / vmstat) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['rate_gb_per_s']:g} GB/s | {r['action']} | {r['runs']} | {r['stopped_by_memguard']} | "
+        print(f"| {r['rate_gb_per_s']:g} GB/s ({r['hog_rate_last_100ms_gb_per_s_median']} / "
+              f"{r['hog_rate_last_100ms_gb_per_s_min']}) | {r['action']} | {r['runs']} | {r['stopped_by_memguard']} | "
               f"{r['min_available_mib_median']} / {r['min_available_mib_worst']} | "
               f"{r['below_threshold_mib_median']} / {r['below_threshold_mib_worst']} | "
               f"{r['crossing_to_decision_ms_median']} / {r['crossing_to_decision_ms_worst']} | "
@@ -909,6 +979,8 @@ def main() -> int:
     ap.add_argument("--idle-seconds", type=float, default=20)
     ap.add_argument("--hold-seconds", type=float, default=10)
     ap.add_argument("--no-cpu", action="store_true", help="skip the CPU part")
+    ap.add_argument("--no-warm-up", action="store_true",
+                    help="do not touch and free 3 GiB outside the cgroup before each go (see warm_up())")
     ap.add_argument("--out", help="result file (default bench/results/reaction-<date>.json)")
     args = ap.parse_args()
     rates = [float(x) * 1e9 for x in args.rates.split(",")]
@@ -917,6 +989,9 @@ def main() -> int:
         if a not in ("kill", "terminate"):
             ap.error(f"unknown action {a!r}")
 
+    global WARM_UP
+    if args.no_warm_up:
+        WARM_UP = 0
     signal.signal(signal.SIGTERM, _raise_interrupt)
     signal.signal(signal.SIGHUP, _raise_interrupt)
     try:
@@ -929,9 +1004,13 @@ def main() -> int:
         "date": _dt.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
         "setup": {"cgroup_version": parent.version, "parent_cgroup": parent.path, "limit_bytes": LIMIT,
                   "balloon_bytes": BALLOON, "threshold_bytes": THRESHOLD, "sample_sleep_s": SAMPLE_SLEEP,
-                  "hog_chunk_bytes": 4 << 20},
+                  "hog_chunk_bytes": 4 << 20, "warm_up_bytes": WARM_UP},
         "runs": [], "failures": [],
+        "source": source_state(),
     }
+    if result["source"].get("uncommitted_files"):
+        log(f"memguard from {result['source']['package_dir']} with uncommitted changes: "
+            + ", ".join(x[3:] for x in result["source"]["uncommitted_files"]))
     log(f"cgroup v{parent.version} under {parent.path}; limit {LIMIT // GiB} GiB, balloon {BALLOON // GiB} GiB")
     try:
         for rep in range(1, args.reps + 1):
@@ -958,6 +1037,9 @@ def main() -> int:
     except KeyboardInterrupt:
         log("interrupted: cleaned up; partial results follow")
         result["interrupted"] = True
+    if source_state() != result["source"]:
+        log("WARNING: memguard's source changed while the benchmark ran; the figures mix versions")
+        result["source_changed_during_run"] = True
     result["summary"] = summarize(result["runs"])
     result["elapsed_s"] = round(time.monotonic() - started, 1)
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -61,20 +61,26 @@ class TestCgroup:
             return []
 
     def cleanup(self) -> None:
-        for _ in range(50):
-            pids = self.pids()
-            if not pids:
-                break
-            for pid in pids:
+        """Kill what is left in this cgroup and its children (all started by the test), remove them all."""
+        dirs = sorted((p for p in self.path.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)) + [self.path]
+        for d in dirs:
+            for _ in range(50):
                 try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            wait_gone(pids, 2.0)
-        try:
-            self.path.rmdir()
-        except OSError:
-            pass
+                    pids = [int(x) for x in (d / "cgroup.procs").read_text().split()]
+                except OSError:
+                    break
+                if not pids:
+                    break
+                for pid in pids:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                wait_gone(pids, 2.0)
+            try:
+                d.rmdir()
+            except OSError:
+                pass
 
 
 def _own_memory_cgroup() -> tuple[Path, int] | None:

@@ -1,4 +1,5 @@
-"""The ``memguard`` command: ``daemon``, ``check``. The only place that calls ``asyncio.run``."""
+"""The ``memguard`` command: ``daemon``, ``check``, ``install``, ``events``. The only place that calls
+``asyncio.run``."""
 
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("daemon", help="run the supervisor in the foreground")
     d.add_argument("--config", "-c", default="/etc/memguard/memguard.yaml", help="the daemon file")
     d.add_argument("--dry-run", action="store_true", help="decide and log, but send no signal")
-    d.add_argument("--log-format", choices=["auto", "console", "json"], help="overrides log.format")
+    d.add_argument("--log-format", choices=["auto", "console", "json", "journald"], help="overrides log.format")
     d.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="overrides log.level")
     d.add_argument("--runtime-dir", help="overrides runtime_dir (admission files, control socket)")
     d.set_defaults(func=_cmd_daemon)
@@ -74,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="validate a config file or directory; exit 1 on errors")
     c.add_argument("path")
     c.set_defaults(func=_cmd_check)
+
+    from .commands import events, install
+
+    install.add_parser(sub)
+    events.add_parser(sub)
     return parser
 
 

@@ -72,6 +72,9 @@ DAEMON_KEYS = (
     "runtime_dir",
     "log",
     "rules",
+    "worker_cgroups",
+    "oom_score_adj",
+    "mlock",
 )
 WORKLOAD_KEYS = (
     "name",
@@ -93,10 +96,11 @@ WORKLOAD_KEYS = (
     "heartbeat_timeout",
     "growth_window",
     "reclaim_interval",
+    "oom_score_adj",
 )
 RULE_KEYS = ("name", "when", "for", "action", "release", "grace")
 LOG_KEYS = ("format", "level")
-LIMITS_KEYS = ("memory", "runtime")
+LIMITS_KEYS = ("memory", "runtime", "memory_high", "swap", "cpu")
 RESTART_KEYS = ("policy", "backoff", "budget")
 BRAKE_KEYS = ("refusals", "after")
 RECYCLE_KEYS = ("max_trials", "max_age", "jitter")
@@ -840,14 +844,34 @@ def _read_limits(f: _File, node: Node) -> tuple[Limits | None, bool]:
         return None, True  # do not pile a second error on the rules
     memory = f.get(entries, "memory", "limits", _p_size_positive, SIZE_EXPECTED)
     runtime = f.get(entries, "runtime", "limits", _p_duration(0.0, strict=True), DURATION_EXPECTED)
+    high = f.get(entries, "memory_high", "limits", _p_size_positive, SIZE_EXPECTED)
+    swap = f.get(entries, "swap", "limits", _p_size_nonneg, SIZE_EXPECTED)
+    cpu = f.get(entries, "cpu", "limits", _p_cores, "a number of cores such as 2 or 0.5")
     has_memory = "memory" in entries
-    if memory is BAD or runtime is BAD:
+    if BAD in (memory, runtime, high, swap, cpu):
+        return None, has_memory
+    if high is not None and memory is not None and high > memory:
+        f.issue(entries["memory_high"][1], "limits.memory_high",
+                "must not be above limits.memory (the throttle point comes before the hard limit)")
         return None, has_memory
     base = Limits()
     return Limits(
         memory_bytes=memory if memory is not None else base.memory_bytes,
         runtime_s=runtime if runtime is not None else base.runtime_s,
+        memory_high_bytes=high,
+        swap_bytes=swap,
+        cpu=cpu,
     ), has_memory
+
+
+def _p_size_nonneg(v: object) -> int:
+    return parse_size(v)
+
+
+def _p_cores(v: object) -> float:
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 4096:
+        return float(v)
+    raise UnitError(f"expected a number of cores such as 2 or 0.5, got {v!r}")
 
 
 def _read_restart(f: _File, node: Node) -> RestartPolicy | None:
@@ -954,6 +978,7 @@ def _read_workload(f: _File, root: Node) -> WorkloadPolicy | None:
     heartbeat_timeout = f.get(entries, "heartbeat_timeout", "", _p_duration(0.0, strict=True), DURATION_EXPECTED)
     growth_window = f.get(entries, "growth_window", "", _p_duration(0.0, strict=True), DURATION_EXPECTED)
     reclaim_interval = f.get(entries, "reclaim_interval", "", _p_duration(0.0), DURATION_EXPECTED)
+    oom_adj = f.get(entries, "oom_score_adj", "", _p_int(-1000, 1000), "a whole number from -1000 to 1000")
 
     # A percentage of worker.memory is a percentage of limits.memory.
     if not has_memory:
@@ -988,6 +1013,7 @@ def _read_workload(f: _File, root: Node) -> WorkloadPolicy | None:
         restart=restart or RestartPolicy(),
         grace_s=grace if grace is not None else _default(WorkloadPolicy, "grace_s"),
         stop_signal=stop_signal if stop_signal is not None else _default(WorkloadPolicy, "stop_signal"),
+        oom_score_adj=oom_adj if oom_adj is not None else _default(WorkloadPolicy, "oom_score_adj"),
         brake=brake or Brake(),
         recycle=recycle or Recycle(),
         trial_timeout_s=trial_timeout,
@@ -1022,6 +1048,9 @@ def _read_daemon(f: _File, root: Node) -> tuple[dict[str, Any] | None, str | Non
     delay = f.get(entries, "post_action_delay", "", _p_duration(0.0), DURATION_EXPECTED)
     fill = f.get(entries, "max_fill_rate", "", _p_rate, "a size per second")
     runtime_dir = f.get(entries, "runtime_dir", "", _p_path("a directory path"), "a directory path")
+    worker_cgroups = f.get(entries, "worker_cgroups", "", _p_choice(("auto", "on", "off")), "auto, on or off")
+    own_oom = f.get(entries, "oom_score_adj", "", _p_int(-1000, 1000), "a whole number from -1000 to 1000")
+    mlock = f.get(entries, "mlock", "", _p_bool, "true or false")
 
     protect: tuple[str, ...] | None = ()
     if "protect" in entries:
@@ -1079,6 +1108,9 @@ def _read_daemon(f: _File, root: Node) -> tuple[dict[str, Any] | None, str | Non
         runtime_dir=_resolve(f.dir, runtime_dir) if runtime_dir is not None else base.runtime_dir,
         log_format=log_format if log_format is not None else base.log_format,
         log_level=log_level if log_level is not None else base.log_level,
+        worker_cgroups=worker_cgroups if worker_cgroups is not None else base.worker_cgroups,
+        oom_score_adj=own_oom if own_oom is not None else base.oom_score_adj,
+        mlock=mlock if mlock is not None else base.mlock,
         source=f"{f.display}:1",
     )
     return fields, shown_dir, wnode

@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from . import __version__
 from .act.actor import Actor
+from .act.cgroups import setup_worker_cgroups
 from .act.children import ChildSupervisor
 from .config import ConfigError, load_config
 from .decide.core import all_stopped, begin_shutdown, reconcile, step
@@ -39,6 +40,19 @@ from .units import format_size
 __all__ = ["Daemon", "default_runtime_dir"]
 
 _HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def mlockall() -> str | None:
+    """Lock current and future pages (on fault, so nothing is touched needlessly). None on success."""
+    import ctypes
+    import errno as _errno
+
+    MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) != 0:
+        err = ctypes.get_errno()
+        return _errno.errorcode.get(err, str(err))
+    return None
 
 
 def default_runtime_dir() -> str:
@@ -65,7 +79,10 @@ class Daemon:
         self.scope: ScopeReader = choose_scope(policy.scope)
         self.runtime_dir = policy.runtime_dir or default_runtime_dir()
         self.children = ChildSupervisor(self._on_event, self._on_output, clock=clock)
-        self.actor = Actor(self.children, self.runtime_dir, self._report, self._is_protected_pid)
+        self.cgroups, self.cgroup_note = setup_worker_cgroups(policy.worker_cgroups)
+        self.actor = Actor(self.children, self.runtime_dir, self._report, self._is_protected_pid,
+                           cgroups=self.cgroups)
+        self.kernel_oom_kills = 0
         self.notifier = Notifier()
         self.ticks = 0
         self.last_obs: Observation | None = None
@@ -78,9 +95,33 @@ class Daemon:
         elif isinstance(ev, Exited):
             self.tracker.forget(ev.worker)
             self.samples.pop(ev.worker, None)
+            ev = self._exit_from_cgroup(ev)
+            if ev.kernel_oom:
+                self.kernel_oom_kills += 1
         self.pending.append(ev)
         if self.wake is not None:
             self.wake.set()
+
+    def _exit_from_cgroup(self, ev: Exited) -> Exited:
+        """Attribute an exit through the worker's cgroup: kernel OOM kill at its limit, leftovers killed."""
+        cg = self.cgroups
+        if cg is None or cg.path(ev.worker) is None:
+            return ev
+        ooms = cg.oom_kills(ev.worker)
+        limit = cg.limits.get(ev.worker)
+        leftovers = cg.kill(ev.worker)
+        path = cg.path(ev.worker)
+        if path is not None:
+            self.children.unwatch_cgroup(path)
+        cg.release(ev.worker)
+        changes: dict[str, Any] = {"leftovers": max(ev.leftovers, leftovers)}
+        if isinstance(ooms, int):
+            changes["kernel_oom"] = ooms > 0
+            if ooms > 0 and limit is not None and limit.memory_max is not None:
+                changes["oom_detail"] = f"at its cgroup limit {format_size(limit.memory_max)} (limits.memory)"
+            elif ooms > 0:
+                changes["oom_detail"] = "inside its cgroup"
+        return replace(ev, **changes)
 
     def _on_output(self, worker: str, stream: str, line: str) -> None:
         self.log.info("output", worker=worker, stream=stream, line=line,
@@ -110,6 +151,13 @@ class Daemon:
         live = {name: w.pid for name, w in self.state.workers.items()
                 if w.pid is not None and w.phase in (Phase.RUNNING, Phase.STOPPING)}
         samples = self.tracker.sample_all(live, self.policy.protect)
+        if self.cgroups is not None:
+            for name, sample in samples.items():
+                if self.cgroups.path(name) is not None:
+                    samples[name] = replace(sample, memory_bytes=self.cgroups.memory(name),
+                                            processes=max(sample.processes, self.cgroups.processes(name)),
+                                            source="cgroup")
+            self.cgroups.sweep()
         return samples
 
     async def _observe(self, full: bool) -> Observation:
@@ -143,6 +191,8 @@ class Daemon:
             for sig in _HANDLED:
                 loop.remove_signal_handler(sig)
             await self.children.close()
+            if self.cgroups is not None:
+                self.cgroups.close()
 
     def _started(self) -> None:
         p = self.policy
@@ -156,9 +206,25 @@ class Daemon:
                      f"{len(p.rules)} system rule(s)" + ("; DRY RUN: no signals" if p.dry_run else "")),
         )
 
+    def _protect_self(self) -> None:
+        """memguard's own OOM score, and its pages locked in RAM (it must stay responsive)."""
+        try:
+            with open("/proc/self/oom_score_adj", "w") as f:
+                f.write(str(self.policy.oom_score_adj))
+        except OSError as e:
+            self.log.warning("self_protection", message=f"cannot set memguard's oom_score_adj to "
+                                                        f"{self.policy.oom_score_adj}: {e}")
+        if self.policy.mlock:
+            err = mlockall()
+            if err:
+                self.log.warning("self_protection", message=f"mlockall failed ({err}); memguard's pages may be "
+                                                            f"swapped out under pressure (set mlock: false to silence)")
+
     async def _run(self) -> int:
         await self.children.start()
+        self._protect_self()
         self._started()
+        self.log.info("cgroups", message=self.cgroup_note)
         now = self.clock()
         self.state, actions = reconcile(self.state, self.policy, now, reason="start")
         self._execute(actions)
@@ -255,6 +321,8 @@ class Daemon:
             if w.phase == Phase.RUNNING and not w.admission_open:
                 blocked += 1
         parts = [f"{counts.get('running', 0)} running", f"{blocked} blocked", f"{counts.get('failed', 0)} failed"]
+        if self.kernel_oom_kills:
+            parts.append(f"{self.kernel_oom_kills} kernel OOM kills")
         obs = self.last_obs
         if obs is not None:
             avail = obs.scope.available_bytes

@@ -185,6 +185,7 @@ class Exited:
     kernel_oom: bool | None = None
     last_lines: tuple[str, ...] = ()
     leftovers: int = 0  # processes of its tree still alive at its exit, killed then
+    oom_detail: str = ""  # e.g. "at its cgroup limit 256MiB"
 
 
 @dataclass(frozen=True)

@@ -105,8 +105,13 @@ class RestartPolicy:
 
 @dataclass(frozen=True)
 class Limits:
-    memory_bytes: int | None = None  # the base of `worker.memory` percentages
+    # The base of `worker.memory` percentages, and the worker cgroup's hard
+    # limit (memory.max) where memguard gives workers cgroups.
+    memory_bytes: int | None = None
     runtime_s: float | None = None  # past it the worker is restarted (reason: runtime)
+    memory_high_bytes: int | None = None  # cgroup v2 throttle point (memory.high)
+    swap_bytes: int | None = None  # swap the worker's cgroup may use
+    cpu: float | None = None  # CPU quota in cores (cgroup v2 cpu.max)
 
 
 @dataclass(frozen=True)
@@ -153,6 +158,9 @@ class WorkloadPolicy:
     # flush and exit, short enough that memory comes back before the box stalls.
     grace_s: float = 10.0
     stop_signal: int = int(_signal.SIGTERM)
+    # 500: if the kernel must choose a process to kill, it chooses a worker,
+    # never sshd or memguard (which runs at -900 and, under systemd, -1000).
+    oom_score_adj: int = 500
     brake: Brake = field(default_factory=Brake)
     recycle: Recycle = field(default_factory=Recycle)
     trial_timeout_s: float | None = None  # a trial running longer is stuck: terminate
@@ -195,6 +203,13 @@ class DaemonPolicy:
     # Shortest pause of the fast path, 1 ms (earlyoom goes as low).
     min_fast_path_interval_s: float = 0.001
     runtime_dir: str | None = None  # admission files, control socket; default chosen at start
+    worker_cgroups: str = "auto"  # "auto" | "on" | "off": a memory cgroup per worker incarnation
+    # memguard's own OOM score: far below its workers', so the kernel never
+    # picks the guard (nohang and systemd-oomd ship -900/-100 units likewise).
+    oom_score_adj: int = -900
+    # Lock memguard's pages in RAM (mlockall) so it stays responsive while
+    # the machine swaps or thrashes, as earlyoom and nohang do.
+    mlock: bool = True
     log_format: str = "auto"  # "auto" | "console" | "json"
     log_level: str = "info"
     workloads: tuple[WorkloadPolicy, ...] = ()

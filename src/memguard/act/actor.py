@@ -17,8 +17,9 @@ from __future__ import annotations
 import os
 from typing import Callable, Iterable, Mapping
 
-from ..model import Action, Notice, SetAdmission, Signal, Spawn
+from ..model import SIGKILL, Action, Notice, Reclaim, SetAdmission, Signal, Spawn
 from ..policy import DaemonPolicy, WorkloadPolicy
+from .cgroups import CgroupLimits, WorkerCgroups, format_limits
 from .children import ChildSupervisor, SpawnError
 
 __all__ = ["Actor", "worker_environment", "DROP_FROM_WORKER_ENV"]
@@ -55,8 +56,14 @@ def _write_atomic(path: str, text: str) -> None:
 
 class Actor:
     def __init__(self, children: ChildSupervisor, runtime_dir: str, report: Callable[[Action, bool], None],
-                 protect_check: Callable[[int], bool], base_env: Mapping[str, str] | None = None) -> None:
+                 protect_check: Callable[[int], bool], base_env: Mapping[str, str] | None = None,
+                 cgroups: WorkerCgroups | None = None,
+                 extra_env: Callable[[str, int], Mapping[str, str]] | None = None,
+                 reclaim: Callable[[str, str], int] | None = None) -> None:
         self.children = children
+        self.cgroups = cgroups
+        self.extra_env = extra_env  # (worker, incarnation) -> control-socket variables
+        self.reclaim = reclaim  # (worker, reason) -> connections reached
         self.runtime_dir = runtime_dir
         self.report = report
         self.protect_check = protect_check  # pid -> True if it must never be signalled
@@ -79,6 +86,14 @@ class Actor:
             elif isinstance(action, SetAdmission):
                 if not policy.dry_run:
                     self._gate(action.worker, action.open, action.reason)
+            elif isinstance(action, Reclaim):
+                if not policy.dry_run:
+                    reached = self.reclaim(action.worker, action.reason) if self.reclaim else 0
+                    if not reached:
+                        self.report(Notice("reclaim_unheard", level="warning", worker=action.worker,
+                                           workload=action.workload, pid=action.pid,
+                                           reason="no memguard.client connection of this worker listens for "
+                                                  "reclaim requests"), False)
 
     def _spawn(self, action: Spawn, policy: DaemonPolicy) -> None:
         wl = policy.workload(action.workload)
@@ -88,9 +103,26 @@ class Actor:
         gate = self.admission_file(action.worker)
         self._gate(action.worker, True, "started")
         env = worker_environment(self.base_env, wl, action.worker, replica, action.incarnation, gate)
+        if self.extra_env is not None:
+            env.update(self.extra_env(action.worker, action.incarnation))
+        procs = None
+        if self.cgroups is not None:
+            # Dry run measures through the cgroup but enforces nothing: no kernel limits.
+            limits = CgroupLimits() if policy.dry_run else CgroupLimits(
+                memory_max=wl.limits.memory_bytes, memory_high=wl.limits.memory_high_bytes,
+                swap_max=wl.limits.swap_bytes, cpu=wl.limits.cpu)
+            try:
+                cg = self.cgroups.prepare(action.worker, action.incarnation, limits)
+                procs = cg.path + "/cgroup.procs"
+                self.children.watch_cgroup(cg.path)
+                self.report(Notice("cgroup", level="debug", worker=action.worker, workload=action.workload,
+                                   reason=f"in cgroup {cg.path} ({format_limits(limits)})"), False)
+            except OSError as e:
+                self.report(Notice("cgroup_error", level="error", worker=action.worker, workload=action.workload,
+                                   reason=f"cannot create the worker's cgroup, starting it without: {e}"), False)
         try:
             self.children.spawn(action.worker, action.incarnation, list(wl.command), env, wl.working_dir,
-                                wl.user, wl.group, None)
+                                wl.user, wl.group, wl.oom_score_adj, procs)
         except SpawnError:
             pass  # reported to the core as SpawnFailed by the supervisor
 
@@ -104,6 +136,8 @@ class Actor:
             return
         if self.children.signal(action.worker, action.pid, action.incarnation, action.signum):
             self.signals_sent += 1
+        if action.signum == SIGKILL and self.cgroups is not None:
+            self.cgroups.kill(action.worker)  # the whole cgroup: escaped descendants too
 
     def _gate(self, worker: str, is_open: bool, reason: str) -> None:
         try:

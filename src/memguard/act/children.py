@@ -30,6 +30,7 @@ import grp
 import logging
 import os
 import pwd
+import shlex
 import select
 import shutil
 import signal as _signal
@@ -308,14 +309,20 @@ class ChildSupervisor:
         user: str | None,
         group: str | None,
         oom_score_adj: int | None,
+        cgroup_procs: str | None = None,
     ) -> int:
         """Start one incarnation of ``worker``; return its pid.
+
+        With ``cgroup_procs`` (a cgroup's ``cgroup.procs`` file) the worker
+        enters that cgroup, and gets its ``oom_score_adj``, before its
+        command is executed, so not one page it touches is charged
+        elsewhere and no child it forks escapes either setting.
 
         Reports :class:`Spawned` (or :class:`SpawnFailed`) through
         ``on_event`` before returning (or raising :class:`SpawnError`).
         """
         try:
-            pid = self._spawn(worker, incarnation, argv, env, cwd, user, group, oom_score_adj)
+            pid = self._spawn(worker, incarnation, argv, env, cwd, user, group, oom_score_adj, cgroup_procs)
         except SpawnError as e:
             self._emit(SpawnFailed(worker, incarnation, str(e), at=self._clock()))
             raise
@@ -425,6 +432,7 @@ class ChildSupervisor:
         user: str | None,
         group: str | None,
         oom_score_adj: int | None,
+        cgroup_procs: str | None = None,
     ) -> int:
         if self._loop is None or self._closed:
             raise SpawnError("the child supervisor is not running")
@@ -442,13 +450,32 @@ class ChildSupervisor:
             raise SpawnError(f"working directory {cwd!r} {what}")
         _check_command(argv[0], env, cwd)
 
-        full = [_SETPRIV, "--pdeathsig", "KILL", "--", *argv] if _SETPRIV else argv
         kwargs: dict[str, object] = {}
-        if uid is not None:
-            kwargs["user"] = uid
-            kwargs["extra_groups"] = []  # drop root's supplementary groups
-        if gid is not None:
-            kwargs["group"] = gid
+        prelude: list[str] = []
+        setpriv_ids: list[str] = []
+        if cgroup_procs is not None:
+            prelude.append(f"echo $$ > {shlex.quote(cgroup_procs)}")
+        if oom_score_adj is not None and prelude:
+            prelude.append(f"echo {int(oom_score_adj)} > /proc/self/oom_score_adj")
+            adj_done = True
+        else:
+            adj_done = False
+        if prelude and _SETPRIV and (uid is not None or gid is not None):
+            # The prelude must run as root (joining a cgroup); setpriv drops
+            # privileges after it, with no supplementary group kept.
+            if gid is None and uid is not None:
+                gid = pwd.getpwuid(uid).pw_gid
+            setpriv_ids = ([f"--regid={gid}"] if gid is not None else []) + (
+                [f"--reuid={uid}"] if uid is not None else []) + ["--clear-groups"]
+        else:
+            if uid is not None:
+                kwargs["user"] = uid
+                kwargs["extra_groups"] = []  # drop root's supplementary groups
+            if gid is not None:
+                kwargs["group"] = gid
+        full = [_SETPRIV, *setpriv_ids, "--pdeathsig", "KILL", "--", *argv] if _SETPRIV else argv
+        if prelude:
+            full = ["/bin/sh", "-c", " && ".join(prelude) + ' && exec "$@"', f"memguard:{worker}", *full]
         try:
             popen = subprocess.Popen(
                 full,
@@ -478,7 +505,7 @@ class ChildSupervisor:
             raise SpawnError(f"cannot watch {argv[0]!r} (pidfd_open: {e})") from e
         st = _read_stat(pid)  # unreaped, so readable even if it already exited
         start = st.start if st is not None else 0
-        if oom_score_adj is not None:
+        if oom_score_adj is not None and not adj_done:
             try:
                 with open(f"/proc/{pid}/oom_score_adj", "w") as f:
                     f.write(str(oom_score_adj))

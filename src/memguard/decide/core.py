@@ -289,7 +289,8 @@ def _on_exit(s: _Step, w: WorkerState, ev: Exited) -> None:
         clean = True
     elif ev.kernel_oom or (ev.signal == SIGKILL and ev.kernel_oom is None and s.oom_delta > 0):
         kind = "kernel_oom"
-        detail = "killed by the kernel OOM killer" + ("" if ev.kernel_oom else " (the scope's OOM kill counter rose)")
+        detail = "killed by the kernel OOM killer" + (
+            f" {ev.oom_detail}" if ev.oom_detail else "" if ev.kernel_oom else " (the scope's OOM kill counter rose)")
         clean = False
     elif ev.signal is not None:
         kind = "signal"

@@ -10,6 +10,11 @@ the same flat keys::
 
 ``value`` and ``threshold`` are in the signal's base unit (bytes,
 seconds, percent); ``message`` is the sentence a person reads.
+
+Under systemd the events go to journald as structured entries instead
+(:mod:`memguard.report.journald`): ``auto`` picks that when stdout or
+stderr is the journal stream systemd connected, and ``journald`` asks for
+it explicitly (falling back to JSON lines when there is no journal).
 """
 
 from __future__ import annotations
@@ -17,30 +22,57 @@ from __future__ import annotations
 import logging
 import signal as _signal
 import sys
-from typing import Any, TextIO
+from typing import Any, Mapping, TextIO
 
 import structlog
 
 from ..model import Action, Notice, SetAdmission, Signal, Spawn
+from . import journald
 
-__all__ = ["configure_logging", "get_logger", "action_event", "LEVELS"]
+__all__ = ["configure_logging", "resolve_format", "get_logger", "action_event", "LEVELS", "FORMATS"]
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
-def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | None = None,
-                      extra_processors: list | None = None) -> None:
-    """Set up structlog for the daemon. ``fmt``: auto (console on a TTY, else JSON), console, json."""
-    stream = stream or sys.stdout
+FORMATS = ("auto", "console", "json", "journald")
+
+
+def resolve_format(fmt: str, stream: TextIO, *, journal_socket: str | None = None,
+                   env: Mapping[str, str] | None = None) -> str:
+    """The format ``fmt`` stands for here: ``auto`` is journald when stdout or stderr is systemd's journal
+    stream, else console on a TTY, else JSON; ``journald`` is JSON where there is no journal socket."""
+    socket_path = journal_socket or journald.JOURNAL_SOCKET
     if fmt == "auto":
-        fmt = "console" if stream.isatty() else "json"
+        if journald.under_journald(env=env) and journald.journal_available(socket_path):
+            return "journald"
+        return "console" if stream.isatty() else "json"
+    if fmt == "journald" and not journald.journal_available(socket_path):
+        return "json"
+    return fmt
+
+
+def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | None = None,
+                      extra_processors: list | None = None, *, journal_socket: str | None = None) -> str:
+    """Set up structlog for the daemon; return the format chosen.
+
+    ``fmt``: auto (journald under systemd, console on a TTY, else JSON), console, json, journald.
+    """
+    stream = stream or sys.stdout
+    fmt = resolve_format(fmt, stream, journal_socket=journal_socket)
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
+        # The journal stamps entries itself (the timestamp is not sent there), but a fallback line needs it.
         structlog.processors.TimeStamper(fmt="iso", utc=False),
     ]
     processors += extra_processors or []
-    if fmt == "json":
+    logger_factory: Any = structlog.PrintLoggerFactory(file=stream)
+    if fmt == "journald":
+        processors.append(structlog.processors.format_exc_info)
+        processors.append(journald.JournaldRenderer())
+        logger_factory = journald.JournalLoggerFactory(journal_socket or journald.JOURNAL_SOCKET,
+                                                       fallback=stream)
+    elif fmt == "json":
         processors.append(structlog.processors.JSONRenderer(sort_keys=False))
     else:
         processors.append(_console_view)
@@ -49,9 +81,10 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | N
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS.get(level, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        logger_factory=logger_factory,
         cache_logger_on_first_use=False,
     )
+    return fmt
 
 
 _CONSOLE_HIDDEN = {"message", "when", "signal", "value", "threshold", "unit", "source", "reason", "rule",

@@ -1,0 +1,567 @@
+"""The control socket: workers report their trials, administrators send commands.
+
+One Unix stream socket (``<runtime_dir>/control.sock`` by default), one JSON
+object per line each way. Every request names an ``op``; it may carry an
+``id``, echoed in the reply. A reply is ``{"ok": true, ...}`` or
+``{"ok": false, "error": "..."}``. The full protocol is in docs/control.md.
+
+Who may do what:
+
+- **Worker ops** (``hello``, ``trial_start``, ``trial_end``, ``heartbeat``,
+  ``refused``, ``reclaimed``) carry ``worker`` and ``token``. The token is
+  a fresh secret per incarnation (:meth:`ControlServer.new_token`, given to
+  the worker as ``MEMGUARD_TOKEN``), and the peer process (``SO_PEERCRED``)
+  must belong to that worker's process tree (``identify``). A token alone,
+  leaked to another process, is not enough; nor is being a worker: worker A
+  cannot report, start or end a trial of worker B.
+- **Admin ops** (``status``, ``reload``, ``stop``, ``start``, ``restart``)
+  are allowed to root, to the daemon's own user, and to members of
+  ``admin_group`` (the peer's gid or supplementary groups).
+- ``ping`` is allowed to anyone and changes nothing.
+
+The server never blocks the loop: each connection has its own reader task
+reading lines of at most ``max_line`` bytes; replies are written with a
+deadline and a cap on what may wait in a connection's buffer, so a client
+that never reads is dropped instead of stalling anything; connections idle
+for ``idle_timeout_s`` are closed, except a worker's subscribed (``hello``)
+connection, which waits for pushes; at most ``max_connections`` are open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import grp
+import hmac
+import inspect
+import json
+import os
+import secrets
+import socket
+import stat
+import struct
+import time
+from typing import Any, Awaitable, Callable, Mapping
+
+from ..model import TrialEvent
+
+__all__ = [
+    "ControlServer",
+    "ControlError",
+    "WORKER_OPS",
+    "ADMIN_OPS",
+    "pid_in_tree",
+    "peer_credentials",
+    "DEFAULT_SOCKET_NAME",
+]
+
+DEFAULT_SOCKET_NAME = "control.sock"
+
+#: Worker op -> TrialEvent.kind (``hello`` subscribes and produces no event).
+_EVENT_KIND = {
+    "trial_start": "start",
+    "trial_end": "end",
+    "heartbeat": "heartbeat",
+    "refused": "refused",
+    "reclaimed": "reclaimed",
+}
+WORKER_OPS = frozenset({"hello", *_EVENT_KIND})
+ADMIN_OPS = frozenset({"status", "reload", "stop", "start", "restart"})
+_ADMIN_NEEDS_WORKER = frozenset({"stop", "start", "restart"})
+
+# Defaults, with their units and reasons.
+#: 64 KiB per line: the longest legitimate request (a trial name plus a
+#: failure detail) is well under 8 KiB; anything longer is a broken or
+#: hostile client, answered with an error and disconnected.
+DEFAULT_MAX_LINE_BYTES = 64 * 1024
+#: 300 s idle: an admin tool or a worker between two requests never holds a
+#: connection that long; subscribed worker connections are exempt.
+DEFAULT_IDLE_TIMEOUT_S = 300.0
+#: 256 connections: two per worker (a subscribed one and a short-lived one)
+#: for 100 workers, with room for admin tools; beyond it new ones are refused.
+DEFAULT_MAX_CONNECTIONS = 256
+#: 5 s to hand a reply to a client: a healthy client reads in microseconds.
+DEFAULT_WRITE_TIMEOUT_S = 5.0
+#: 256 KiB of unread replies or pushes before a connection is dropped: a few
+#: thousand replies a client did not read.
+DEFAULT_MAX_BUFFERED_BYTES = 256 * 1024
+#: Heartbeats of one worker reach the core at most once per second; more
+#: are answered but not passed on, so a busy loop cannot flood the core.
+HEARTBEAT_MIN_INTERVAL_S = 1.0
+#: At most this many subscribed connections per worker incarnation: a
+#: worker and a few of its children; the oldest is dropped beyond it.
+MAX_SUBSCRIPTIONS_PER_WORKER = 16
+
+_MAX_NAME = 256
+_MAX_DETAIL = 4096
+_SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
+
+
+class ControlError(Exception):
+    """The control socket cannot be served (path taken, bad permissions)."""
+
+
+# ---------------------------------------------------------------------------
+# helpers usable by the daemon
+
+
+def peer_credentials(sock: Any) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a Unix socket, from SO_PEERCRED."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+def _peer_groups(sock: Any, pid: int) -> set[int] | None:
+    """Supplementary groups of the peer: SO_PEERGROUPS (taken at connect), else /proc/<pid>/status."""
+    size = struct.calcsize("I")
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 1024 * size)
+        n = len(raw) // size
+        return set(struct.unpack(f"{n}I", raw[: n * size]))
+    except OSError:
+        pass
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return {int(g) for g in line.split()[1:]}
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # The command name may hold spaces and parentheses: fields start after the last ')'.
+    fields = data[data.rfind(b")") + 2:].split()
+    try:
+        return int(fields[1])
+    except (IndexError, ValueError):
+        return None
+
+
+def pid_in_tree(pid: int, root_pid: int, *, max_depth: int = 64) -> bool:
+    """True when ``pid`` is ``root_pid``, one of its descendants, or in its session.
+
+    memguard starts every worker in a session of its own (session id = the
+    worker's pid); a process cannot join another session, so membership of
+    the session is proof of descent even for an orphan that was reparented
+    to the daemon. The parent chain covers a descendant that called
+    ``setsid()`` itself while its parents still live.
+    """
+    if pid <= 0 or root_pid <= 0:
+        return False
+    if pid == root_pid:
+        return True
+    try:
+        if os.getsid(pid) == root_pid:
+            return True
+    except OSError:
+        return False
+    cur = pid
+    for _ in range(max_depth):
+        parent = _ppid(cur)
+        if parent is None or parent <= 1:
+            return False
+        if parent == root_pid:
+            return True
+        cur = parent
+    return False
+
+
+def _error(message: str) -> dict[str, Any]:
+    return {"ok": False, "error": message}
+
+
+def _short(value: object, limit: int = 64) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ---------------------------------------------------------------------------
+
+
+class _Conn:
+    __slots__ = ("reader", "writer", "pid", "uid", "gid", "sock", "auth", "subscribed", "task", "since")
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, since: float) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.sock = writer.get_extra_info("socket")
+        self.pid, self.uid, self.gid = -1, -1, -1
+        self.auth: tuple[str, int] | None = None  # (worker, incarnation) proven on this connection
+        self.subscribed = False
+        self.task: asyncio.Task[Any] | None = None
+        self.since = since
+
+    def abort(self) -> None:
+        transport = self.writer.transport
+        if not transport.is_closing():
+            transport.abort()
+
+
+class ControlServer:
+    """The daemon's end of the control socket, on the daemon's asyncio loop.
+
+    ``on_trial`` receives one :class:`TrialEvent` per authenticated worker
+    report; ``on_admin`` receives an admin request (a dict with ``op``) from
+    a permitted peer and returns the reply dict (``ok`` defaults to true);
+    ``identify(worker, pid)`` says whether ``pid`` belongs to that worker's
+    process tree; ``incarnation_of(worker)`` gives the worker's current
+    incarnation, or None when it is not running.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        on_trial: Callable[[TrialEvent], None],
+        on_admin: Callable[[dict[str, Any]], Awaitable[Mapping[str, Any]] | Mapping[str, Any]],
+        identify: Callable[[str, int], bool],
+        incarnation_of: Callable[[str], int | None],
+        clock: Callable[[], float] = time.monotonic,
+        admin_group: str = "memguard",
+        max_line: int = DEFAULT_MAX_LINE_BYTES,
+        idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+        *,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        write_timeout_s: float = DEFAULT_WRITE_TIMEOUT_S,
+        max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES,
+        on_notice: Callable[[str, dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.path = path
+        self.on_trial = on_trial
+        self.on_admin = on_admin
+        self.identify = identify
+        self.incarnation_of = incarnation_of
+        self.clock = clock
+        self.admin_group = admin_group
+        self.max_line = max_line
+        self.idle_timeout_s = idle_timeout_s
+        self.max_connections = max_connections
+        self.write_timeout_s = write_timeout_s
+        self.max_buffered_bytes = max_buffered_bytes
+        self.on_notice = on_notice
+        self._tokens: dict[str, tuple[int, str]] = {}
+        self._conns: set[_Conn] = set()
+        self._last_heartbeat: dict[str, float] = {}
+        self._server: asyncio.AbstractServer | None = None
+        self._inode: tuple[int, int] | None = None
+        self._closing = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        parent = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(parent):
+            os.makedirs(parent, mode=0o755, exist_ok=True)
+            os.chmod(parent, 0o755)
+        self._remove_stale()
+        self._server = await asyncio.start_unix_server(self._serve, path=self.path, limit=self.max_line)
+        # Workers may run as other users: anyone may connect; who may do what
+        # is decided per request (token and peer pid, or peer credentials).
+        os.chmod(self.path, 0o666)
+        st = os.stat(self.path)
+        self._inode = (st.st_dev, st.st_ino)
+
+    def _remove_stale(self) -> None:
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ControlError(f"{self.path} exists and is not a socket; refusing to replace it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.setblocking(False)
+            err = probe.connect_ex(self.path)
+        finally:
+            probe.close()
+        if err in (0, errno.EAGAIN, errno.EINPROGRESS):
+            raise ControlError(f"{self.path} is in use by another process (is another memguard running?)")
+        os.unlink(self.path)  # nobody listens: left over from a daemon that died
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._server is not None:
+            self._server.close()
+        tasks = []
+        for conn in list(self._conns):
+            conn.abort()
+            if conn.task is not None and conn.task is not asyncio.current_task():
+                conn.task.cancel()
+                tasks.append(conn.task)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self._conns.clear()
+        if self._server is not None:
+            try:
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+            self._server = None
+        self._unlink_own()
+
+    def _unlink_own(self) -> None:
+        try:
+            st = os.lstat(self.path)
+        except OSError:
+            return
+        if self._inode == (st.st_dev, st.st_ino):
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+    @property
+    def connections(self) -> int:
+        return len(self._conns)
+
+    # ------------------------------------------------------------------ tokens and pushes
+
+    def new_token(self, worker: str, incarnation: int) -> str:
+        """A fresh secret for this incarnation; the previous incarnation's connections are dropped."""
+        self._drop_worker(worker)
+        token = secrets.token_hex(16)
+        self._tokens[worker] = (incarnation, token)
+        return token
+
+    def worker_env(self, worker: str, incarnation: int) -> dict[str, str]:
+        """``MEMGUARD_SOCKET`` and a fresh ``MEMGUARD_TOKEN`` for a worker about to be spawned."""
+        return {"MEMGUARD_SOCKET": self.path, "MEMGUARD_TOKEN": self.new_token(worker, incarnation)}
+
+    def revoke(self, worker: str) -> None:
+        """The worker exited: its token stops working and its connections are closed."""
+        self._tokens.pop(worker, None)
+        self._last_heartbeat.pop(worker, None)
+        self._drop_worker(worker)
+
+    def _drop_worker(self, worker: str) -> None:
+        for conn in list(self._conns):
+            if conn.auth is not None and conn.auth[0] == worker:
+                conn.auth = None
+                if conn.subscribed:
+                    conn.subscribed = False
+                    conn.abort()
+
+    def send_reclaim(self, worker: str, reason: str) -> int:
+        """Push ``{"event": "reclaim", "reason": ...}`` to the worker's subscribed connections.
+
+        Returns how many connections it was written to (0: the worker's
+        client is not connected, or memguard.client is not used).
+        """
+        return self.push(worker, {"event": "reclaim", "reason": reason})
+
+    def push(self, worker: str, message: Mapping[str, Any]) -> int:
+        entry = self._tokens.get(worker)
+        if entry is None:
+            return 0
+        data = (json.dumps(dict(message), separators=(",", ":")) + "\n").encode()
+        sent = 0
+        for conn in list(self._conns):
+            if conn.subscribed and conn.auth == (worker, entry[0]) and self._write(conn, data):
+                sent += 1
+        return sent
+
+    # ------------------------------------------------------------------ connections
+
+    def _notice(self, event: str, **fields: Any) -> None:
+        if self.on_notice is not None:
+            try:
+                self.on_notice(event, fields)
+            except Exception:  # a reporting problem never breaks the socket
+                pass
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = _Conn(reader, writer, self.clock())
+        conn.task = asyncio.current_task()
+        try:
+            conn.pid, conn.uid, conn.gid = peer_credentials(conn.sock)
+        except (OSError, struct.error, AttributeError):
+            pass
+        if self._closing:
+            conn.abort()
+            return
+        if len(self._conns) >= self.max_connections:
+            self._notice("control_refused", reason="too many connections", pid=conn.pid, uid=conn.uid)
+            await self._send(conn, _error(f"too many connections (at most {self.max_connections})"))
+            conn.abort()
+            return
+        self._conns.add(conn)
+        try:
+            await self._serve_lines(conn)
+        except asyncio.CancelledError:
+            pass
+        except Exception as e:  # noqa: BLE001 - one connection's failure never reaches the loop
+            self._notice("control_error", reason=f"{type(e).__name__}: {e}", pid=conn.pid)
+        finally:
+            self._conns.discard(conn)
+            conn.abort()
+
+    async def _serve_lines(self, conn: _Conn) -> None:
+        while not self._closing:
+            timeout = None if conn.subscribed else self.idle_timeout_s
+            try:
+                line = await asyncio.wait_for(conn.reader.readline(), timeout)
+            except asyncio.TimeoutError:
+                return
+            except ValueError:  # the line is longer than max_line
+                self._notice("control_refused", reason="request line too long", pid=conn.pid, uid=conn.uid)
+                await self._send(conn, _error(f"request line longer than {self.max_line} bytes; closing"))
+                return
+            except (ConnectionError, OSError):
+                return
+            if not line:
+                return  # end of file
+            if not line.strip():
+                continue
+            reply = await self._handle(conn, line)
+            if not await self._send(conn, reply):
+                return
+
+    def _write(self, conn: _Conn, data: bytes) -> bool:
+        transport = conn.writer.transport
+        if transport.is_closing():
+            return False
+        if transport.get_write_buffer_size() + len(data) > self.max_buffered_bytes:
+            self._notice("control_dropped", reason="the client does not read its replies", pid=conn.pid)
+            conn.abort()
+            return False
+        try:
+            conn.writer.write(data)
+        except (ConnectionError, OSError, RuntimeError):
+            conn.abort()
+            return False
+        return True
+
+    async def _send(self, conn: _Conn, reply: Mapping[str, Any]) -> bool:
+        data = (json.dumps(dict(reply), separators=(",", ":")) + "\n").encode()
+        if not self._write(conn, data):
+            return False
+        try:
+            await asyncio.wait_for(conn.writer.drain(), self.write_timeout_s)
+        except asyncio.TimeoutError:
+            self._notice("control_dropped", reason="the client did not read a reply in time", pid=conn.pid)
+            conn.abort()
+            return False
+        except (ConnectionError, OSError):
+            conn.abort()
+            return False
+        return True
+
+    # ------------------------------------------------------------------ requests
+
+    async def _handle(self, conn: _Conn, line: bytes) -> dict[str, Any]:
+        try:
+            req = json.loads(line)
+        except (ValueError, RecursionError) as e:
+            return _error(f"malformed JSON: {str(e)[:200]}")
+        if not isinstance(req, dict):
+            return _error("a request is one JSON object per line")
+        rid = req.get("id")
+        try:
+            reply = await self._dispatch(conn, req)
+        except Exception as e:  # noqa: BLE001
+            reply = _error(f"internal error: {type(e).__name__}: {str(e)[:200]}")
+        if isinstance(rid, (str, int, float)) and not isinstance(rid, bool):
+            reply["id"] = rid
+        return reply
+
+    async def _dispatch(self, conn: _Conn, req: dict[str, Any]) -> dict[str, Any]:
+        op = req.get("op")
+        if not isinstance(op, str) or not op:
+            return _error("missing field 'op' (a string)")
+        if op == "ping":
+            return {"ok": True}
+        if op in WORKER_OPS:
+            return self._worker_op(conn, op, req)
+        if op in ADMIN_OPS:
+            return await self._admin_op(conn, op, req)
+        return _error(f"unknown op {_short(op)}")
+
+    def _authenticate(self, conn: _Conn, worker: str, token: str) -> tuple[int | None, str]:
+        entry = self._tokens.get(worker)
+        current = self.incarnation_of(worker)
+        if entry is None or current is None or entry[0] != current:
+            return None, "no running incarnation of that worker"
+        if not hmac.compare_digest(entry[1].encode(), token.encode("utf-8", "replace")):
+            return None, "wrong token"
+        if conn.auth == (worker, current):
+            return current, ""
+        if conn.pid <= 0 or not self.identify(worker, conn.pid):
+            return None, f"peer pid {conn.pid} is not in the worker's process tree"
+        conn.auth = (worker, current)
+        return current, ""
+
+    def _worker_op(self, conn: _Conn, op: str, req: dict[str, Any]) -> dict[str, Any]:
+        worker, token = req.get("worker"), req.get("token")
+        if not isinstance(worker, str) or not worker:
+            return _error("missing field 'worker' (a string)")
+        if not isinstance(token, str) or not token:
+            return _error("missing field 'token' (a string)")
+        name, detail, ok = req.get("name"), req.get("detail", ""), req.get("ok")
+        if name is not None and (not isinstance(name, str) or len(name) > _MAX_NAME):
+            return _error(f"field 'name' must be a string of at most {_MAX_NAME} characters")
+        if not isinstance(detail, str):
+            return _error("field 'detail' must be a string")
+        if op == "trial_end" and not isinstance(ok, bool):
+            return _error("missing field 'ok' (true or false)")
+        incarnation, why = self._authenticate(conn, worker, token)
+        if incarnation is None:
+            self._notice("control_auth_failed", worker=worker, op=op, pid=conn.pid, uid=conn.uid, reason=why)
+            return _error(f"authentication failed for worker {_short(worker)}")
+        if op == "hello":
+            if not conn.subscribed:
+                self._limit_subscriptions(worker, incarnation)
+                conn.subscribed = True
+            return {"ok": True, "worker": worker, "incarnation": incarnation}
+        now = self.clock()
+        if op == "heartbeat":
+            last = self._last_heartbeat.get(worker)
+            if last is not None and now - last < HEARTBEAT_MIN_INTERVAL_S:
+                return {"ok": True}
+            self._last_heartbeat[worker] = now
+        event = TrialEvent(worker=worker, incarnation=incarnation, kind=_EVENT_KIND[op], at=now, name=name,
+                           ok=ok if op == "trial_end" else None, detail=detail[:_MAX_DETAIL])
+        self.on_trial(event)
+        return {"ok": True}
+
+    def _limit_subscriptions(self, worker: str, incarnation: int) -> None:
+        subs = sorted((c for c in self._conns if c.subscribed and c.auth == (worker, incarnation)),
+                      key=lambda c: c.since)
+        while len(subs) >= MAX_SUBSCRIPTIONS_PER_WORKER:
+            subs.pop(0).abort()
+
+    def _is_admin(self, conn: _Conn) -> bool:
+        if conn.uid < 0:
+            return False
+        if conn.uid == 0 or conn.uid == os.geteuid():
+            return True
+        try:
+            gid = grp.getgrnam(self.admin_group).gr_gid
+        except KeyError:
+            return False
+        if conn.gid == gid:
+            return True
+        groups = _peer_groups(conn.sock, conn.pid)
+        return groups is not None and gid in groups
+
+    async def _admin_op(self, conn: _Conn, op: str, req: dict[str, Any]) -> dict[str, Any]:
+        if not self._is_admin(conn):
+            self._notice("control_permission_denied", op=op, pid=conn.pid, uid=conn.uid)
+            return _error("permission denied")
+        if op in _ADMIN_NEEDS_WORKER and (not isinstance(req.get("worker"), str) or not req["worker"]):
+            return _error(f"missing field 'worker' (a string) for {op}")
+        request = {k: v for k, v in req.items() if k not in ("id", "token")}
+        result = self.on_admin(request)
+        if inspect.isawaitable(result):
+            result = await result
+        if not isinstance(result, Mapping):
+            return _error("internal error: the daemon gave no reply")
+        reply = dict(result)
+        reply.setdefault("ok", True)
+        return reply

@@ -115,6 +115,8 @@ class Cgroup:
         self.version = version
         self.path = path
         self._fds: dict[str, int] = {}
+        self._oom_efd = -1
+        self._oom_seen = 0
         if version == 1:
             self.usage_file, self.inactive_key = "memory.usage_in_bytes", b"total_inactive_file"
         else:
@@ -130,6 +132,9 @@ class Cgroup:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        if self._oom_efd >= 0:
+            os.close(self._oom_efd)
+            self._oom_efd = -1
 
     def usage(self) -> int:
         return int(self._pread(self.usage_file, 64))
@@ -142,14 +147,48 @@ class Cgroup:
         ws = self.usage() - self.inactive_file()
         return LIMIT - (ws if ws > 0 else 0)
 
-    def counters(self) -> dict[str, int]:
-        """OOM kills and limit hits so far (deltas are what matter)."""
+    def watch_oom(self) -> None:
+        """v1: count the OOM events of this cgroup's limit with an eventfd (cgroup.event_control).
+
+        On v1 the ``oom_kill`` counter of ``memory.oom_control`` counts a kill
+        in the cgroup the victim's memory belongs to, not up the tree, and
+        memguard may give its worker a cgroup of its own below this one
+        (and remove it when the worker exits). The OOM notification of
+        this cgroup fires whenever its limit drives the kernel to OOM,
+        wherever the victim lives.
+        """
+        if self.version != 1 or self._oom_efd >= 0:
+            return
+        efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        ofd = os.open(f"{self.path}/memory.oom_control", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _write(f"{self.path}/cgroup.event_control", f"{efd} {ofd}")
+        except OSError:
+            os.close(efd)
+            return
+        finally:
+            os.close(ofd)
+        self._oom_efd = efd
+
+    def oom_events(self) -> int | None:
+        """OOM notifications so far (v1 with watch_oom), None where not watched."""
+        if self._oom_efd < 0:
+            return None
+        try:
+            self._oom_seen += os.eventfd_read(self._oom_efd)
+        except BlockingIOError:
+            pass
+        return self._oom_seen
+
+    def counters(self) -> dict[str, int | None]:
+        """OOM kills and events and the peak usage so far (deltas are what matter)."""
         if self.version == 1:
             return {"oom_kill": _field(_read(f"{self.path}/memory.oom_control"), b"oom_kill"),
-                    "limit_hits": int(_read(f"{self.path}/memory.failcnt")),
+                    "oom_events": self.oom_events(),
                     "peak_usage": int(_read(f"{self.path}/memory.max_usage_in_bytes"))}
-        ev = _read(f"{self.path}/memory.events")
-        out = {"oom_kill": _field(ev, b"oom_kill"), "limit_hits": _field(ev, b"max")}
+        ev = _read(f"{self.path}/memory.events")  # hierarchical on v2
+        out: dict[str, int | None] = {"oom_kill": _field(ev, b"oom_kill"), "oom_events": _field(ev, b"oom"),
+                                      "peak_usage": None}
         if os.path.exists(f"{self.path}/memory.peak"):
             out["peak_usage"] = int(_read(f"{self.path}/memory.peak"))
         return out
@@ -286,6 +325,7 @@ class Lab:
         os.mkdir(path)
         self.cg = Cgroup(self.parent.version, path)
         self.cg.set_limit(LIMIT)
+        self.cg.watch_oom()
         return self.cg
 
     def in_cgroup(self, argv: list[str], **kw: Any) -> subprocess.Popen:
@@ -595,6 +635,7 @@ def reaction_run(parent: Cgroup, rate: float, action: str, rep: int) -> dict[str
         timed_out = False
         wall_offset = time.time() - time.monotonic()
         warm_rate = warm_up(WARM_UP) if WARM_UP else None
+        m0 = machine_cpu()
         send_go(s, rate=rate)
         t_go = last = time.monotonic()
         deadline = t_go + 20
@@ -625,6 +666,7 @@ def reaction_run(parent: Cgroup, rate: float, action: str, rep: int) -> dict[str
             elif timed_out and now > deadline:
                 raise RunFailed("the hog survived SIGKILL for 10 s")
         avail_after_exit = cg.available()
+        m1 = machine_cpu()
         rate_last_100ms = gap_near_cross = None
         if t_cross is not None:
             ic = bisect.bisect_left(trace_t, t_cross)
@@ -651,7 +693,9 @@ def reaction_run(parent: Cgroup, rate: float, action: str, rep: int) -> dict[str
             return None if a is None or b is None else round((b - a) * 1000, 2)
 
         t_decision = None if decision is None else wall_of(decision) - wall_offset
-        if after["oom_kill"] > before["oom_kill"]:
+        oom_kills = after["oom_kill"] - before["oom_kill"]  # type: ignore[operator]
+        oom_events = None if after["oom_events"] is None else after["oom_events"] - before["oom_events"]  # type: ignore[operator]
+        if oom_kills or oom_events:
             stopped_by = "kernel OOM killer"
         elif timed_out:
             stopped_by = "benchmark timeout (nobody stopped the hog)"
@@ -675,10 +719,12 @@ def reaction_run(parent: Cgroup, rate: float, action: str, rep: int) -> dict[str
             "crossing_to_exit_ms": ms(t_cross, t_exit),
             "decision_to_exit_ms": ms(t_decision, t_exit),
             "available_after_exit_bytes": avail_after_exit,
-            "oom_kills_cgroup": after["oom_kill"] - before["oom_kill"],
-            "oom_kills_vmstat": vm_after - vm_before,
-            "limit_hits": after["limit_hits"] - before["limit_hits"],
-            "peak_usage_bytes": after.get("peak_usage"),
+            "oom_kills_cgroup": oom_kills,
+            "oom_events_cgroup": oom_events,
+            "oom_kills_vmstat": vm_after - vm_before,  # host-wide: counts OOM kills anywhere on the machine
+            "machine_busy_percent": round((m1[0] - m0[0]) / max(1, m1[1] - m0[1]) * 100, 1),
+            "peak_usage_bytes": after["peak_usage"],
+            "limit_reached": None if after["peak_usage"] is None else after["peak_usage"] >= LIMIT - MiB,
             "samples": samples,
             "mean_sample_interval_ms": round((t_exit - t_go) / samples * 1000, 3),
             "max_sample_gap_ms": round(max_gap * 1000, 3),
@@ -731,9 +777,22 @@ def cpu_reading(pid: int) -> tuple[float, float, int]:
     return ticks / CLK_TCK, run_ns / 1e9, slices
 
 
+def machine_cpu() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs from /proc/stat."""
+    v = [int(x) for x in _read("/proc/stat", 4096).split(b"\n", 1)[0].split()[1:]]
+    idle = v[3] + v[4]
+    total = sum(v[:8])
+    return total - idle, total
+
+
 def measure_cpu(pid: int, seconds: float, during: Callable[[], None] | None = None,
                 other: int | None = None) -> dict[str, float]:
-    """The CPU use of ``pid`` (all its threads) over ``seconds``; ``other``: a second process (the sentinel)."""
+    """The CPU use of ``pid`` (all its threads) over ``seconds``; ``other``: a second process (the sentinel).
+
+    ``machine_busy_percent`` is the whole machine's (all CPUs') busy share
+    meanwhile: the load of everything else that ran.
+    """
+    m0 = machine_cpu()
     c0, r0, n0 = cpu_reading(pid)
     o0 = cpu_reading(other)[1] if other is not None else 0.0
     t0 = time.monotonic()
@@ -744,12 +803,14 @@ def measure_cpu(pid: int, seconds: float, during: Callable[[], None] | None = No
         time.sleep(min(0.05, end - now))
     c1, r1, n1 = cpu_reading(pid)
     o1 = cpu_reading(other)[1] if other is not None else 0.0
+    m1 = machine_cpu()
     wall = time.monotonic() - t0
     out = {
         "seconds": round(wall, 3),
         "cpu_percent_stat": round((c1 - c0) / wall * 100, 3),
         "cpu_percent_schedstat": round((r1 - r0) / wall * 100, 3),
         "wakeups_per_s": round((n1 - n0) / wall, 1),
+        "machine_busy_percent": round((m1[0] - m0[0]) / max(1, m1[1] - m0[1]) * 100, 1),
     }
     if other is not None:
         out["sentinel_cpu_percent_schedstat"] = round((o1 - o0) / wall * 100, 4)
@@ -934,7 +995,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             else round(worst("hog_rate_last_100ms_bytes_per_s", False) / 1e9, 2),
             "crossing_to_exit_ms_median": med("crossing_to_exit_ms"),
             "crossing_to_exit_ms_worst": worst("crossing_to_exit_ms"),
-            "oom_kills_cgroup_total": sum(r["oom_kills_cgroup"] for r in rs),
+            "oom_kills_cgroup_total": sum(max(r["oom_kills_cgroup"], r["oom_events_cgroup"] or 0) for r in rs),
             "oom_kills_vmstat_total": sum(r["oom_kills_vmstat"] for r in rs),
         })
     return rows
@@ -944,7 +1005,7 @@ def print_summary(rows: list[dict[str, Any]], cpu: dict[str, Any] | None) -> Non
     print("\n| rate (measured in the last 100 ms before the crossing: median / lowest) | action | runs "
           "| stopped by memguard | min available, MiB (median / worst) | "
           "below 2 GiB, MiB (median / worst) | crossing → decision, ms | crossing → min, ms | "
-          "crossing → exit, ms | kernel OOM kills (cgroup / vmstat) |")
+          "crossing → exit, ms | kernel OOM kills (cgroup / host-wide vmstat) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['rate_gb_per_s']:g} GB/s ({r['hog_rate_last_100ms_gb_per_s_median']} / "
@@ -959,12 +1020,13 @@ def print_summary(rows: list[dict[str, Any]], cpu: dict[str, Any] | None) -> Non
         idle = cpu["idle"]["daemon"]
         print(f"\ndaemon CPU idle ({cpu['idle']['available_bytes'] / GiB:.2f} GiB available): "
               f"{idle['cpu_percent_schedstat']} % of a core (utime+stime: {idle['cpu_percent_stat']} %), "
-              f"{idle['wakeups_per_s']} wake-ups/s")
+              f"{idle['wakeups_per_s']} wake-ups/s; machine busy {idle['machine_busy_percent']} %")
         for h in cpu["hold"]:
             d = h["daemon"]
             print(f"daemon CPU holding {h['available_min_bytes'] / GiB:.3f} GiB available "
                   f"({h['headroom_mib']} MiB above the threshold): {d['cpu_percent_schedstat']} % of a core "
-                  f"(utime+stime: {d['cpu_percent_stat']} %), {d['wakeups_per_s']} wake-ups/s")
+                  f"(utime+stime: {d['cpu_percent_stat']} %), {d['wakeups_per_s']} wake-ups/s; "
+                  f"machine busy {d['machine_busy_percent']} %")
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
@@ -974,7 +1036,9 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rates", default="1,2", help="GB/s, comma-separated (default 1,2)")
-    ap.add_argument("--actions", default="kill,terminate", help="default kill,terminate")
+    ap.add_argument("--actions", default="kill,terminate",
+                    help="kill, terminate, or warn (a control run: nobody stops the hog, the kernel "
+                         "OOM-kills it at the cgroup limit); default kill,terminate")
     ap.add_argument("--reps", type=int, default=3, help="runs per rate and action (default 3)")
     ap.add_argument("--idle-seconds", type=float, default=20)
     ap.add_argument("--hold-seconds", type=float, default=10)
@@ -986,14 +1050,14 @@ def main() -> int:
     rates = [float(x) * 1e9 for x in args.rates.split(",")]
     actions = args.actions.split(",")
     for a in actions:
-        if a not in ("kill", "terminate"):
+        if a not in ("kill", "terminate", "warn"):
             ap.error(f"unknown action {a!r}")
 
     global WARM_UP
     if args.no_warm_up:
         WARM_UP = 0
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    signal.signal(signal.SIGHUP, _raise_interrupt)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_interrupt)  # cleanup runs in `finally` blocks
     try:
         parent = preflight()
     except Refused as e:
@@ -1002,6 +1066,7 @@ def main() -> int:
     started = time.monotonic()
     result: dict[str, Any] = {
         "date": _dt.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
+        "loadavg_at_start": _read("/proc/loadavg").decode().strip(),
         "setup": {"cgroup_version": parent.version, "parent_cgroup": parent.path, "limit_bytes": LIMIT,
                   "balloon_bytes": BALLOON, "threshold_bytes": THRESHOLD, "sample_sleep_s": SAMPLE_SLEEP,
                   "hog_chunk_bytes": 4 << 20, "warm_up_bytes": WARM_UP},
@@ -1027,7 +1092,7 @@ def main() -> int:
                     log(f"{rate / 1e9:g} GB/s {action} #{rep}: {r['stopped_by']}; min available "
                         f"{r['min_available_bytes'] / MiB:.1f} MiB ({r['below_threshold_mib']:+.1f} MiB below 2 GiB); "
                         f"crossing -> decision {r['crossing_to_decision_ms']} ms, -> exit {r['crossing_to_exit_ms']} ms; "
-                        f"OOM kills {r['oom_kills_cgroup']}")
+                        f"kernel OOM kills in the cgroup {max(r['oom_kills_cgroup'], r['oom_events_cgroup'] or 0)}")
         if not args.no_cpu:
             try:
                 result["cpu"] = cpu_part(parent, args.idle_seconds, args.hold_seconds)
@@ -1042,6 +1107,7 @@ def main() -> int:
         result["source_changed_during_run"] = True
     result["summary"] = summarize(result["runs"])
     result["elapsed_s"] = round(time.monotonic() - started, 1)
+    result["loadavg_at_end"] = _read("/proc/loadavg").decode().strip()
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = Path(args.out) if args.out else RESULTS / f"reaction-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")

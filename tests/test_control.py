@@ -20,7 +20,6 @@ import sys
 import tempfile
 import textwrap
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -522,7 +521,7 @@ def test_start_replaces_a_stale_socket_and_refuses_a_live_one(sockdir: str) -> N
         stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         stale.bind(path)
         stale.close()  # the file stays, nobody listens
-        async with Harness(path) as h:
+        async with Harness(path):
             c = await Line.open(path)
             assert (await c.ask({"op": "ping"}))["ok"]
             with pytest.raises(ControlError, match="in use"):

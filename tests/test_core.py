@@ -443,3 +443,19 @@ def test_growth_rate_catches_a_leak_before_the_limit():
     assert fired and fired[0].explain.rule == "leak"
     assert 1.8 * MiB < fired[0].explain.value < 2.2 * MiB
     assert 39 <= sim.now <= 45  # half a window of samples, then `for: 10s`
+
+
+def test_a_worker_not_measured_yet_is_never_a_victim():
+    """Before its first sample a worker's protection is unknown, so no rule may signal it."""
+    from memguard.decide.core import step
+    from memguard.model import Observation, Spawned
+
+    pol = daemon(workload(), rules=(rule("memory.available < 10%", "kill", "system"),))
+    sim = Sim(pol)
+    sim.start()
+    obs = Observation(at=0.1, scope=sim.observe().scope.__class__(kind="host", total_bytes=24 * GiB,
+                                                                   available_bytes=GiB),
+                      workers={}, events=(Spawned("w-0", 1, 1001, 0.05),))
+    state, acts = step(sim.state, obs, pol, 0.1)
+    assert signals(acts) == []
+    assert any(getattr(a, "event", "") == "no_victim" for a in acts)

@@ -423,6 +423,10 @@ def test_a_hang_at_start_up_turns_sensing_off():
     try:
         st = sensor.start()
         assert not st.enabled and "did not answer" in st.reason
+        fake.release()
+        assert sensor.wait_idle(DEADLINE_S)
+        assert fake.initialised == 0  # the late start-up shut NVML down again
+        assert sensor.read() == GpuReading()
     finally:
         fake.release()
         assert sensor.wait_idle(DEADLINE_S)

@@ -864,6 +864,13 @@ def _read_limits(f: _File, node: Node) -> tuple[Limits | None, bool]:
     ), has_memory
 
 
+def _p_tristate(v: object) -> str:
+    """auto, on or off; YAML reads a bare on/off/yes/no/true/false as a boolean, which is accepted too."""
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    return _p_choice(("auto", "on", "off"))(v)
+
+
 def _p_size_nonneg(v: object) -> int:
     return parse_size(v)
 
@@ -1048,7 +1055,7 @@ def _read_daemon(f: _File, root: Node) -> tuple[dict[str, Any] | None, str | Non
     delay = f.get(entries, "post_action_delay", "", _p_duration(0.0), DURATION_EXPECTED)
     fill = f.get(entries, "max_fill_rate", "", _p_rate, "a size per second")
     runtime_dir = f.get(entries, "runtime_dir", "", _p_path("a directory path"), "a directory path")
-    worker_cgroups = f.get(entries, "worker_cgroups", "", _p_choice(("auto", "on", "off")), "auto, on or off")
+    worker_cgroups = f.get(entries, "worker_cgroups", "", _p_tristate, "auto, on or off")
     own_oom = f.get(entries, "oom_score_adj", "", _p_int(-1000, 1000), "a whole number from -1000 to 1000")
     mlock = f.get(entries, "mlock", "", _p_bool, "true or false")
 

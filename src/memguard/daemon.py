@@ -148,8 +148,8 @@ class Daemon:
     # ------------------------------------------------------------------ sensing
 
     def _sample_workers(self) -> dict[str, WorkerSample]:
-        live = {name: w.pid for name, w in self.state.workers.items()
-                if w.pid is not None and w.phase in (Phase.RUNNING, Phase.STOPPING)}
+        # What runs now, including workers spawned since the last step.
+        live = {name: pid for name, (pid, _inc) in self.children.live().items()}
         samples = self.tracker.sample_all(live, self.policy.protect)
         if self.cgroups is not None:
             for name, sample in samples.items():

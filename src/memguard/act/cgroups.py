@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from dataclasses import dataclass
 
 from ..model import Reading, Unknown
@@ -152,7 +153,11 @@ class WorkerCgroups:
     def close(self) -> None:
         for w in list(self.by_worker):
             self.release(w)
-        self.sweep()
+        for _ in range(40):  # killed processes leave their cgroup within milliseconds
+            self.sweep()
+            if not self.stale:
+                break
+            time.sleep(0.025)
         if self.version == 1 and not self.stale and os.path.basename(self.parent.path) == "memguard-workers":
             try:
                 self.parent.remove()

@@ -637,7 +637,9 @@ def _own_block(w: WorkerState, wl: WorkloadPolicy) -> bool:
 def _stop_for_rule(s: _Step, w: WorkerState, rule: Rule, ex: Explanation, *, system_rule: bool) -> bool:
     """Carry a stop action of ``rule`` out on ``w``; escalate if it is already stopping. True if acted."""
     action = rule.action
-    if w.sample is not None and w.sample.protected:
+    if w.sample is None:
+        return False  # not measured yet: whether it is protected is unknown (invariant 6 before 1)
+    if w.sample.protected:
         s.emit(Notice("refused", level="warning", worker=w.name, workload=w.workload, pid=w.pid,
                       reason=f"rule {rule.name} wants to {action.value} a protected process; never signalled",
                       explain=ex))
@@ -716,8 +718,9 @@ def _rank(s: _Step) -> list[WorkerState]:
         mem = float(w.memory) if is_known(w.memory) else -1.0
         return (wl.priority, -mem, w.name)
 
+    # A worker not measured yet cannot be shown to be unprotected: never a candidate.
     return sorted((w for w in s.workers.values()
-                   if w.phase == Phase.RUNNING and not (w.sample is not None and w.sample.protected)), key=key)
+                   if w.phase == Phase.RUNNING and w.sample is not None and not w.sample.protected), key=key)
 
 
 def _system_rules(s: _Step, ctx: Context, obs: Observation) -> None:

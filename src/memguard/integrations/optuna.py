@@ -52,7 +52,7 @@ import functools
 import signal
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from .. import client as _client
@@ -102,8 +102,9 @@ class MemguardStop(KeyboardInterrupt):
     """The worker was asked to stop (SIGINT or SIGTERM, normally from memguard).
 
     A KeyboardInterrupt, so that Optuna records the running trial as FAIL
-    and re-raises it, and an uncaught one ends the process the way SIGINT
-    does. ``trials`` lists the trials it interrupted.
+    and re-raises it. ``trials`` lists the trials it interrupted.
+    :func:`optimize` turns it into a plain KeyboardInterrupt once it has
+    requeued them.
     """
 
     def __init__(self, signum: int) -> None:
@@ -125,10 +126,13 @@ class _StopState:
     """Process-wide: what the signal handler saw and where the main thread is."""
 
     def __init__(self) -> None:
+        self.loops = 0  # > 0: inside optimize(), which has safe points to act on a held stop
+        self.reset()
+
+    def reset(self) -> None:
         self.requested: MemguardStop | None = None
         self.raised = False
         self.interruptible = 0  # > 0: the main thread is in an objective or a gate wait
-        self.loops = 0  # > 0: inside optimize(), which has safe points to act on a held stop
 
     def take(self) -> MemguardStop | None:
         """The pending stop, to raise now (once)."""
@@ -319,6 +323,15 @@ class MemguardCallback:
             _client.wait_for_admission(self.wait_timeout)
 
 
+def _exit_like_sigint(stop: MemguardStop) -> None:
+    """Raise a plain KeyboardInterrupt: uncaught, the interpreter then ends by SIGINT (status 130).
+
+    Python does that only for KeyboardInterrupt itself, not for a subclass
+    (which would end with status 1, like a crash).
+    """
+    raise KeyboardInterrupt(str(stop)) from stop
+
+
 def optimize(
     study: "optuna.Study",
     objective: Callable[["optuna.trial.Trial"], Any],
@@ -343,9 +356,11 @@ def optimize(
     this call). Other keyword arguments go to ``study.optimize``; ``n_jobs``
     must be 1 (a stop can interrupt only the main thread).
 
-    Returns when the study is complete or ``timeout`` ran out. A stop
-    raises :class:`MemguardStop` after the interrupted trial was recorded
-    FAIL and requeued: let it end the process.
+    Returns when the study is complete or ``timeout`` ran out. After a
+    stop, once the interrupted trial is recorded FAIL and requeued, it
+    raises KeyboardInterrupt (caused by the :class:`MemguardStop`): let it
+    end the process, which then exits the way SIGINT ends a program
+    (status 130 in a shell), whichever of SIGINT or SIGTERM asked.
     """
     import optuna
     from optuna.trial import TrialState
@@ -375,10 +390,12 @@ def optimize(
                     retry.requeue(study, stopped)
                 except Exception:  # noqa: BLE001 - the stop must go on
                     pass
-            raise
-        stop = _state.take()
-        if stop is not None:
-            raise stop  # held until now; the study loop ended cleanly first
+            _exit_like_sigint(stop)
+        held = _state.take()
+        if held is not None:
+            _exit_like_sigint(held)  # held until now; the study loop ended cleanly first
     finally:
         _state.loops -= 1
         restore_signal_handlers(previous)
+        if _state.loops == 0:
+            _state.reset()  # the stop, if any, is on its way out; a later call starts clean

@@ -77,6 +77,7 @@ __all__ = [
     "WorkerGpu",
     "GpuAttribution",
     "GpuSensor",
+    "NO_GPU",
     "attribute",
     "attribute_all",
     "host_pid_map",
@@ -221,6 +222,7 @@ class GpuReading:
 
 
 NO_GPU = GpuReading()
+"""The reading when GPU sensing is off: no device, no problem."""
 
 
 @dataclass(frozen=True)
@@ -387,9 +389,10 @@ class GpuSensor:
         self._started: GpuStart | None = None
         self._initialised = False
         self._identity: dict[str, tuple[Union[str, Unknown], Union[str, Unknown]]] = {}
-        self._indices: tuple[tuple[str, bool], ...] = ()  # (index, mig) of the last good sweep
+        self._indices: tuple[tuple[str, bool], ...] = ()  # (index, mig) of each device of the last sweep
         self._proc_fn_names: dict[str, str] = {}  # list kind -> the function that works (v2 fallback)
         self._count = 0
+        self._abandoned = False
 
     # -- start-up ---------------------------------------------------------
 
@@ -420,6 +423,7 @@ class GpuSensor:
         try:
             started = fut.result(timeout=self.start_timeout_s)
         except concurrent.futures.TimeoutError:
+            self._abandoned = True  # if start-up finishes after all, it shuts NVML down again
             self._pending, self._pending_since = fut, time.monotonic()
             started = GpuStart(False, f"NVML did not answer within {self.start_timeout_s:g} s at start-up "
                                       "(nvmlInit or the first device sweep hung); GPU sensing is off")
@@ -473,6 +477,9 @@ class GpuSensor:
             self._shutdown_in_thread()
             return GpuStart(False, _jetson_reason("NVML reports no memory figures for any GPU here "
                                                   "(nvmlDeviceGetMemoryInfo: Not Supported)"), jetson=True)
+        if self._abandoned:
+            self._shutdown_in_thread()
+            return GpuStart(False, "start-up finished after its deadline; GPU sensing stays off")
         self._count = count
         return GpuStart(True, "", reading.devices, jetson=False)
 
@@ -828,6 +835,9 @@ def host_pid_map(pids: Iterable[int], proc: str = "/proc") -> Union[Mapping[int,
         own = ()
     if len(own) > 1:
         return nspid_map(pids, proc)
+    if initial is None:
+        return Unknown(f"cannot tell whether memguard runs in the host's PID namespace ({proc}/self/ns/pid "
+                       "is unreadable), and NVML reports host PIDs: per-worker GPU memory is not attributed")
     return Unknown("memguard runs in a PID namespace that cannot see host PIDs, and NVML reports host "
                    "PIDs: per-worker GPU memory cannot be attributed (run memguard in the host's PID "
                    "namespace)")

@@ -1,0 +1,46 @@
+"""An Optuna worker for tests: memguard's optimize() on a shared study.
+
+    optuna_worker.py STORAGE STUDY N_TRIALS
+
+Environment: ``HOLD_CALLS`` (comma-separated numbers, counted from 1) names
+this process's objective calls that print ``in-trial NUMBER PARAMS_JSON``
+and then wait for a line on stdin before returning, so a test can signal
+the worker in the middle of a trial, or let the trial finish when it wants.
+``MAX_RETRY`` is passed to optimize(). Prints ``done`` when optimize()
+returns.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import optuna
+
+from memguard.integrations.optuna import optimize
+
+
+def main() -> None:
+    storage, study_name, n_trials = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    hold = {int(x) for x in os.environ.get("HOLD_CALLS", "").split(",") if x.strip()}
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.create_study(study_name=study_name, storage=storage, load_if_exists=True)
+    calls = 0
+
+    def objective(trial: optuna.Trial) -> float:
+        nonlocal calls
+        calls += 1
+        x = trial.suggest_float("x", -10.0, 10.0)
+        y = trial.suggest_int("y", 0, 5)
+        if calls in hold:
+            print(f"in-trial {trial.number} {json.dumps(trial.params, sort_keys=True)}", flush=True)
+            sys.stdin.readline()
+        return (x - 2.0) ** 2 + y
+
+    optimize(study, objective, n_trials, max_retry=int(os.environ.get("MAX_RETRY", "1")))
+    print("done", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""A test worker that builds a process tree (standard library only).
+
+    worker_tree.py fork4 MB   touch MB megabytes, fork 4 children that only read them, print "pids ..."
+    worker_tree.py escape MB  fork a child that forks a grandchild; the grandchild calls setsid() and
+                              allocates MB megabytes, slowly; print "pids <main> <child> <grandchild>"
+"""
+
+import os
+import signal
+import sys
+import time
+
+mode, mb = sys.argv[1], int(sys.argv[2])
+
+
+def touch(n_mb):
+    block = bytearray(n_mb * 1024 * 1024)
+    for i in range(0, len(block), 4096):
+        block[i] = 1
+    return block
+
+
+if mode == "fork4":
+    data = touch(mb)
+    kids = []
+    for _ in range(4):
+        pid = os.fork()
+        if pid == 0:
+            total = 0
+            for i in range(0, len(data), 4096):  # read only: pages stay shared
+                total += data[i]
+            while True:
+                signal.pause()
+        kids.append(pid)
+    print("pids", os.getpid(), *kids, flush=True)
+    while True:
+        signal.pause()
+
+elif mode == "escape":
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        grand = os.fork()
+        if grand == 0:
+            os.setsid()
+            os.write(w, f"{os.getpid()}\n".encode())
+            held = []
+            for _ in range(mb // 4):
+                held.append(touch(4))
+                time.sleep(0.05)
+            while True:
+                signal.pause()
+        while True:
+            signal.pause()
+    grand = int(os.read(r, 64).split()[0])
+    print("pids", os.getpid(), child, grand, flush=True)
+    while True:
+        signal.pause()

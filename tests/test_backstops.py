@@ -1,0 +1,155 @@
+"""Kernel backstops: per-worker cgroups, OOM attribution, whole-tree kills, OOM scores, protected processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+from daemonkit import HELPERS, Daemon, is_gone, make_cgroup, wait_gone, worker_cmd, write_config
+
+GiB = 1024**3
+MiB = 1024**2
+
+
+def tree_cmd(*args: str) -> str:
+    return json.dumps([sys.executable, str(HELPERS / "worker_tree.py"), *args])
+
+
+@pytest.fixture
+def memcg():
+    cg = make_cgroup(2 * GiB)
+    yield cg
+    cg.cleanup()
+
+
+def test_worker_past_its_limit_is_oom_killed_inside_its_own_cgroup(tmp_path, memcg):
+    """A worker with limits.memory 256MiB allocating past it is OOM-killed by the kernel inside its own
+    cgroup; memguard reports the kernel OOM kill with the worker's name and limit; the other worker and
+    the daemon are untouched."""
+    cfg = write_config(tmp_path, "scope: host\nworkloads: workloads.d/\n", {
+        "hog": f"name: hog\ncommand: {worker_cmd('--rate', '300')}\nlimits: {{memory: 256MiB}}\n"
+               "restart: {policy: never}\n",
+        "calm": f"name: calm\ncommand: {worker_cmd()}\n",
+    })
+    d = Daemon(cfg, cgroup=memcg)
+    try:
+        assert "per-worker cgroups" in d.event("cgroups")["message"]
+        calm = d.worker_pids("calm-0")[0]
+        d.worker_pids("hog-0")
+        ev = d.event("exit", worker="hog-0", timeout=20)
+        assert ev["cause"] == "kernel_oom"
+        assert "256MiB" in ev["message"] and "cgroup" in ev["message"]
+        assert not is_gone(calm) and not is_gone(d.pid)
+        assert memcg.oom_kills() == 0  # the kill happened in the worker's cgroup, not memguard's scope
+    finally:
+        assert d.stop() == 0
+
+
+@pytest.mark.parametrize("cgroups", ["on", "off"])
+def test_forked_tree_counts_shared_memory_once(tmp_path, memcg, cgroups):
+    """A worker that touches 400 MB and then forks 4 readers is counted about once (within 20 %), not five
+    times, with per-worker cgroups (working set) and without (PSS summed over the tree)."""
+    cfg = write_config(tmp_path, f"scope: host\nworkloads: workloads.d/\nworker_cgroups: {cgroups}\n", {"t": f"""
+        name: t
+        command: {tree_cmd("fork4", "400")}
+        rules:
+          - {{name: measured, when: "worker.memory > 100MiB and worker.processes >= 5", action: warn}}
+        """})
+    d = Daemon(cfg, cgroup=memcg)
+    try:
+        pids = d.worker_pids("t-0", timeout=30)
+        assert len(pids) == 5
+        ev = d.event("warn", timeout=20)
+        assert ev["signal"] == "worker.memory"
+        assert 0.8 * 400 * MiB <= ev["value"] <= 1.2 * 400 * MiB, ev["value"] / MiB
+    finally:
+        d.stop()
+
+
+@pytest.mark.parametrize("cgroups", ["on", "off"])
+def test_grandchild_that_escaped_with_setsid_is_killed_with_the_worker(tmp_path, memcg, cgroups):
+    """A worker whose grandchild called setsid() and keeps allocating is stopped entirely when memguard
+    kills the worker: the grandchild is gone too (cgroup kill, or the recorded tree without cgroups)."""
+    cfg = write_config(tmp_path, f"scope: host\nworkloads: workloads.d/\nworker_cgroups: {cgroups}\n", {"e": f"""
+        name: e
+        command: {tree_cmd("escape", "200")}
+        limits: {{memory: 1GiB}}
+        rules:
+          - {{name: too-big, when: "worker.memory > 120MiB", action: kill}}
+        restart: {{policy: never}}
+        """})
+    d = Daemon(cfg, cgroup=memcg)
+    pids: list[int] = []
+    try:
+        pids = d.worker_pids("e-0", timeout=30)
+        main, child, grand = pids
+        assert os.getsid(grand) == grand != os.getsid(main)
+        kill = d.event("kill", timeout=30)
+        assert kill["worker"] == "e-0"
+        d.event("exit", worker="e-0")
+        assert wait_gone(pids, 2.0) == []
+    finally:
+        d.stop()
+        for p in pids:
+            if not is_gone(p):
+                os.kill(p, 9)
+
+
+def test_oom_scores_workers_high_memguard_low(tmp_path):
+    """Workers get the configured oom_score_adj (so the kernel picks them, never sshd or memguard);
+    memguard's own is lower: -900 where it may lower it (CAP_SYS_RESOURCE), its inherited value otherwise,
+    with a warning saying so."""
+    cfg = write_config(tmp_path, "scope: host\nworkloads: workloads.d/\noom_score_adj: -900\n", {
+        "w": f"name: w\ncommand: {worker_cmd('--fork', '1')}\noom_score_adj: 700\n"})
+    d = Daemon(cfg)
+    try:
+        main, child = d.worker_pids("w-0")
+        for pid in (main, child):
+            assert open(f"/proc/{pid}/oom_score_adj").read().strip() == "700"
+        own = int(open(f"/proc/{d.pid}/oom_score_adj").read())
+        assert own < 700
+        cap_eff = int([ln for ln in open("/proc/self/status") if ln.startswith("CapEff")][0].split()[1], 16)
+        if cap_eff & (1 << 24):  # CAP_SYS_RESOURCE
+            assert own == -900
+        else:
+            assert "oom_score_adj" in d.event("self_protection")["message"]
+    finally:
+        d.stop()
+
+
+def test_protected_process_is_never_signalled_even_when_largest(tmp_path, memcg):
+    """Under a system kill rule, a worker running a `protect:`ed program is never chosen even though it is
+    the largest; the smaller unprotected worker is the victim."""
+    cfg = write_config(tmp_path, """
+        scope: host
+        workloads: workloads.d/
+        protect: [guarded-prog]
+        rules:
+          - {name: squeeze, when: "memory.used > 1MiB", action: kill}
+        """, {
+        "big": f"""
+            name: big
+            command: [bash, -c, 'exec -a guarded-prog {sys.executable} {HELPERS / "worker_mem.py"} --rate 100 --max 300']
+            priority: 0
+            restart: {{policy: never}}
+            """,
+        "small": f"""
+            name: small
+            command: {worker_cmd()}
+            priority: 0
+            restart: {{policy: never}}
+            """,
+    })
+    d = Daemon(cfg, cgroup=memcg)
+    try:
+        big = d.worker_pids("big-0")[0]
+        kill = d.event("kill", timeout=20)
+        assert kill["worker"] == "small-0"
+        assert not is_gone(big)
+        refused_or_spared = [e for e in d.events if e.get("worker") == "big-0" and e.get("event") == "kill"]
+        assert refused_or_spared == []
+    finally:
+        d.stop()

@@ -1,0 +1,272 @@
+"""memguard's Optuna integration with real Optuna, a real SQLite study and real worker processes.
+
+The worker (tests/helpers/optuna_worker.py) runs
+``memguard.integrations.optuna.optimize``; chosen trials print a line and
+wait on stdin, so the test signals the process exactly in the middle of a
+trial (or between trials) without sleeping. Every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+optuna = pytest.importorskip("optuna")
+from optuna.trial import TrialState  # noqa: E402
+
+from controlkit import DEADLINE_S, ServerThread  # noqa: E402
+from memguard.act.control import pid_in_tree  # noqa: E402
+
+WORKER = str(Path(__file__).parent / "helpers" / "optuna_worker.py")
+STUDY = "search"
+PROC_DEADLINE_S = 60.0  # importing optuna and sqlalchemy takes a few seconds on a slow machine
+
+
+class Worker:
+    """One worker process; its stdout lines arrive in a queue."""
+
+    def __init__(self, storage: str, n_trials: int, hold: str = "", env: dict[str, str] | None = None,
+                 max_retry: int = 1) -> None:
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("MEMGUARD_")}
+        full_env.update({"HOLD_CALLS": hold, "MAX_RETRY": str(max_retry), "PYTHONUNBUFFERED": "1"})
+        full_env.update(env or {})
+        self.proc = subprocess.Popen([sys.executable, WORKER, storage, STUDY, str(n_trials)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env=full_env)
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.stderr: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+        threading.Thread(target=self._pump_err, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def _pump_err(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.stderr.append(line)
+
+    def expect(self, prefix: str) -> str:
+        while True:
+            try:
+                line = self.lines.get(timeout=PROC_DEADLINE_S)
+            except queue.Empty:
+                raise AssertionError(f"no line starting {prefix!r}; stderr:\n{''.join(self.stderr)}") from None
+            if line is None:
+                self.proc.wait(PROC_DEADLINE_S)
+                raise AssertionError(f"worker exited ({self.proc.returncode}) before {prefix!r}; "
+                                     f"stderr:\n{''.join(self.stderr)}")
+            if line.startswith(prefix):
+                return line
+
+    def in_trial(self) -> tuple[int, dict[str, Any]]:
+        _, number, params = self.expect("in-trial ").split(" ", 2)
+        return int(number), json.loads(params)
+
+    def release(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+
+    def wait(self) -> int:
+        rc = self.proc.wait(PROC_DEADLINE_S)
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        return rc
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(PROC_DEADLINE_S)
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    optuna.create_study(study_name=STUDY, storage=url)
+    return url
+
+
+@pytest.fixture
+def workers() -> Iterator[list[Worker]]:
+    started: list[Worker] = []
+    yield started
+    for w in started:
+        w.kill()
+
+
+def trials(storage: str) -> list[Any]:
+    return optuna.load_study(study_name=STUDY, storage=storage).get_trials(deepcopy=False)
+
+
+def by_state(storage: str, state: TrialState) -> list[Any]:
+    return [t for t in trials(storage) if t.state == state]
+
+
+# ---------------------------------------------------------------------------
+
+
+def test_sigint_mid_trial_fails_the_trial_and_requeues_it_once(storage: str, workers: list[Worker]) -> None:
+    """SIGINT in the middle of a trial leaves that trial FAIL (not RUNNING) with the memguard_stopped
+    attribute, enqueues one retry with the same parameters (retry_of, memguard), and the process ends
+    by SIGINT. When the retry is interrupted too (by SIGTERM this time) it is FAIL as well and not
+    enqueued again: max_retry=1."""
+    w = Worker(storage, n_trials=3, hold="2")
+    workers.append(w)
+    number, params = w.in_trial()
+    assert number == 1
+    w.proc.send_signal(signal.SIGINT)
+    assert w.wait() == -signal.SIGINT
+    t = {tr.number: tr for tr in trials(storage)}
+    assert t[0].state == TrialState.COMPLETE
+    assert t[1].state == TrialState.FAIL
+    assert t[1].user_attrs["memguard_stopped"] == "SIGINT" and t[1].user_attrs["memguard_started"] is True
+    assert t[2].state == TrialState.WAITING
+    assert t[2].user_attrs == {"retry_of": 1, "memguard": "SIGINT", "memguard_retries": 1}
+    assert t[2].system_attrs["fixed_params"] == params == t[1].params
+    assert not by_state(storage, TrialState.RUNNING)
+
+    w2 = Worker(storage, n_trials=3, hold="1")
+    workers.append(w2)
+    number, retried = w2.in_trial()
+    assert number == 2 and retried == params  # the retry runs first, with the same parameters
+    w2.proc.send_signal(signal.SIGTERM)
+    assert w2.wait() != 0
+    t = {tr.number: tr for tr in trials(storage)}
+    assert t[2].state == TrialState.FAIL and t[2].user_attrs["memguard_stopped"] == "SIGTERM"
+    assert not by_state(storage, TrialState.WAITING), "a retry was enqueued beyond max_retry"
+    assert not by_state(storage, TrialState.RUNNING)
+
+
+def test_study_completes_its_trials_across_a_restart(storage: str, workers: list[Worker]) -> None:
+    """A worker interrupted by SIGINT in trial 2 of 5, then started again, finishes the study: exactly
+    n_trials COMPLETE trials in all, the interrupted trial's retry among them with its parameters,
+    nothing left RUNNING or WAITING, and the second process exits 0."""
+    w = Worker(storage, n_trials=5, hold="3")
+    workers.append(w)
+    number, params = w.in_trial()
+    assert number == 2
+    w.proc.send_signal(signal.SIGINT)
+    assert w.wait() == -signal.SIGINT
+    assert len(by_state(storage, TrialState.COMPLETE)) == 2
+
+    w2 = Worker(storage, n_trials=5)
+    workers.append(w2)
+    w2.expect("done")
+    assert w2.wait() == 0
+    complete = by_state(storage, TrialState.COMPLETE)
+    assert len(complete) == 5
+    retry = [t for t in complete if t.user_attrs.get("retry_of") == 2]
+    assert len(retry) == 1 and retry[0].params == params
+    assert [t.number for t in by_state(storage, TrialState.FAIL)] == [2]
+    assert not by_state(storage, TrialState.RUNNING) and not by_state(storage, TrialState.WAITING)
+
+    w3 = Worker(storage, n_trials=5)  # the study is complete: a restarted worker exits at once
+    workers.append(w3)
+    w3.expect("done")
+    assert w3.wait() == 0
+    assert len(trials(storage)) == 6
+
+
+def test_stop_while_blocked_between_trials_touches_no_trial(storage: str, workers: list[Worker],
+                                                            tmp_path: Path) -> None:
+    """Under memguard (real control socket and admission file): the worker reports trial start and end;
+    when memguard closes the gate, the worker waits *between* trials, reports `refused` once, and a
+    SIGINT then ends it with no trial RUNNING or FAIL. Started again with the gate open, it finishes
+    the study."""
+    sock = str(tmp_path / "run" / "control.sock")
+    gate = tmp_path / "run" / "gate"
+    holder: dict[str, int] = {}
+    srv = ServerThread(sock, identify=lambda w, pid: "pid" in holder and pid_in_tree(pid, holder["pid"])).start()
+    try:
+        gate.write_text("open\n")
+        env = {"MEMGUARD_SOCKET": sock, "MEMGUARD_TOKEN": srv.token, "MEMGUARD_WORKER": "trials-0",
+               "MEMGUARD_ADMISSION_FILE": str(gate)}
+        w = Worker(storage, n_trials=4, hold="2", env=env)
+        workers.append(w)
+        holder["pid"] = w.proc.pid
+        number, _ = w.in_trial()
+        assert number == 1
+        ev = [srv.next_event() for _ in range(3)]
+        assert [(e.kind, e.name, e.ok) for e in ev] == [("start", "trial-0", None), ("end", "trial-0", True),
+                                                       ("start", "trial-1", None)]
+        gate.write_text("closed: rule hold-trials\n")
+        w.release()  # trial 1 finishes; the next one must wait at the gate
+        assert [(e.kind, e.ok) for e in (srv.next_event(),)] == [("end", True)]
+        refused = srv.next_event()
+        assert (refused.kind, refused.detail) == ("refused", "rule hold-trials")
+        w.proc.send_signal(signal.SIGINT)
+        assert w.wait() == -signal.SIGINT
+        assert [t.state for t in trials(storage)] == [TrialState.COMPLETE, TrialState.COMPLETE]
+        assert srv.events.empty()
+    finally:
+        srv.stop()
+
+    gate.write_text("open\n")
+    w2 = Worker(storage, n_trials=4, env={"MEMGUARD_ADMISSION_FILE": str(gate)})
+    workers.append(w2)
+    w2.expect("done")
+    assert w2.wait() == 0
+    assert [t.state for t in trials(storage)] == [TrialState.COMPLETE] * 4
+
+
+def test_memory_error_is_caught_and_the_worker_goes_on(tmp_path: Path) -> None:
+    """optimize() uses catch=(MemoryError,): a trial raising MemoryError is FAIL, is not retried (it
+    was not stopped by memguard), and the study still reaches n_trials COMPLETE trials. Runs in this
+    process, outside memguard, where the integration is a plain Optuna loop."""
+    from memguard.integrations.optuna import optimize
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'm.db'}")
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def objective(trial: Any) -> float:
+        x = trial.suggest_float("x", 0, 1)
+        if trial.number == 1:
+            raise MemoryError("pretend")
+        return x
+
+    optimize(study, objective, n_trials=3)
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    assert states.count(TrialState.COMPLETE) == 3 and states.count(TrialState.FAIL) == 1
+    assert TrialState.WAITING not in states
+    assert {s: signal.getsignal(s) for s in before} == before, "signal handlers were not restored"
+    with pytest.raises(ValueError, match="n_jobs"):
+        optimize(study, objective, n_trials=3, n_jobs=2)
+
+
+def test_a_stop_during_optunas_own_bookkeeping_is_held_until_the_loop_ends(tmp_path: Path) -> None:
+    """A real SIGINT delivered while Optuna runs its callbacks (outside any objective) does not cut
+    that work short: it is held, the loop stops after the trial, every trial is COMPLETE (none FAIL,
+    RUNNING or requeued), and optimize() then raises KeyboardInterrupt. A later optimize() call starts
+    clean and finishes the study."""
+    from memguard.integrations.optuna import optimize
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'h.db'}")
+    seen: list[int] = []
+
+    def signal_self_after_trial_1(study: Any, trial: Any) -> None:
+        seen.append(trial.number)
+        if trial.number == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # handled right here, at the next bytecode
+            seen.append(-1)  # still running: the handler held the stop instead of raising
+
+    with pytest.raises(KeyboardInterrupt, match="stopped by SIGINT"):
+        optimize(study, lambda t: t.suggest_float("x", 0, 1), n_trials=5, callbacks=[signal_self_after_trial_1])
+    assert seen == [0, 1, -1]
+    assert [t.state for t in study.get_trials(deepcopy=False)] == [TrialState.COMPLETE] * 2
+    optimize(study, lambda t: t.suggest_float("x", 0, 1), n_trials=5)
+    assert [t.state for t in study.get_trials(deepcopy=False)] == [TrialState.COMPLETE] * 5

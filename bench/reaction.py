@@ -33,6 +33,7 @@ import json
 import mmap
 import os
 import platform
+import resource
 import select
 import signal
 import statistics
@@ -636,6 +637,7 @@ def reaction_run(parent: Cgroup, rate: float, action: str, rep: int) -> dict[str
         wall_offset = time.time() - time.monotonic()
         warm_rate = warm_up(WARM_UP) if WARM_UP else None
         m0 = machine_cpu()
+        ru0 = resource.getrusage(resource.RUSAGE_SELF)
         send_go(s, rate=rate)
         t_go = last = time.monotonic()
         deadline = t_go + 20
@@ -667,6 +669,8 @@ def reaction_run(parent: Cgroup, rate: float, action: str, rep: int) -> dict[str
                 raise RunFailed("the hog survived SIGKILL for 10 s")
         avail_after_exit = cg.available()
         m1 = machine_cpu()
+        ru1 = resource.getrusage(resource.RUSAGE_SELF)
+        sampler_cpu = (ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime) / (t_exit - t_go)
         rate_last_100ms = gap_near_cross = None
         if t_cross is not None:
             ic = bisect.bisect_left(trace_t, t_cross)
@@ -723,6 +727,7 @@ def reaction_run(parent: Cgroup, rate: float, action: str, rep: int) -> dict[str
             "oom_events_cgroup": oom_events,
             "oom_kills_vmstat": vm_after - vm_before,  # host-wide: counts OOM kills anywhere on the machine
             "machine_busy_percent": round((m1[0] - m0[0]) / max(1, m1[1] - m0[1]) * 100, 1),
+            "sampler_cpu_percent": round(sampler_cpu * 100, 1),
             "peak_usage_bytes": after["peak_usage"],
             "limit_reached": None if after["peak_usage"] is None else after["peak_usage"] >= LIMIT - MiB,
             "samples": samples,
@@ -1029,7 +1034,16 @@ def print_summary(rows: list[dict[str, Any]], cpu: dict[str, Any] | None) -> Non
                   f"machine busy {d['machine_busy_percent']} %")
 
 
+_interrupted = False
+
+
 def _raise_interrupt(signum: int, frame: Any) -> None:
+    """The first SIGINT/SIGTERM/SIGHUP interrupts the benchmark; later ones wait for its clean-up."""
+    global _interrupted
+    if _interrupted:
+        print("reaction.py: cleaning up (every step has a deadline); please wait", file=sys.stderr, flush=True)
+        return
+    _interrupted = True
     raise KeyboardInterrupt(f"signal {signum}")
 
 

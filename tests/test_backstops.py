@@ -153,3 +153,51 @@ def test_protected_process_is_never_signalled_even_when_largest(tmp_path, memcg)
         assert refused_or_spared == []
     finally:
         d.stop()
+
+
+def _run(argv: list[str], cgroup=None, timeout: float = 60) -> "subprocess.CompletedProcess[str]":
+    import subprocess
+
+    from daemonkit import MEMGUARD, REPO
+
+    cmd = MEMGUARD + ["run", *argv]
+    if cgroup is not None:
+        cmd = cgroup.wrap(cmd)
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout)
+
+
+def test_run_require_free_refuses_with_exit_75():
+    """`memguard run --require-free` with more than the machine has exits 75 before starting, naming what is
+    free and what was asked."""
+    res = _run(["--require-free", "100TiB", "--", "true"])
+    assert res.returncode == 75
+    assert "100TiB required" in res.stderr and "available" in res.stderr and "not starting true" in res.stderr
+
+
+def test_run_timeout_stops_the_command_and_says_so():
+    """`memguard run --timeout 1s -- sleep 30` ends within a few seconds, non-zero, and the summary says
+    timeout."""
+    import time
+
+    t0 = time.monotonic()
+    res = _run(["--timeout", "1s", "--grace", "2s", "--", "sleep", "30"])
+    took = time.monotonic() - t0
+    assert res.returncode == 128 + 15 and took < 8
+    assert "rule timeout" in res.stderr and "exit code 143" in res.stderr
+
+
+def test_run_memory_max_stops_an_allocator_and_says_why(memcg):
+    """`memguard run --memory-max 200MiB -- <allocator>` is stopped with exit code 137 and the summary says
+    why (the kernel at its cgroup limit, or memguard's memory-max rule); output passes through."""
+    res = _run(["--memory-max", "200MiB", "--", sys.executable, str(HELPERS / "worker_mem.py"), "--rate", "300"],
+               cgroup=memcg)
+    assert res.returncode == 137, res.stderr
+    assert res.stdout.startswith("pids ")
+    assert ("kernel OOM killer at its cgroup limit 200MiB" in res.stderr) or ("rule memory-max" in res.stderr)
+    assert "peak memory" in res.stderr
+
+
+def test_run_passes_the_exit_code_and_output_through():
+    """A command exiting 3 makes `memguard run` exit 3, with its stdout and stderr passed through."""
+    res = _run(["--", "sh", "-c", "echo out; echo err >&2; exit 3"])
+    assert res.returncode == 3 and res.stdout == "out\n" and res.stderr.startswith("err\n")

@@ -59,6 +59,30 @@ def _cmd_daemon(args: argparse.Namespace) -> int:
     return asyncio.run(daemon.run())
 
 
+def _size(text: str) -> int:
+    from .units import UnitError, parse_size
+
+    try:
+        return parse_size(int(text) if text.isdigit() else text)
+    except UnitError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _duration(text: str) -> float:
+    from .units import UnitError, parse_duration
+
+    try:
+        return parse_duration(text)
+    except UnitError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .run import run_command
+
+    return run_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memguard", description="A memory supervisor for ML machines.")
     parser.add_argument("--version", action="version", version=f"memguard {__version__}")
@@ -71,6 +95,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="overrides log.level")
     d.add_argument("--runtime-dir", help="overrides runtime_dir (admission files, control socket)")
     d.set_defaults(func=_cmd_daemon)
+
+    r = sub.add_parser("run", help="run one command under memguard's ladder, without the daemon",
+                       usage="memguard run [options] -- CMD [ARGS...]")
+    r.add_argument("--memory-max", type=_size, help="hard memory limit of the command (and its children)")
+    r.add_argument("--memory-high", type=_size, help="throttle point below the hard limit (cgroup v2)")
+    r.add_argument("--timeout", type=_duration, help="stop the command after this long (SIGTERM, then SIGKILL)")
+    r.add_argument("--grace", type=_duration, default=10.0, help="time between SIGTERM and SIGKILL (default 10s)")
+    r.add_argument("--require-free", type=_size,
+                   help="refuse to start (exit 75) unless this much memory is available")
+    r.add_argument("--policy", help="a workload YAML file whose rules apply to the command")
+    r.add_argument("--quiet", "-q", action="store_true", help="no decisions and no summary on stderr")
+    r.add_argument("cmd", nargs=argparse.REMAINDER, help="the command, after --")
+    r.set_defaults(func=_cmd_run)
 
     c = sub.add_parser("check", help="validate a config file or directory; exit 1 on errors")
     c.add_argument("path")
@@ -85,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "cmd", None) and args.cmd[0] == "--":
+        args.cmd = args.cmd[1:]
     return int(args.func(args) or 0)
 
 

@@ -86,6 +86,7 @@ class Daemon:
         self.notifier = Notifier()
         self.ticks = 0
         self.last_obs: Observation | None = None
+        self.stop_when_done = False  # one-shot use (memguard run): exit once no worker will run again
 
     # ------------------------------------------------------------------ callbacks
 
@@ -243,6 +244,8 @@ class Daemon:
             self.notifier.tick(self._status())
             if self.state.shutting_down and all_stopped(self.state):
                 break
+            if self.stop_when_done and self._done():
+                break
             now = self.clock()
             until_full = next_full_tick(self.state, obs, self.policy, now)
             if full or now + until_full < next_full:
@@ -255,6 +258,9 @@ class Daemon:
         self.log.info("stopped", message="all workers stopped; memguard exits")
         self.notifier.stopping()
         return 0
+
+    def _done(self) -> bool:
+        return all(w.phase in (Phase.STOPPED, Phase.FAILED) for w in self.state.workers.values())
 
     async def _sleep_until(self, deadline: float) -> None:
         assert self.wake is not None

@@ -49,9 +49,11 @@ with ``heartbeat_interval`` so the RUNNING trial is failed at the next
 from __future__ import annotations
 
 import functools
+import inspect
 import signal
 import sys
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
@@ -69,6 +71,7 @@ __all__ = [
     "MemguardCallback",
     "RetryStoppedTrials",
     "optimize",
+    "rdb_storage",
     "ATTR_STOPPED",
     "ATTR_STARTED",
     "ATTR_RETRY_OF",
@@ -399,3 +402,31 @@ def optimize(
         restore_signal_handlers(previous)
         if _state.loops == 0:
             _state.reset()  # the stop, if any, is on its way out; a later call starts clean
+
+
+def rdb_storage(url: str, *, heartbeat_interval_s: int = 60, grace_period_s: int | None = None,
+                max_retry: int | None = 1, **kwargs: Any) -> "optuna.storages.RDBStorage":
+    """An ``RDBStorage`` whose heartbeat fails trials of workers that were killed outright.
+
+    A worker killed by SIGKILL (after its grace period, or by the kernel's
+    OOM killer) cannot record its trial's end: the trial would stay RUNNING.
+    With a heartbeat every ``heartbeat_interval_s`` seconds, a trial silent
+    for ``grace_period_s`` (default: twice the interval) is failed by the
+    next worker that asks for a trial, and retried ``max_retry`` times
+    (None: no retry) with Optuna's own retry callback. Works with SQLite,
+    PostgreSQL and MySQL URLs. Other keyword arguments go to ``RDBStorage``.
+    """
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if max_retry is not None:
+            params = inspect.signature(optuna.storages.RDBStorage).parameters
+            retry_cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+            if "heartbeat_stale_trial_callback" in params and retry_cls is not None:  # optuna >= 5
+                kwargs.setdefault("heartbeat_stale_trial_callback", retry_cls(max_retry=max_retry))
+            else:  # optuna 3.x and 4.x
+                kwargs.setdefault("failed_trial_callback",
+                                  optuna.storages.RetryFailedTrialCallback(max_retry=max_retry))
+        return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_interval_s,
+                                          grace_period=grace_period_s, **kwargs)

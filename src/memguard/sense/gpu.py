@@ -132,7 +132,10 @@ class NvmlBinding(Protocol):
     missing versioned symbol behind an unversioned wrapper, which pynvml
     raises as ``NVMLLibraryMismatchError``, not an ``NVMLError``.
     ``nvmlDeviceGetMPSComputeRunningProcesses`` may be absent from old
-    bindings; it is looked up with ``getattr``.
+    bindings; it is looked up with ``getattr``, as are the ``_v2``
+    process-list variants tried after a mismatch. Error codes are compared
+    by their nvml.h values (``NVML_ERROR_GPU_IS_LOST`` = 15, ...), which
+    are part of NVML's ABI.
     """
 
     NVMLError: type[Exception]

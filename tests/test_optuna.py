@@ -180,6 +180,31 @@ def test_study_completes_its_trials_across_a_restart(storage: str, workers: list
     assert len(trials(storage)) == 6
 
 
+def test_a_killed_workers_trial_is_failed_by_the_heartbeat_and_retried(storage: str, workers: list[Worker]) -> None:
+    """SIGKILL mid-trial leaves the trial RUNNING (Optuna cannot record anything). With rdb_storage()'s
+    heartbeat (1 s, grace 2 s) the restarted worker fails that stale trial at a later ask(), Optuna's
+    retry callback enqueues it once with the same parameters, and the study still ends with exactly
+    n_trials COMPLETE trials and nothing RUNNING."""
+    w = Worker(storage, n_trials=10, hold="2", env={"HEARTBEAT_S": "1"})
+    workers.append(w)
+    number, params = w.in_trial()
+    w.proc.send_signal(signal.SIGKILL)
+    assert w.wait() == -signal.SIGKILL
+    assert [t.number for t in by_state(storage, TrialState.RUNNING)] == [number]
+
+    # 9 trials of 0.4 s each take longer than the 2 s grace period, so the stale trial is found
+    w2 = Worker(storage, n_trials=10, env={"HEARTBEAT_S": "1", "TRIAL_SECONDS": "0.4"})
+    workers.append(w2)
+    w2.expect("done")
+    assert w2.wait() == 0
+    t = {tr.number: tr for tr in trials(storage)}
+    assert t[number].state == TrialState.FAIL
+    retried = [tr for tr in t.values() if tr.system_attrs.get("failed_trial") == number]
+    assert len(retried) == 1 and retried[0].params == params
+    assert len(by_state(storage, TrialState.COMPLETE)) == 10
+    assert not by_state(storage, TrialState.RUNNING)
+
+
 def test_stop_while_blocked_between_trials_touches_no_trial(storage: str, workers: list[Worker],
                                                             tmp_path: Path) -> None:
     """Under memguard (real control socket and admission file): the worker reports trial start and end;

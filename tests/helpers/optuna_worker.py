@@ -6,7 +6,9 @@ Environment: ``HOLD_CALLS`` (comma-separated numbers, counted from 1) names
 this process's objective calls that print ``in-trial NUMBER PARAMS_JSON``
 and then wait for a line on stdin before returning, so a test can signal
 the worker in the middle of a trial, or let the trial finish when it wants.
-``MAX_RETRY`` is passed to optimize(). Prints ``done`` when optimize()
+``MAX_RETRY`` is passed to optimize(). ``HEARTBEAT_S`` set: the storage
+is memguard's rdb_storage() with that heartbeat interval. ``TRIAL_SECONDS``:
+how long each trial takes (training time). Prints ``done`` when optimize()
 returns.
 """
 
@@ -15,16 +17,20 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import optuna
 
-from memguard.integrations.optuna import optimize
+from memguard.integrations.optuna import optimize, rdb_storage
 
 
 def main() -> None:
     storage, study_name, n_trials = sys.argv[1], sys.argv[2], int(sys.argv[3])
     hold = {int(x) for x in os.environ.get("HOLD_CALLS", "").split(",") if x.strip()}
+    trial_s = float(os.environ.get("TRIAL_SECONDS", "0"))
     optuna.logging.set_verbosity(optuna.logging.ERROR)
+    if os.environ.get("HEARTBEAT_S"):
+        storage = rdb_storage(storage, heartbeat_interval_s=int(os.environ["HEARTBEAT_S"]))
     study = optuna.create_study(study_name=study_name, storage=storage, load_if_exists=True)
     calls = 0
 
@@ -36,6 +42,8 @@ def main() -> None:
         if calls in hold:
             print(f"in-trial {trial.number} {json.dumps(trial.params, sort_keys=True)}", flush=True)
             sys.stdin.readline()
+        if trial_s:
+            time.sleep(trial_s)  # the training this trial stands for
         return (x - 2.0) ** 2 + y
 
     optimize(study, objective, n_trials, max_retry=int(os.environ.get("MAX_RETRY", "1")))

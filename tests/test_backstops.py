@@ -201,3 +201,41 @@ def test_run_passes_the_exit_code_and_output_through():
     """A command exiting 3 makes `memguard run` exit 3, with its stdout and stderr passed through."""
     res = _run(["--", "sh", "-c", "echo out; echo err >&2; exit 3"])
     assert res.returncode == 3 and res.stdout == "out\n" and res.stderr.startswith("err\n")
+
+
+def test_opt_in_unmanaged_process_is_chosen_and_stopped(tmp_path, memcg):
+    """With `unmanaged:` matching a hand-started job, a system rule stops that job (the largest candidate,
+    identified by pid and start time), while memguard's own small worker keeps running."""
+    import subprocess
+    import uuid
+
+    token = f"hand-started-{uuid.uuid4().hex[:8]}"
+    job = subprocess.Popen(memcg.wrap(["bash", "-c", f'exec -a "{token}" "$0" "$@"', sys.executable,
+                                       str(HELPERS / "worker_mem.py"), "--rate", "200", "--max", "300"]),
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        assert job.stdout.readline().startswith("pids ")
+        cfg = write_config(tmp_path, f"""
+            scope: host
+            workloads: workloads.d/
+            unmanaged:
+              - {{name: by-hand, cmdline: "{token}", priority: 0}}
+            rules:
+              - {{name: squeeze, when: "memory.used > 1MiB", for: 2s, action: terminate, grace: 2s}}
+            """, {"small": f"name: small\ncommand: {worker_cmd()}\npriority: 0\n"})
+        d = Daemon(cfg, cgroup=memcg)
+        try:
+            small = d.worker_pids("small-0")[0]
+            ev = d.event("terminate", timeout=20)
+            assert ev["pid"] == job.pid and ev.get("unmanaged") is True and "by-hand" in ev["message"]
+            assert job.wait(10) == -15
+            gone = d.wait_for(lambda e: e.get("event") == "exit" and e.get("unmanaged") is True, timeout=10,
+                              what="the unmanaged victim's exit")
+            assert str(job.pid) in gone["message"]
+            assert not is_gone(small)
+        finally:
+            d.stop()
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()

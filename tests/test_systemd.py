@@ -222,6 +222,8 @@ class Booted:
             return ""
 
     def teardown(self) -> None:
+        t0 = time.monotonic()
+        print("PS", self.run("ps", "-ef", check=False).stdout, file=sys.stderr)
         if self.proc is not None and self.proc.poll() is None:
             if self.pid:
                 self.run("systemctl", "poweroff", check=False, timeout=30)
@@ -229,6 +231,7 @@ class Booted:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 pass
+        print("T poweroff", time.monotonic()-t0, file=sys.stderr)
         # Whatever is left (a hung shutdown, a failed boot): the whole subtree, in one write.
         kill = self.cgroup / "cgroup.kill"
         if kill.exists():
@@ -264,9 +267,28 @@ class Booted:
 
     # -- talking to it -----------------------------------------------------
 
+    def _nsenter(self, argv: tuple[str, ...] | list[str], **kw: object) -> subprocess.Popen:
+        """A command inside the namespace. nsenter forks to enter the PID namespace and does not pass
+        signals on, so the command runs in a session of its own: killing the group kills both."""
+        return subprocess.Popen(["nsenter", "-t", str(self.pid), "-p", "-m", "--", *argv],
+                                start_new_session=True, **kw)  # type: ignore[call-overload]
+
+    @staticmethod
+    def _kill(proc: subprocess.Popen) -> None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
     def run(self, *argv: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
-        r = subprocess.run(["nsenter", "-t", str(self.pid), "-p", "-m", "--", *argv], capture_output=True,
-                           text=True, timeout=timeout)
+        proc = self._nsenter(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self._kill(proc)
+            raise
+        r = subprocess.CompletedProcess(list(argv), proc.returncode, out, err)
         if check and r.returncode != 0:
             raise AssertionError(f"{' '.join(argv)} exited {r.returncode}: {r.stdout}{r.stderr}")
         return r
@@ -278,9 +300,11 @@ class Booted:
         out = self.systemctl("show", "-p", ",".join(props), UNIT).stdout
         return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
-    def journal(self, *args: str) -> list[dict]:
-        out = self.run("journalctl", "--no-pager", "-o", "json", "--all", *args).stdout
-        return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    def journal(self, *args: str, after: str | None = None) -> list[dict]:
+        """``journalctl -o json ARGS``; with ``after``, only the entries after that cursor."""
+        out = self.run("journalctl", "--no-pager", "-o", "json", "--all", *_after(after), *args).stdout
+        entries = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        return [e for e in entries if e["__CURSOR"] != after]
 
     def cursor(self) -> str:
         return self.journal("-n", "1")[-1]["__CURSOR"]
@@ -289,9 +313,8 @@ class Booted:
                    timeout: float = 30, what: str = "") -> dict:
         """The first journal entry after cursor ``after`` with these journalctl matches and pred, waiting
         for it (``journalctl --follow``) up to ``timeout`` seconds."""
-        argv = ["nsenter", "-t", str(self.pid), "-p", "-m", "--", "journalctl", "--no-pager", "-o", "json",
-                "--all", "--follow", f"--after-cursor={after}", *matches]
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = self._nsenter(["journalctl", "--no-pager", "-o", "json", "--all", "--follow", *_after(after),
+                              *matches], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         assert proc.stdout is not None
         deadline = time.monotonic() + timeout
         buf = b""
@@ -313,12 +336,14 @@ class Booted:
                     if not line.startswith(b"{"):
                         continue
                     entry = json.loads(line)
+                    if entry["__CURSOR"] == after:
+                        continue
                     seen.append(str(entry.get("MESSAGE", ""))[:160])
                     if pred(entry):
                         return entry
         finally:
-            proc.kill()
-            proc.wait()
+            self._kill(proc)
+            proc.stdout.close()
         recent = self.run("journalctl", "--no-pager", "-u", UNIT, "-n", "25", check=False).stdout
         raise AssertionError(f"no journal entry {what or matches} within {timeout}s; matching entries seen: "
                              f"{seen[-10:]}; the unit's last lines:\n{recent}")
@@ -466,6 +491,16 @@ def memguard(booted: Booted) -> Booted:
     return booted
 
 
+def _after(cursor: str | None) -> list[str]:
+    """journalctl arguments for "the entries after this cursor" (the caller drops the cursor's own entry).
+
+    Not --after-cursor: with matches, journalctl 252 seeks to the cursor and then skips two *matching*
+    entries, assuming the first is the cursor's own; when the cursor's entry does not match, the first
+    entry that does is lost. --cursor includes the cursor's entry if it matches, and the caller drops it.
+    """
+    return [f"--cursor={cursor}"] if cursor else []
+
+
 def _seqnum(entry: dict) -> int:
     fields = dict(part.split("=", 1) for part in entry["__CURSOR"].split(";"))
     return int(fields["i"], 16)
@@ -500,7 +535,7 @@ def test_start_is_active_only_after_ready_with_memguards_status(booted: Booted) 
     inv = show["InvocationID"]
     started = booted.wait_entry(cursor, f"UNIT={UNIT}", f"INVOCATION_ID={inv}", f"MESSAGE_ID={SD_UNIT_STARTED}",
                                 what="systemd's 'Started memguard.service'")
-    ours = booted.journal("-u", UNIT, f"--after-cursor={cursor}", f"_SYSTEMD_INVOCATION_ID={inv}")
+    ours = booted.journal("-u", UNIT, f"_SYSTEMD_INVOCATION_ID={inv}", after=cursor)
     events = {e.get("MEMGUARD_EVENT") for e in ours}
     assert {"started", "spawn"} <= events, events
     memguard_started = next(e for e in ours if e.get("MEMGUARD_EVENT") == "started")
@@ -613,12 +648,12 @@ def test_reload_keeps_the_last_good_policy_and_applies_a_fixed_one(memguard: Boo
     memguard.systemctl("reload", UNIT)
     memguard.wait_entry(cursor, "MEMGUARD_EVENT=reload_failed", f"_SYSTEMD_INVOCATION_ID={inv}",
                         what="reload_failed")
-    errors = memguard.journal("-u", UNIT, f"--after-cursor={cursor}", "MEMGUARD_EVENT=config_error")
+    errors = memguard.journal("-u", UNIT, "MEMGUARD_EVENT=config_error", after=cursor)
     assert len(errors) >= 2, errors
     assert all(e["MEMGUARD_FILE"].endswith("broken.yaml") and e["PRIORITY"] == "3" for e in errors)
     assert {e["MEMGUARD_KEY"] for e in errors} >= {"comand", "replicas"}
     assert all(int(e["MEMGUARD_LINE"]) > 0 for e in errors)
-    after = memguard.journal("-u", UNIT, f"--after-cursor={cursor}", f"_SYSTEMD_INVOCATION_ID={inv}")
+    after = memguard.journal("-u", UNIT, f"_SYSTEMD_INVOCATION_ID={inv}", after=cursor)
     assert not [e for e in after if e.get("MEMGUARD_EVENT") in ("reloaded", "spawn")], "a broken policy applied"
     state = memguard.show("ActiveState", "MainPID", "InvocationID")
     assert state["MainPID"] == show["MainPID"] and state["InvocationID"] == inv
@@ -652,7 +687,7 @@ def test_stop_stops_every_worker_well_within_the_timeout(memguard: Booted) -> No
     assert show["ExecMainStatus"] == "0"
     assert show["TimeoutStopUSec"] == "1min 30s"
     assert elapsed < 15, f"stop took {elapsed:.1f}s"
-    after = memguard.journal("-u", UNIT, f"--after-cursor={cursor}")
+    after = memguard.journal("-u", UNIT, after=cursor)
     exits = [e for e in after if e.get("MEMGUARD_EVENT") == "exit" and e.get("MEMGUARD_WORKER") == "steady-0"]
     assert exits and "stopped by memguard" in exits[-1]["MESSAGE"]
     assert any(e.get("MEMGUARD_EVENT") == "stopped" for e in after)

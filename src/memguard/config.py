@@ -35,7 +35,8 @@ from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from .expr import Comparison, Expr, ExprError, comparisons, parse_expr
-from .policy import ActionKind, Brake, DaemonPolicy, Limits, Recycle, RestartPolicy, Rule, WorkloadPolicy
+from .policy import (ActionKind, Brake, DaemonPolicy, Limits, Recycle, RestartPolicy, Rule, UnmanagedMatch,
+                     WorkloadPolicy)
 from .signals import SIGNALS, suggest
 from .units import (DURATION_EXPECTED, SIZE_EXPECTED, UnitError, format_duration, parse_duration, parse_percent,
                     parse_size)
@@ -75,7 +76,9 @@ DAEMON_KEYS = (
     "worker_cgroups",
     "oom_score_adj",
     "mlock",
+    "unmanaged",
 )
+UNMANAGED_KEYS = ("name", "cmdline", "user", "cgroup", "priority")
 WORKLOAD_KEYS = (
     "name",
     "command",
@@ -864,6 +867,46 @@ def _read_limits(f: _File, node: Node) -> tuple[Limits | None, bool]:
     ), has_memory
 
 
+def _p_regex(v: object) -> str:
+    if not isinstance(v, str) or not v:
+        raise ValueError(f"expected a regular expression, got {_describe(v)}")
+    try:
+        re.compile(v)
+    except re.error as e:
+        raise ValueError(f"expected a regular expression, got {v!r}: {e}") from None
+    return v
+
+
+def _read_unmanaged(f: "_File", node: Node) -> tuple[UnmanagedMatch, ...] | None:
+    items = f.sequence(node, "unmanaged", "a list such as [{cmdline: 'python.*polars', user: alice}]")
+    if items is None:
+        return None
+    out = []
+    bad = False
+    for i, item in enumerate(items):
+        path = f"unmanaged[{i}]"
+        entries = f.mapping(item, path, UNMANAGED_KEYS, what="a mapping such as {cmdline: 'polars', user: alice}")
+        if entries is None:
+            bad = True
+            continue
+        cmdline = f.get(entries, "cmdline", path, _p_regex, "a regular expression")
+        user = f.get(entries, "user", path, _p_text("a user name"), "a user name")
+        cgroup = f.get(entries, "cgroup", path, _p_regex, "a regular expression")
+        priority = f.get(entries, "priority", path, _p_int(), "a whole number")
+        name = f.get(entries, "name", path, _p_text("a name"), "a name")
+        if BAD in (cmdline, user, cgroup, priority, name):
+            bad = True
+            continue
+        if cmdline is None and user is None and cgroup is None:
+            f.issue(item, path, "expected at least one of cmdline:, user:, cgroup: (matching every process is "
+                                "never what you want)")
+            bad = True
+            continue
+        out.append(UnmanagedMatch(cmdline=cmdline, user=user, cgroup=cgroup, priority=priority or 0,
+                                  name=name or f"unmanaged[{i}]"))
+    return None if bad else tuple(out)
+
+
 def _p_tristate(v: object) -> str:
     """auto, on or off; YAML reads a bare on/off/yes/no/true/false as a boolean, which is accepted too."""
     if isinstance(v, bool):
@@ -1058,6 +1101,7 @@ def _read_daemon(f: _File, root: Node) -> tuple[dict[str, Any] | None, str | Non
     worker_cgroups = f.get(entries, "worker_cgroups", "", _p_tristate, "auto, on or off")
     own_oom = f.get(entries, "oom_score_adj", "", _p_int(-1000, 1000), "a whole number from -1000 to 1000")
     mlock = f.get(entries, "mlock", "", _p_bool, "true or false")
+    unmanaged = _read_unmanaged(f, entries["unmanaged"][1]) if "unmanaged" in entries else ()
 
     protect: tuple[str, ...] | None = ()
     if "protect" in entries:
@@ -1118,6 +1162,7 @@ def _read_daemon(f: _File, root: Node) -> tuple[dict[str, Any] | None, str | Non
         worker_cgroups=worker_cgroups if worker_cgroups is not None else base.worker_cgroups,
         oom_score_adj=own_oom if own_oom is not None else base.oom_score_adj,
         mlock=mlock if mlock is not None else base.mlock,
+        unmanaged=unmanaged or (),
         source=f"{f.display}:1",
     )
     return fields, shown_dir, wnode

@@ -35,6 +35,7 @@ from .report.notify import Notifier
 from .sense.cgroup import ScopeReader, choose_scope
 from .sense.procs import TreeTracker
 from .sense.psi import read_pressure
+from .sense.unmanaged import scan_unmanaged
 from .units import format_size
 
 __all__ = ["Daemon", "default_runtime_dir"]
@@ -76,6 +77,7 @@ class Daemon:
         self.tracker = TreeTracker()
         self.samples: dict[str, WorkerSample] = {}
         self.pressure = Pressure()
+        self.unmanaged: tuple = ()
         self.scope: ScopeReader = choose_scope(policy.scope)
         self.runtime_dir = policy.runtime_dir or default_runtime_dir()
         self.children = ChildSupervisor(self._on_event, self._on_output, clock=clock)
@@ -171,10 +173,16 @@ class Daemon:
             pressure_path = self.scope.cgroup.pressure_path() if (
                 self.scope.kind == "cgroup" and self.scope.cgroup is not None) else None
             self.pressure = read_pressure(pressure_path) if pressure_path else read_pressure()
+            if self.policy.unmanaged:
+                exclude = {pid for name in self.samples for pid, _ in self.tracker.members(name, refresh=False)}
+                if self.children.sentinel_pid:
+                    exclude.add(self.children.sentinel_pid)
+                self.unmanaged = await loop.run_in_executor(
+                    None, scan_unmanaged, self.policy.unmanaged, exclude, self.policy.protect)
         events = tuple(self.pending)
         self.pending.clear()
         return Observation(at=self.clock(), scope=scope, pressure=self.pressure, workers=dict(self.samples),
-                           events=events, full=full)
+                           events=events, full=full, unmanaged=self.unmanaged)
 
     # ------------------------------------------------------------------ the loop
 

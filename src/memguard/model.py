@@ -26,6 +26,7 @@ __all__ = [
     "ScopeMemory",
     "Pressure",
     "WorkerSample",
+    "ProcessSample",
     "Spawned",
     "SpawnFailed",
     "Exited",
@@ -35,15 +36,18 @@ __all__ = [
     "Explanation",
     "Spawn",
     "Signal",
+    "SignalProcess",
     "SetAdmission",
     "Reclaim",
     "Notice",
     "Action",
     "SIGKILL",
+    "SIGTERM",
     "signal_name",
 ]
 
 SIGKILL = int(_signal.SIGKILL)
+SIGTERM = int(_signal.SIGTERM)
 
 
 def signal_name(signum: int) -> str:
@@ -152,6 +156,24 @@ class WorkerSample:
 
 
 @dataclass(frozen=True)
+class ProcessSample:
+    """A process memguard does not own, matched by an ``unmanaged:`` entry (opt-in victims).
+
+    ``start`` is its start time (clock ticks since boot): with the pid it
+    identifies the process across ticks, so a reused pid is never mistaken
+    for it. ``memory_bytes`` is RssAnon + RssShmem (cheap for many processes).
+    """
+
+    pid: int
+    start: int
+    name: str
+    user: str
+    memory_bytes: Reading
+    priority: int = 0
+    matcher: str = ""
+
+
+@dataclass(frozen=True)
 class Spawned:
     worker: str
     incarnation: int
@@ -224,6 +246,7 @@ class Observation:
     workers: Mapping[str, WorkerSample] = field(default_factory=dict)
     events: tuple[WorkerEvent, ...] = ()
     full: bool = True
+    unmanaged: tuple[ProcessSample, ...] = ()
 
 
 # ---------------------------------------------------------------------------
@@ -314,4 +337,17 @@ class Reclaim:
     event: str = "reclaim"
 
 
-Action = Union[Spawn, Signal, SetAdmission, Reclaim, Notice]
+@dataclass(frozen=True)
+class SignalProcess:
+    """Signal a process memguard does not own (an opt-in unmanaged victim), by pid and start time."""
+
+    pid: int
+    start: int
+    name: str
+    signum: int
+    event: str  # "terminate" | "kill" | "escalate"
+    reason: str
+    explain: Explanation | None = None
+
+
+Action = Union[Spawn, Signal, SignalProcess, SetAdmission, Reclaim, Notice]

@@ -20,6 +20,7 @@ __all__ = [
     "Brake",
     "Recycle",
     "WorkloadPolicy",
+    "UnmanagedMatch",
     "DaemonPolicy",
     "DEFAULTS",
 ]
@@ -181,6 +182,23 @@ class WorkloadPolicy:
 
 
 @dataclass(frozen=True)
+class UnmanagedMatch:
+    """An opt-in class of processes memguard does not own that system rules may choose as victims.
+
+    Every field given must match: ``cmdline`` and ``cgroup`` are regular
+    expressions searched in the command line and in /proc/<pid>/cgroup,
+    ``user`` a user name. Protected processes, memguard and its workers
+    are never candidates.
+    """
+
+    cmdline: str | None = None
+    user: str | None = None
+    cgroup: str | None = None
+    priority: int = 0
+    name: str = ""
+
+
+@dataclass(frozen=True)
 class DaemonPolicy:
     # 1 s: a relaxed pace that costs well under 0.5 % of a core.
     poll_interval_s: float = 1.0
@@ -210,6 +228,7 @@ class DaemonPolicy:
     # Lock memguard's pages in RAM (mlockall) so it stays responsive while
     # the machine swaps or thrashes, as earlyoom and nohang do.
     mlock: bool = True
+    unmanaged: tuple[UnmanagedMatch, ...] = ()
     log_format: str = "auto"  # "auto" | "console" | "json"
     log_level: str = "info"
     workloads: tuple[WorkloadPolicy, ...] = ()

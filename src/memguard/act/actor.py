@@ -15,9 +15,10 @@ wraps it.
 from __future__ import annotations
 
 import os
+import signal
 from typing import Callable, Iterable, Mapping
 
-from ..model import SIGKILL, Action, Notice, Reclaim, SetAdmission, Signal, Spawn
+from ..model import SIGKILL, Action, Notice, Reclaim, SetAdmission, Signal, SignalProcess, Spawn
 from ..policy import DaemonPolicy, WorkloadPolicy
 from .cgroups import CgroupLimits, WorkerCgroups, format_limits
 from .children import ChildSupervisor, SpawnError
@@ -86,6 +87,9 @@ class Actor:
             elif isinstance(action, SetAdmission):
                 if not policy.dry_run:
                     self._gate(action.worker, action.open, action.reason)
+            elif isinstance(action, SignalProcess):
+                if not policy.dry_run:
+                    self._signal_process(action)
             elif isinstance(action, Reclaim):
                 if not policy.dry_run:
                     reached = self.reclaim(action.worker, action.reason) if self.reclaim else 0
@@ -138,6 +142,28 @@ class Actor:
             self.signals_sent += 1
         if action.signum == SIGKILL and self.cgroups is not None:
             self.cgroups.kill(action.worker)  # the whole cgroup: escaped descendants too
+
+    def _signal_process(self, action: SignalProcess) -> None:
+        """Signal an unmanaged victim through a pidfd, only if it is still the process that was chosen."""
+        if action.pid <= 1 or action.pid == os.getpid() or self.protect_check(action.pid):
+            return
+        try:
+            fd = os.pidfd_open(action.pid)
+        except OSError:
+            return  # already gone
+        try:
+            with open(f"/proc/{action.pid}/stat", "rb") as f:
+                start = int(f.read().rsplit(b")", 1)[1].split()[19])
+            if start != action.start:
+                self.report(Notice("refused", level="warning", pid=action.pid,
+                                   reason="the pid now belongs to another process; not signalled"), False)
+                return
+            signal.pidfd_send_signal(fd, action.signum)
+            self.signals_sent += 1
+        except (OSError, IndexError, ValueError):
+            pass
+        finally:
+            os.close(fd)
 
     def _gate(self, worker: str, is_open: bool, reason: str) -> None:
         try:

@@ -26,13 +26,16 @@ from ..expr import parse_expr
 from ..model import (
     Action,
     SIGKILL,
+    SIGTERM,
     Exited,
     Explanation,
     Notice,
     Observation,
+    ProcessSample,
     Reclaim,
     SetAdmission,
     Signal,
+    SignalProcess,
     Spawn,
     Spawned,
     SpawnFailed,
@@ -45,7 +48,7 @@ from ..model import (
 from ..policy import ActionKind, DaemonPolicy, Rule, WorkloadPolicy
 from ..units import format_duration, format_size
 from .evaluate import Context, evaluate, explain
-from .state import CoreState, Phase, RuleState, StopState, WorkerState, check_transition
+from .state import CoreState, Phase, ProcessStop, RuleState, StopState, WorkerState, check_transition
 
 __all__ = [
     "step",
@@ -74,6 +77,7 @@ class _Step:
         self.delay_until = state.delay_until
         self.shutting_down = state.shutting_down
         self.oom_kills = state.oom_kills
+        self.process_stop = state.process_stop
         self.actions: list[Action] = []
         self.oom_delta = 0
 
@@ -86,6 +90,7 @@ class _Step:
             delay_until=self.delay_until,
             shutting_down=self.shutting_down,
             oom_kills=self.oom_kills,
+            process_stop=self.process_stop,
         )
 
     def emit(self, action: Action) -> None:
@@ -114,6 +119,7 @@ def step(state: CoreState, obs: Observation, policy: DaemonPolicy, now: float) -
     _apply_events(s, obs)
     _take_samples(s, obs)
     _expire_grace(s)
+    _follow_process_stop(s, obs)
     if not s.shutting_down:
         system_ctx = _system_context(obs)
         for name in sorted(s.workers):
@@ -701,8 +707,28 @@ def _begin_stop(s: _Step, w: WorkerState, *, event: str, reason: str, then: str,
 # 5. System rules and victim choice
 
 
+def _follow_process_stop(s: _Step, obs: Observation) -> None:
+    """An unmanaged victim: gone (its memory is back) or due for SIGKILL after its grace."""
+    ps = s.process_stop
+    if ps is None:
+        return
+    if obs.full and not any(p.pid == ps.pid and p.start == ps.start for p in obs.unmanaged):
+        s.process_stop = None
+        s.delay_until = obs.at + s.policy.post_action_delay_s
+        s.emit(Notice("exit", worker=None, pid=ps.pid, reason=f"unmanaged process {ps.name} (pid {ps.pid}) is gone",
+                      explain=ps.explain, fields={"cause": "stopped", "unmanaged": True}))
+        return
+    if ps.kill_at is not None and s.now >= ps.kill_at:
+        s.process_stop = replace(ps, kill_at=None)
+        s.emit(SignalProcess(pid=ps.pid, start=ps.start, name=ps.name, signum=SIGKILL, event="escalate",
+                             reason=f"still running {format_duration(s.now - ps.requested_at)} after SIGTERM; "
+                                    f"grace period over, SIGKILL", explain=ps.explain))
+
+
 def _victim_locked(s: _Step) -> bool:
     """Invariant 3: the last victim's memory is still being freed."""
+    if s.process_stop is not None:
+        return True
     if s.victim is not None:
         name, inc = s.victim
         w = s.workers.get(name)
@@ -744,14 +770,22 @@ def _system_rules(s: _Step, ctx: Context, obs: Observation) -> None:
             if rule.action == ActionKind.WARN:
                 s.emit(Notice("warn", level="warning", reason=f"rule {rule.name}: {ex.display}", explain=ex))
             continue
-        _system_stop(s, rule, rs, ex)
+        _system_stop(s, rule, rs, ex, obs)
 
 
-def _system_stop(s: _Step, rule: Rule, rs: RuleState, ex: Explanation) -> None:
+def _system_stop(s: _Step, rule: Rule, rs: RuleState, ex: Explanation, obs: Observation) -> None:
     severity = rule.action.severity
     if _victim_locked(s):
         if severity <= s.victim_severity:
             return  # stays pending; fires once the delay is over, if it still holds
+        ps = s.process_stop
+        if ps is not None and rule.action == ActionKind.KILL and ps.kill_at is not None:
+            s.process_stop = replace(ps, kill_at=None, severity=severity)
+            s.victim_severity = severity
+            s.system_rules[rule.key] = RuleState(fired_at=s.now, explain=ex)
+            s.emit(SignalProcess(pid=ps.pid, start=ps.start, name=ps.name, signum=SIGKILL, event="kill",
+                                 reason=f"harder rule {rule.name} fired during the grace period", explain=ex))
+            return
         # A harder rule: escalate on the victim still dying, or choose another.
         if s.victim is not None:
             w = s.workers.get(s.victim[0])
@@ -761,6 +795,14 @@ def _system_stop(s: _Step, rule: Rule, rs: RuleState, ex: Explanation) -> None:
                     s.system_rules[rule.key] = RuleState(fired_at=s.now, explain=ex)
                     return
     candidates = _rank(s)
+    procs = sorted((p for p in obs.unmanaged if is_known(p.memory_bytes)),
+                   key=lambda p: (p.priority, -float(p.memory_bytes), p.pid))
+    best_proc = procs[0] if procs else None
+    if best_proc is not None and (not candidates or (best_proc.priority, -float(best_proc.memory_bytes)) < (
+            s.workload(candidates[0]).priority,
+            -(float(candidates[0].memory) if is_known(candidates[0].memory) else -1.0))):
+        _stop_process(s, best_proc, rule, ex, len(candidates) + len(procs))
+        return
     if not candidates:
         s.system_rules[rule.key] = RuleState(fired_at=s.now, quiet_until=s.now + s.policy.post_action_delay_s,
                                              explain=ex)
@@ -779,6 +821,27 @@ def _system_stop(s: _Step, rule: Rule, rs: RuleState, ex: Explanation) -> None:
     s.victim_severity = severity
     s.delay_until = math.inf  # set to exit time + delay when the victim is reaped
     s.system_rules[rule.key] = RuleState(fired_at=s.now, explain=ex)
+
+
+def _stop_process(s: _Step, p: ProcessSample, rule: Rule, ex: Explanation, n: int) -> None:
+    """Stop an unmanaged process chosen as the victim: SIGTERM and grace, or SIGKILL at once."""
+    ex = replace(ex, display=(f"{ex.display}; victim unmanaged process {p.name} (pid {p.pid}, user {p.user}, "
+                              f"matched {p.matcher!r}, priority {p.priority}, memory "
+                              f"{format_size(float(p.memory_bytes))}, largest of {n} candidate(s))"))
+    kill_now = rule.action == ActionKind.KILL
+    grace = rule.grace_s if rule.grace_s is not None else 10.0
+    s.process_stop = ProcessStop(pid=p.pid, start=p.start, name=p.name, requested_at=s.now,
+                                 kill_at=None if kill_now else s.now + grace, severity=rule.action.severity,
+                                 explain=ex)
+    s.victim = None
+    s.victim_severity = rule.action.severity
+    s.delay_until = math.inf
+    s.system_rules[rule.key] = RuleState(fired_at=s.now, explain=ex)
+    s.emit(SignalProcess(pid=p.pid, start=p.start, name=p.name, signum=SIGKILL if kill_now else SIGTERM,
+                         event=rule.action.value if rule.action != ActionKind.RESTART else "terminate",
+                         reason=(f"rule {rule.name}: SIGKILL at once" if kill_now else
+                                 f"rule {rule.name}: SIGTERM now, SIGKILL after {format_duration(grace)}"),
+                         explain=ex))
 
 
 # ---------------------------------------------------------------------------
@@ -835,3 +898,5 @@ def timers(state: CoreState) -> Iterable[float]:
             yield w.stop.kill_at
     if state.delay_until != math.inf and state.delay_until > 0:
         yield state.delay_until
+    if state.process_stop is not None and state.process_stop.kill_at is not None:
+        yield state.process_stop.kill_at

@@ -28,7 +28,7 @@ NEAR = 0.10
 
 
 def _busy(state: CoreState, obs: Observation, policy: DaemonPolicy, now: float) -> bool:
-    if any(w.phase == Phase.STOPPING for w in state.workers.values()):
+    if any(w.phase == Phase.STOPPING for w in state.workers.values()) or state.process_stop is not None:
         return True
     if any(rs.pending_since is not None or rs.active for rs in state.system_rules.values()):
         return True

@@ -34,6 +34,7 @@ __all__ = [
     "StopState",
     "WorkerState",
     "CoreState",
+    "ProcessStop",
 ]
 
 
@@ -133,6 +134,19 @@ class WorkerState:
 
 
 @dataclass(frozen=True)
+class ProcessStop:
+    """A stop in progress of an unmanaged process (an opt-in victim of a system rule)."""
+
+    pid: int
+    start: int
+    name: str
+    requested_at: float
+    kill_at: float | None
+    severity: int
+    explain: Explanation | None = None
+
+
+@dataclass(frozen=True)
 class CoreState:
     workers: Mapping[str, WorkerState] = field(default_factory=dict)
     system_rules: Mapping[str, RuleState] = field(default_factory=dict)
@@ -142,3 +156,4 @@ class CoreState:
     delay_until: float = 0.0
     shutting_down: bool = False
     oom_kills: Reading = UNKNOWN
+    process_stop: ProcessStop | None = None

@@ -26,7 +26,7 @@ from typing import Any, Mapping, TextIO
 
 import structlog
 
-from ..model import Action, Notice, SetAdmission, Signal, Spawn
+from ..model import Action, Notice, Reclaim, SetAdmission, Signal, SignalProcess, Spawn
 from . import journald
 
 __all__ = ["configure_logging", "resolve_format", "get_logger", "action_event", "LEVELS", "FORMATS"]
@@ -126,6 +126,16 @@ def action_event(action: Action, *, dry_run: bool = False) -> tuple[str, str, di
         fields.update(workload=action.workload, worker=action.worker, pid=action.pid,
                       action=action.event, signal_sent=_signame(action.signum), reason=action.reason)
         message = f"{action.worker} (pid {action.pid}): {action.event}: {action.reason}"
+    elif isinstance(action, SignalProcess):
+        level, event = "warning", action.event
+        fields.update(workload="(unmanaged)", worker=f"{action.name}[{action.pid}]", pid=action.pid,
+                      action=action.event, signal_sent=_signame(action.signum), reason=action.reason, unmanaged=True)
+        message = f"unmanaged {action.name} (pid {action.pid}): {action.event}: {action.reason}"
+    elif isinstance(action, Reclaim):
+        level, event = "info", "reclaim"
+        fields.update(workload=action.workload, worker=action.worker, pid=action.pid, action="reclaim",
+                      reason=action.reason)
+        message = f"{action.worker} (pid {action.pid}): {action.reason}"
     elif isinstance(action, SetAdmission):
         level, event = ("warning" if not action.open else "info"), action.event
         fields.update(workload=action.workload, worker=action.worker, action=action.event, reason=action.reason)
@@ -147,7 +157,7 @@ def action_event(action: Action, *, dry_run: bool = False) -> tuple[str, str, di
         fields.update(rule=explain.rule, when=explain.when, signal=explain.signal, value=explain.value,
                       threshold=explain.threshold, unit=explain.unit, source=explain.source)
         message += f" [{explain.display}]"
-    if dry_run and isinstance(action, (Signal, SetAdmission)):
+    if dry_run and isinstance(action, (Signal, SignalProcess, SetAdmission, Reclaim)):
         fields["dry_run"] = True
         message = "DRY RUN, not done: " + message
     fields["message"] = message

@@ -1,0 +1,118 @@
+"""Processes memguard does not own, for opt-in ``unmanaged:`` victims of system rules.
+
+One pass over /proc per full tick, and only when ``unmanaged:`` is
+configured. Memory is RssAnon + RssShmem from /proc/<pid>/status: cheap
+enough for every process of a machine (PSS would walk page tables).
+Kernel threads, memguard itself, its workers' trees and protected
+processes are never returned.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+from typing import Collection, Iterable, Sequence
+
+from ..model import ProcessSample, Unknown
+from ..policy import UnmanagedMatch
+
+__all__ = ["scan_unmanaged", "alive"]
+
+
+def _read(path: str) -> str:
+    with open(path, "rb") as f:
+        return f.read().decode(errors="replace")
+
+
+def _status(pid: int) -> dict[str, str]:
+    out = {}
+    for line in _read(f"/proc/{pid}/status").splitlines():
+        key, _, value = line.partition(":")
+        out[key] = value.strip()
+    return out
+
+
+def _start(pid: int) -> int | None:
+    try:
+        stat = _read(f"/proc/{pid}/stat")
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def alive(pid: int, start: int) -> bool:
+    """Is the process with this pid still the one that started at ``start`` (and not a zombie)?"""
+    try:
+        stat = _read(f"/proc/{pid}/stat")
+        fields = stat.rsplit(")", 1)[1].split()
+        return int(fields[19]) == start and fields[0] not in ("Z", "X")
+    except (OSError, IndexError, ValueError):
+        return False
+
+
+def _user(uid: int, cache: dict[int, str]) -> str:
+    if uid not in cache:
+        try:
+            cache[uid] = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            cache[uid] = str(uid)
+    return cache[uid]
+
+
+def scan_unmanaged(matchers: Sequence[UnmanagedMatch], exclude: Collection[int],
+                   protect: Iterable[str] = ()) -> tuple[ProcessSample, ...]:
+    if not matchers:
+        return ()
+    compiled = [(m, re.compile(m.cmdline) if m.cmdline else None, re.compile(m.cgroup) if m.cgroup else None)
+                for m in matchers]
+    protected = set(protect)
+    me = os.getpid()
+    users: dict[int, str] = {}
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        if pid in (me, 1) or pid in exclude:
+            continue
+        try:
+            raw = _read(f"/proc/{pid}/cmdline")
+            if not raw:
+                continue  # kernel thread or zombie
+            argv = raw.rstrip("\0").split("\0")
+            cmdline = " ".join(argv)
+            st = _status(pid)
+            name = st.get("Name", "")
+            if name in protected or os.path.basename(argv[0]) in protected:
+                continue
+            if st.get("PPid") == str(me):
+                continue  # memguard's own helpers (the sentinel)
+            uid = int(st.get("Uid", "0").split()[0])
+            user = _user(uid, users)
+            cgroup_text = None
+            for m, cmd_re, cg_re in compiled:
+                if m.user is not None and m.user != user:
+                    continue
+                if cmd_re is not None and not cmd_re.search(cmdline):
+                    continue
+                if cg_re is not None:
+                    cgroup_text = cgroup_text if cgroup_text is not None else _read(f"/proc/{pid}/cgroup")
+                    if not cg_re.search(cgroup_text):
+                        continue
+                start = _start(pid)
+                if start is None:
+                    break
+                try:
+                    anon = int(st.get("RssAnon", "0 kB").split()[0]) * 1024
+                    shmem = int(st.get("RssShmem", "0 kB").split()[0]) * 1024
+                    memory: object = anon + shmem
+                except ValueError:
+                    memory = Unknown("unreadable /proc/<pid>/status")
+                out.append(ProcessSample(pid=pid, start=start, name=name, user=user, memory_bytes=memory,
+                                         priority=m.priority, matcher=m.name or (m.cmdline or m.cgroup or m.user
+                                                                                 or "")))
+                break
+        except (OSError, ValueError):
+            continue
+    return tuple(out)

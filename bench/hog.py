@@ -9,13 +9,20 @@ other end) and then reads go signals, one JSON line each:
                                           are held in all, print "holding N",
                                           then wait for the next line
 
-Memory is taken in chunks of ``--chunk`` bytes (4 MiB) with an anonymous
-``mmap(MAP_POPULATE)``: the kernel faults in and zeroes every page of the
-chunk before ``mmap`` returns, so each chunk is charged to the memory
-cgroup at once (no untouched, uncharged pages). The pace follows a
-monotonic clock: chunk k is taken at ``t0 + k * chunk / rate``, so a late
-chunk (a slow page fault, a descheduled hog) is caught up at once instead
-of shifting the schedule.
+At start the hog reserves one large anonymous mapping (address space
+only, ``MAP_NORESERVE``: nothing is charged yet). It then fills it in
+chunks of ``--chunk`` bytes (4 MiB) with ``madvise(MADV_POPULATE_WRITE)``
+(Linux 5.14+; on older kernels, by writing one byte per page): the kernel
+faults in and zeroes every page of the chunk before the call returns, so
+each chunk is charged to the memory cgroup at once. Filling one
+existing mapping takes page faults, not ``mmap`` calls, so the hog does
+not wait for its address-space lock while memguard reads its
+``/proc/<pid>/smaps_rollup`` (a reader of that lock); ``mmap`` with
+``MAP_POPULATE`` would, and memguard's own reading would then slow the hog.
+
+The pace follows a monotonic clock: chunk k is taken at
+``t0 + k * chunk / rate``, so a late chunk (a slow page fault, a
+descheduled hog) is caught up at once instead of shifting the schedule.
 
 Signals keep their default dispositions: SIGTERM and SIGKILL end the
 process in the kernel, with no Python code in between. At end of file on
@@ -33,21 +40,39 @@ import signal
 import sys
 import time
 
+MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+PAGE = mmap.PAGESIZE
+
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pid-file", required=True)
     ap.add_argument("--fifo", required=True)
     ap.add_argument("--chunk", type=int, default=4 << 20)
+    ap.add_argument("--reserve", type=int, default=16 << 30, help="address space to reserve (bytes)")
     args = ap.parse_args()
+    chunk = args.chunk - args.chunk % PAGE
+
+    area = mmap.mmap(-1, args.reserve, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
+    ones = b"\1" * (chunk // PAGE)
+    populate = True
+
+    def fill(off: int, size: int) -> None:
+        nonlocal populate
+        if populate:
+            try:
+                area.madvise(MADV_POPULATE_WRITE, off, size)
+                return
+            except OSError:  # EINVAL before Linux 5.14
+                populate = False
+        area[off:off + size:PAGE] = ones[: (size + PAGE - 1) // PAGE]
 
     tmp = f"{args.pid_file}.tmp"
     with open(tmp, "w") as f:
         f.write(f"{os.getpid()}\n")
     os.replace(tmp, args.pid_file)
 
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE
-    held: list[mmap.mmap] = []
     taken = 0
     with open(args.fifo, "rb") as f:
         for line in f:
@@ -60,8 +85,11 @@ def main() -> int:
                 delay = t0 + (taken - start) / rate - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
-                size = args.chunk if stop_at is None else min(args.chunk, int(stop_at) - taken)
-                held.append(mmap.mmap(-1, size, flags=flags))
+                size = chunk if stop_at is None else min(chunk, int(stop_at) - taken)
+                size -= size % PAGE
+                if size <= 0 or taken + size > args.reserve:
+                    break
+                fill(taken, size)
                 taken += size
             print(f"holding {taken}", flush=True)
     while True:

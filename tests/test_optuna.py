@@ -44,8 +44,10 @@ class Worker:
                                      text=True, env=full_env)
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.stderr: list[str] = []
-        threading.Thread(target=self._pump, daemon=True).start()
-        threading.Thread(target=self._pump_err, daemon=True).start()
+        self._pumps = [threading.Thread(target=self._pump, daemon=True),
+                       threading.Thread(target=self._pump_err, daemon=True)]
+        for t in self._pumps:
+            t.start()
 
     def _pump(self) -> None:
         assert self.proc.stdout is not None
@@ -84,6 +86,8 @@ class Worker:
         rc = self.proc.wait(PROC_DEADLINE_S)
         if self.proc.stdin:
             self.proc.stdin.close()
+        for t in self._pumps:
+            t.join(PROC_DEADLINE_S)  # all of its output has been read
         return rc
 
     def kill(self) -> None:
@@ -129,6 +133,9 @@ def test_sigint_mid_trial_fails_the_trial_and_requeues_it_once(storage: str, wor
     assert number == 1
     w.proc.send_signal(signal.SIGINT)
     assert w.wait() == -signal.SIGINT
+    err = "".join(w.stderr)
+    assert "memguard: stopped by SIGINT; trial 1 failed and was requeued" in err
+    assert "Traceback" not in err, err
     t = {tr.number: tr for tr in trials(storage)}
     assert t[0].state == TrialState.COMPLETE
     assert t[1].state == TrialState.FAIL

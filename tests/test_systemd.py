@@ -222,8 +222,6 @@ class Booted:
             return ""
 
     def teardown(self) -> None:
-        t0 = time.monotonic()
-        print("PS", self.run("ps", "-ef", check=False).stdout, file=sys.stderr)
         if self.proc is not None and self.proc.poll() is None:
             if self.pid:
                 self.run("systemctl", "poweroff", check=False, timeout=30)
@@ -231,7 +229,6 @@ class Booted:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 pass
-        print("T poweroff", time.monotonic()-t0, file=sys.stderr)
         # Whatever is left (a hung shutdown, a failed boot): the whole subtree, in one write.
         kill = self.cgroup / "cgroup.kill"
         if kill.exists():
@@ -300,9 +297,22 @@ class Booted:
         out = self.systemctl("show", "-p", ",".join(props), UNIT).stdout
         return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
+    @property
+    def journal_dir(self) -> str:
+        """The booted system's (volatile) journal, seen from the host through its PID 1's root."""
+        return f"/proc/{self.pid}/root/run/log/journal"
+
+    def journalctl(self, *args: str, follow: bool = False, **kw: object) -> subprocess.Popen:
+        """The host's journalctl reading the booted system's journal: no nsenter, so a follower can be
+        killed without leaving an orphan in the namespace."""
+        return subprocess.Popen(["journalctl", "-D", self.journal_dir, "--no-pager", "-o", "json", "--all",
+                                 *(["--follow"] if follow else []), *args], **kw)  # type: ignore[call-overload]
+
     def journal(self, *args: str, after: str | None = None) -> list[dict]:
         """``journalctl -o json ARGS``; with ``after``, only the entries after that cursor."""
-        out = self.run("journalctl", "--no-pager", "-o", "json", "--all", *_after(after), *args).stdout
+        proc = self.journalctl(*_after(after), *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, f"journalctl {args} exited {proc.returncode}: {err}"
         entries = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
         return [e for e in entries if e["__CURSOR"] != after]
 
@@ -313,8 +323,8 @@ class Booted:
                    timeout: float = 30, what: str = "") -> dict:
         """The first journal entry after cursor ``after`` with these journalctl matches and pred, waiting
         for it (``journalctl --follow``) up to ``timeout`` seconds."""
-        proc = self._nsenter(["journalctl", "--no-pager", "-o", "json", "--all", "--follow", *_after(after),
-                              *matches], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        proc = self.journalctl(*_after(after), *matches, follow=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL)
         assert proc.stdout is not None
         deadline = time.monotonic() + timeout
         buf = b""
@@ -342,7 +352,8 @@ class Booted:
                     if pred(entry):
                         return entry
         finally:
-            self._kill(proc)
+            proc.kill()
+            proc.wait()
             proc.stdout.close()
         recent = self.run("journalctl", "--no-pager", "-u", UNIT, "-n", "25", check=False).stdout
         raise AssertionError(f"no journal entry {what or matches} within {timeout}s; matching entries seen: "

@@ -77,6 +77,7 @@ DAEMON_KEYS = (
     "oom_score_adj",
     "mlock",
     "unmanaged",
+    "gpu",
 )
 UNMANAGED_KEYS = ("name", "cmdline", "user", "cgroup", "priority")
 WORKLOAD_KEYS = (
@@ -100,10 +101,11 @@ WORKLOAD_KEYS = (
     "growth_window",
     "reclaim_interval",
     "oom_score_adj",
+    "gpus",
 )
 RULE_KEYS = ("name", "when", "for", "action", "release", "grace")
 LOG_KEYS = ("format", "level")
-LIMITS_KEYS = ("memory", "runtime", "memory_high", "swap", "cpu")
+LIMITS_KEYS = ("memory", "runtime", "memory_high", "swap", "cpu", "gpu_memory")
 RESTART_KEYS = ("policy", "backoff", "budget")
 BRAKE_KEYS = ("refusals", "after")
 RECYCLE_KEYS = ("max_trials", "max_age", "jitter")
@@ -850,8 +852,9 @@ def _read_limits(f: _File, node: Node) -> tuple[Limits | None, bool]:
     high = f.get(entries, "memory_high", "limits", _p_size_positive, SIZE_EXPECTED)
     swap = f.get(entries, "swap", "limits", _p_size_nonneg, SIZE_EXPECTED)
     cpu = f.get(entries, "cpu", "limits", _p_cores, "a number of cores such as 2 or 0.5")
+    gpu_memory = f.get(entries, "gpu_memory", "limits", _p_size_positive, SIZE_EXPECTED)
     has_memory = "memory" in entries
-    if BAD in (memory, runtime, high, swap, cpu):
+    if BAD in (memory, runtime, high, swap, cpu, gpu_memory):
         return None, has_memory
     if high is not None and memory is not None and high > memory:
         f.issue(entries["memory_high"][1], "limits.memory_high",
@@ -864,6 +867,7 @@ def _read_limits(f: _File, node: Node) -> tuple[Limits | None, bool]:
         memory_high_bytes=high,
         swap_bytes=swap,
         cpu=cpu,
+        gpu_memory_bytes=gpu_memory,
     ), has_memory
 
 
@@ -905,6 +909,20 @@ def _read_unmanaged(f: "_File", node: Node) -> tuple[UnmanagedMatch, ...] | None
         out.append(UnmanagedMatch(cmdline=cmdline, user=user, cgroup=cgroup, priority=priority or 0,
                                   name=name or f"unmanaged[{i}]"))
     return None if bad else tuple(out)
+
+
+def _p_gpu(v: object) -> str:
+    if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+        return str(v)
+    if isinstance(v, str) and re.fullmatch(r"[0-9]+|(GPU|MIG)-[0-9A-Za-z/-]+", v):
+        return v
+    raise ValueError(f"expected a GPU index such as 0 or a UUID such as GPU-5fa9..., got {_describe(v)}")
+
+
+def _p_autooff(v: object) -> str:
+    if v is False:
+        return "off"
+    return _p_choice(("auto", "off"))(v)
 
 
 def _p_tristate(v: object) -> str:
@@ -1029,7 +1047,25 @@ def _read_workload(f: _File, root: Node) -> WorkloadPolicy | None:
     growth_window = f.get(entries, "growth_window", "", _p_duration(0.0, strict=True), DURATION_EXPECTED)
     reclaim_interval = f.get(entries, "reclaim_interval", "", _p_duration(0.0), DURATION_EXPECTED)
     oom_adj = f.get(entries, "oom_score_adj", "", _p_int(-1000, 1000), "a whole number from -1000 to 1000")
+    gpus: tuple[str, ...] | None = ()
+    if "gpus" in entries:
+        items = f.sequence(entries["gpus"][1], "gpus", "a list of GPU indexes or UUIDs such as [0, 1]")
+        if items is None:
+            gpus = None
+        else:
+            vals = [f.value(n, f"gpus[{i}]", _p_gpu, "a GPU index or UUID") for i, n in enumerate(items)]
+            gpus = None if BAD in vals else tuple(vals)
 
+    # A percentage of worker.gpu_memory is a percentage of limits.gpu_memory.
+    if limits is not None and limits.gpu_memory_bytes is None:
+        for d in drafts:
+            if d.rule is None:
+                continue
+            for c in comparisons(d.rule.when):
+                if c.signal == "worker.gpu_memory" and c.unit == "percent":
+                    f.issue(d.entries["when"][1], f"rules[{d.index}].when",
+                            f"{c.text!r} is a percentage of limits.gpu_memory, which this workload does not set: "
+                            "set limits.gpu_memory, or compare with a size such as 6GiB")
     # A percentage of worker.memory is a percentage of limits.memory.
     if not has_memory:
         for d in drafts:
@@ -1064,6 +1100,7 @@ def _read_workload(f: _File, root: Node) -> WorkloadPolicy | None:
         grace_s=grace if grace is not None else _default(WorkloadPolicy, "grace_s"),
         stop_signal=stop_signal if stop_signal is not None else _default(WorkloadPolicy, "stop_signal"),
         oom_score_adj=oom_adj if oom_adj is not None else _default(WorkloadPolicy, "oom_score_adj"),
+        gpus=gpus or (),
         brake=brake or Brake(),
         recycle=recycle or Recycle(),
         trial_timeout_s=trial_timeout,
@@ -1101,6 +1138,7 @@ def _read_daemon(f: _File, root: Node) -> tuple[dict[str, Any] | None, str | Non
     worker_cgroups = f.get(entries, "worker_cgroups", "", _p_tristate, "auto, on or off")
     own_oom = f.get(entries, "oom_score_adj", "", _p_int(-1000, 1000), "a whole number from -1000 to 1000")
     mlock = f.get(entries, "mlock", "", _p_bool, "true or false")
+    gpu = f.get(entries, "gpu", "", _p_autooff, "auto or off")
     unmanaged = _read_unmanaged(f, entries["unmanaged"][1]) if "unmanaged" in entries else ()
 
     protect: tuple[str, ...] | None = ()
@@ -1163,6 +1201,7 @@ def _read_daemon(f: _File, root: Node) -> tuple[dict[str, Any] | None, str | Non
         oom_score_adj=own_oom if own_oom is not None else base.oom_score_adj,
         mlock=mlock if mlock is not None else base.mlock,
         unmanaged=unmanaged or (),
+        gpu=gpu if gpu is not None else base.gpu,
         source=f"{f.display}:1",
     )
     return fields, shown_dir, wnode

@@ -28,12 +28,14 @@ from .config import ConfigError, load_config
 from .decide.core import all_stopped, begin_shutdown, reconcile, step
 from .decide.pacing import fast_path_interval, next_full_tick
 from .decide.state import CoreState, Phase
-from .model import Action, Exited, Observation, Pressure, Spawned, WorkerEvent, WorkerSample
+from .model import (Action, Exited, GpuDeviceReading, Observation, Pressure, Spawned, WorkerEvent, WorkerSample,
+                    is_known)
 from .policy import DaemonPolicy
 from .report.log import action_event, get_logger
 from .report.notify import Notifier
 from .sense.cgroup import ScopeReader, choose_scope
 from .sense.procs import TreeTracker
+from .sense.gpu import GpuReading, GpuSensor, attribute_all, host_pid_map
 from .sense.psi import read_pressure
 from .sense.unmanaged import scan_unmanaged
 from .units import format_size
@@ -41,6 +43,22 @@ from .units import format_size
 __all__ = ["Daemon", "default_runtime_dir"]
 
 _HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def gpu_observation(reading: GpuReading, samples: dict[str, WorkerSample], trees: dict[str, list[int]],
+                    pid_map: Any = None) -> tuple[tuple[GpuDeviceReading, ...], dict[str, WorkerSample]]:
+    """Turn an NVML reading into the model's values: device figures, and each worker's GPU memory."""
+    devices = tuple(GpuDeviceReading(d.index, d.total_bytes, d.used_bytes, d.free_bytes,
+                                     d.name if isinstance(d.name, str) else "") for d in reading.devices)
+    if not reading.devices:
+        return devices, samples
+    att = attribute_all(reading, trees, pid_map)
+    out = dict(samples)
+    for name, sample in samples.items():
+        wg = att.workers.get(name)
+        if wg is not None:
+            out[name] = replace(sample, gpu_memory_bytes=wg.total_bytes, gpu_per_device=dict(wg.per_device))
+    return devices, out
 
 
 def mlockall() -> str | None:
@@ -78,6 +96,9 @@ class Daemon:
         self.samples: dict[str, WorkerSample] = {}
         self.pressure = Pressure()
         self.unmanaged: tuple = ()
+        self.gpu = GpuSensor() if policy.gpu != "off" else None
+        self.gpus: tuple[GpuDeviceReading, ...] = ()
+        self.gpu_problems: tuple = ()
         self.scope: ScopeReader = choose_scope(policy.scope)
         self.runtime_dir = policy.runtime_dir or default_runtime_dir()
         self.children = ChildSupervisor(self._on_event, self._on_output, clock=clock)
@@ -173,6 +194,8 @@ class Daemon:
             pressure_path = self.scope.cgroup.pressure_path() if (
                 self.scope.kind == "cgroup" and self.scope.cgroup is not None) else None
             self.pressure = read_pressure(pressure_path) if pressure_path else read_pressure()
+            if self.gpu is not None and self.gpu.enabled:
+                await self._read_gpu()
             if self.policy.unmanaged:
                 exclude = {pid for name in self.samples for pid, _ in self.tracker.members(name, refresh=False)}
                 if self.children.sentinel_pid:
@@ -182,7 +205,22 @@ class Daemon:
         events = tuple(self.pending)
         self.pending.clear()
         return Observation(at=self.clock(), scope=scope, pressure=self.pressure, workers=dict(self.samples),
-                           events=events, full=full, unmanaged=self.unmanaged)
+                           events=events, full=full, unmanaged=self.unmanaged, gpus=self.gpus)
+
+    async def _read_gpu(self) -> None:
+        assert self.gpu is not None
+        reading = await self.gpu.read_async()
+        trees = {name: [pid for pid, _ in self.tracker.members(name, refresh=False)] for name in self.samples}
+        pid_map = host_pid_map([p for pids in trees.values() for p in pids])
+        self.gpus, self.samples = gpu_observation(reading, self.samples, trees, pid_map)
+        if reading.problems != self.gpu_problems:
+            for problem in reading.problems:
+                if problem not in self.gpu_problems:
+                    self.log.warning("gpu_problem", device=problem.device, kind=problem.kind,
+                                     message=f"GPU {problem.device if problem.device is not None else '(all)'}: "
+                                             f"{problem.kind}: {problem.message}; its readings are unknown "
+                                             f"this tick (unknown never escalates)")
+            self.gpu_problems = reading.problems
 
     # ------------------------------------------------------------------ the loop
 
@@ -202,6 +240,8 @@ class Daemon:
             await self.children.close()
             if self.cgroups is not None:
                 self.cgroups.close()
+            if self.gpu is not None:
+                self.gpu.close()
 
     def _started(self) -> None:
         p = self.policy
@@ -234,6 +274,15 @@ class Daemon:
         self._protect_self()
         self._started()
         self.log.info("cgroups", message=self.cgroup_note)
+        if self.gpu is not None:
+            started = await asyncio.get_running_loop().run_in_executor(None, self.gpu.start)
+            if started.enabled:
+                names = ", ".join(f"{d.index}: {d.name} {format_size(d.total_bytes) if is_known(d.total_bytes) else '?'}"
+                                  for d in started.devices)
+                self.log.info("gpu", devices=len(started.devices), message=f"GPU sensing on: {names}")
+            else:
+                self.log.info("gpu", jetson=started.jetson, message=f"GPU sensing off: {started.reason}"
+                              + (" GPU memory is system RAM here: the RAM rules cover it." if started.jetson else ""))
         now = self.clock()
         self.state, actions = reconcile(self.state, self.policy, now, reason="start")
         self._execute(actions)
@@ -337,6 +386,11 @@ class Daemon:
         parts = [f"{counts.get('running', 0)} running", f"{blocked} blocked", f"{counts.get('failed', 0)} failed"]
         if self.kernel_oom_kills:
             parts.append(f"{self.kernel_oom_kills} kernel OOM kills")
+        for g in self.gpus:
+            if is_known(g.used_bytes) and is_known(g.total_bytes):
+                parts.append(f"gpu{g.index} {format_size(g.used_bytes)}/{format_size(g.total_bytes)}")
+            else:
+                parts.append(f"gpu{g.index} unknown")
         obs = self.last_obs
         if obs is not None:
             avail = obs.scope.available_bytes

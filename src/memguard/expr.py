@@ -42,6 +42,7 @@ class Comparison:
     threshold: float
     unit: str
     text: str
+    device: str | None = None  # gpu[0].used -> "0"; None: any device
 
     def describe_threshold(self) -> str:
         if self.unit == "bytes":
@@ -66,7 +67,7 @@ Expr = Union[Comparison, BoolOp]
 _TOKEN = re.compile(
     r"\s*(?:(?P<op><=|>=|==|!=|<|>)|(?P<lp>\()|(?P<rp>\))"
     r"|(?P<num>(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[A-Za-z%]+(?:/[smh])?)?)"
-    r"|(?P<name>[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*))"
+    r"|(?P<name>[A-Za-z_][A-Za-z0-9_]*(?:\[[0-9]+(?::[0-9]+)?\])?(?:\.[A-Za-z_][A-Za-z0-9_]*)*))"
 )
 _OPS = {"<", "<=", ">", ">=", "==", "!="}
 
@@ -139,6 +140,13 @@ class _Parser:
         if tok[0] != "name" or tok[1] in ("and", "or"):
             raise ExprError(f"expected a signal name at column {tok[2] + 1}, got {tok[1]!r}")
         name, start = tok[1], tok[2]
+        device = None
+        if "[" in name:
+            head, _, rest = name.partition("[")
+            device, _, tail = rest.partition("]")
+            name = head + tail
+            if head != "gpu":
+                raise ExprError(f"only gpu signals take a device index, as in gpu[0].used; got {tok[1]!r}")
         spec = SIGNALS.get(name)
         if spec is None:
             hint = suggest(name, SIGNALS)
@@ -158,7 +166,7 @@ class _Parser:
             raise ExprError(f"expected a value after '{name} {op[1]}', got {val[1]!r}")
         threshold, unit = _value(spec, name, val[1])
         text = self.text[start: val[2] + len(val[1])]
-        return Comparison(name, op[1], threshold, unit, text)
+        return Comparison(name, op[1], threshold, unit, text, device)
 
 
 def _value(spec: SignalSpec, name: str, raw: str) -> tuple[float, str]:

@@ -27,6 +27,7 @@ __all__ = [
     "Pressure",
     "WorkerSample",
     "ProcessSample",
+    "GpuDeviceReading",
     "Spawned",
     "SpawnFailed",
     "Exited",
@@ -153,6 +154,20 @@ class WorkerSample:
     processes: int = 1
     protected: bool = False
     source: str = "tree"  # "tree" | "cgroup"
+    # GPU memory of the tree's processes (NVML), in total and per device index.
+    gpu_memory_bytes: Reading = UNKNOWN
+    gpu_per_device: Mapping[str, Reading] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GpuDeviceReading:
+    """One GPU (or MIG device, index "0:1") as read this tick; bytes or Unknown."""
+
+    index: str
+    total_bytes: Reading
+    used_bytes: Reading
+    free_bytes: Reading
+    name: str = ""
 
 
 @dataclass(frozen=True)
@@ -247,6 +262,7 @@ class Observation:
     events: tuple[WorkerEvent, ...] = ()
     full: bool = True
     unmanaged: tuple[ProcessSample, ...] = ()
+    gpus: tuple[GpuDeviceReading, ...] = ()
 
 
 # ---------------------------------------------------------------------------

@@ -113,6 +113,9 @@ class Limits:
     memory_high_bytes: int | None = None  # cgroup v2 throttle point (memory.high)
     swap_bytes: int | None = None  # swap the worker's cgroup may use
     cpu: float | None = None  # CPU quota in cores (cgroup v2 cpu.max)
+    # The worker's GPU memory budget: the base of `worker.gpu_memory`
+    # percentages, and MEMGUARD_GPU_MEMORY_LIMIT in its environment.
+    gpu_memory_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -171,11 +174,12 @@ class WorkloadPolicy:
     # 30 s between two reclaim requests of one rule: a reclaim is cheap, but a
     # worker asked every tick would spend its time in gc.collect().
     reclaim_interval_s: float = 30.0
+    gpus: tuple[str, ...] = ()  # devices the workload is pinned to: CUDA_VISIBLE_DEVICES
     source: str = ""
 
     def spec_key(self) -> tuple:
         """What a running worker was started with: a change restarts it on reload."""
-        return (self.command, self.user, self.group, self.working_dir, self.environment, self.limits)
+        return (self.command, self.user, self.group, self.working_dir, self.environment, self.limits, self.gpus)
 
     def worker_names(self) -> list[str]:
         return [f"{self.name}-{i}" for i in range(self.replicas)]
@@ -229,6 +233,7 @@ class DaemonPolicy:
     # the machine swaps or thrashes, as earlyoom and nohang do.
     mlock: bool = True
     unmanaged: tuple[UnmanagedMatch, ...] = ()
+    gpu: str = "auto"  # "auto": NVML sensing when a driver is there; "off"
     log_format: str = "auto"  # "auto" | "console" | "json"
     log_level: str = "info"
     workloads: tuple[WorkloadPolicy, ...] = ()

@@ -60,6 +60,14 @@ SIGNALS: dict[str, SignalSpec] = {
         _s("psi.full_avg10", "system", "percent", None,
            "Share of the last 10 s in which all non-idle tasks stalled on memory (PSI 'full': thrashing)."),
         _s("psi.full_avg60", "system", "percent", None, "PSI 'full' averaged over 60 s."),
+        _s("gpu.used", "system", "bytes", "gpu.total",
+           "GPU memory in use on a device (NVML). `gpu.used` holds when any device matches; `gpu[0].used` "
+           "names one device (`gpu[0:1].used` a MIG device). A percentage is of that device's total."),
+        _s("gpu.free", "system", "bytes", "gpu.total",
+           "GPU memory free on a device; `gpu.free` any device, `gpu[N].free` one."),
+        _s("worker.gpu_memory", "worker", "bytes", "limits.gpu_memory",
+           "GPU memory used by the worker's whole process tree, all devices (NVML per-process figures; a "
+           "child's allocations count for the worker). A percentage is of the workload's limits.gpu_memory."),
         _s("worker.memory", "worker", "bytes", "limits.memory",
            "The worker's whole process tree, each shared page counted once (PSS), or its cgroup's working set. "
            "A percentage is of the workload's limits.memory."),

@@ -45,6 +45,10 @@ def worker_environment(base: Mapping[str, str], wl: WorkloadPolicy, worker: str,
     })
     if wl.limits.memory_bytes:
         env["MEMGUARD_MEMORY_LIMIT"] = str(wl.limits.memory_bytes)
+    if wl.limits.gpu_memory_bytes:
+        env["MEMGUARD_GPU_MEMORY_LIMIT"] = str(wl.limits.gpu_memory_bytes)
+    if wl.gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(wl.gpus)
     return env
 
 

@@ -22,6 +22,7 @@ import zlib
 from dataclasses import replace
 from typing import Iterable
 
+from ..diagnose import classify_output
 from ..expr import parse_expr
 from ..model import (
     Action,
@@ -288,6 +289,13 @@ def _on_exit(s: _Step, w: WorkerState, ev: Exited) -> None:
         fields["returncode"] = ev.returncode
     if ev.signal is not None:
         fields["exit_signal"] = signal_name(ev.signal)
+    diagnosis = classify_output(ev.last_lines) if ev.last_lines else None
+    if diagnosis is not None:
+        fields.update(oom_line=diagnosis.line, oom_source=diagnosis.source)
+        if diagnosis.gpu is not None:
+            fields["gpu"] = diagnosis.gpu
+        if diagnosis.requested_bytes is not None:
+            fields["requested_bytes"] = diagnosis.requested_bytes
     if stop is not None:
         kind = "stopped"
         detail = (f"stopped by memguard ({stop.event}, rule {stop.rule})" if stop.rule
@@ -297,6 +305,10 @@ def _on_exit(s: _Step, w: WorkerState, ev: Exited) -> None:
         kind = "kernel_oom"
         detail = "killed by the kernel OOM killer" + (
             f" {ev.oom_detail}" if ev.oom_detail else "" if ev.kernel_oom else " (the scope's OOM kill counter rose)")
+        clean = False
+    elif diagnosis is not None:
+        kind = diagnosis.kind
+        detail = f"{diagnosis.describe()}: {diagnosis.line!r}"
         clean = False
     elif ev.signal is not None:
         kind = "signal"
@@ -315,7 +327,7 @@ def _on_exit(s: _Step, w: WorkerState, ev: Exited) -> None:
         fields["leftovers_killed"] = ev.leftovers
     if not clean and ev.last_lines:
         fields["last_lines"] = list(ev.last_lines[-5:])
-    level = "warning" if kind in ("kernel_oom", "signal", "failed") else "info"
+    level = "warning" if kind in ("kernel_oom", "signal", "failed", "gpu_oom", "host_oom_python") else "info"
     s.emit(Notice("exit", level=level, worker=w.name, workload=w.workload, pid=ev.pid, reason=detail,
                   explain=stop.explain if stop else None, fields=fields))
     if s.victim == (w.name, w.incarnation):
@@ -457,13 +469,17 @@ def _system_values(obs: Observation) -> dict[str, object]:
 
 
 def _system_context(obs: Observation) -> Context:
+    gpus = {g.index: {"gpu.used": g.used_bytes, "gpu.free": g.free_bytes, "gpu.total": g.total_bytes}
+            for g in obs.gpus}
     return Context(values=_system_values(obs),
-                   bases={"memory.total": obs.scope.total_bytes, "swap.total": obs.scope.swap_total_bytes})
+                   bases={"memory.total": obs.scope.total_bytes, "swap.total": obs.scope.swap_total_bytes},
+                   gpus=gpus)
 
 
 def worker_context(w: WorkerState, wl: WorkloadPolicy, system: Context, now: float) -> Context:
     values = dict(system.values)
     values["worker.memory"] = w.memory
+    values["worker.gpu_memory"] = w.sample.gpu_memory_bytes if w.sample is not None else UNKNOWN
     values["worker.age"] = (now - w.started_at) if w.started_at is not None else UNKNOWN
     values["worker.processes"] = w.sample.processes if w.sample is not None else UNKNOWN
     window = wl.restart.budget_window_s
@@ -476,7 +492,9 @@ def worker_context(w: WorkerState, wl: WorkloadPolicy, system: Context, now: flo
     values["worker.growth"] = growth_rate(w.history, wl.growth_window_s)
     bases = dict(system.bases)
     bases["limits.memory"] = wl.limits.memory_bytes if wl.limits.memory_bytes else Unknown("no limits.memory")
-    return Context(values=values, bases=bases)
+    bases["limits.gpu_memory"] = (wl.limits.gpu_memory_bytes if wl.limits.gpu_memory_bytes
+                                  else Unknown("no limits.gpu_memory"))
+    return Context(values=values, bases=bases, gpus=system.gpus)
 
 
 def growth_rate(history: tuple[tuple[float, float], ...], window_s: float) -> object:
@@ -737,12 +755,22 @@ def _victim_locked(s: _Step) -> bool:
     return s.now < s.delay_until
 
 
-def _rank(s: _Step) -> list[WorkerState]:
-    """Victim order under system pressure: lowest priority first, then the largest."""
+def _rank(s: _Step, gpu_device: str | None = None) -> list[WorkerState]:
+    """Victim order under system pressure: lowest priority first, then the largest.
+
+    Under GPU pressure (``gpu_device``: the device whose reading fired the
+    rule, "*" for any) "largest" is the GPU memory held on that device.
+    """
+    def size(w: WorkerState) -> float:
+        if gpu_device is None:
+            return float(w.memory) if is_known(w.memory) else -1.0
+        if w.sample is None:
+            return -1.0
+        v = w.sample.gpu_memory_bytes if gpu_device == "*" else w.sample.gpu_per_device.get(gpu_device, 0)
+        return float(v) if is_known(v) else -1.0
+
     def key(w: WorkerState) -> tuple:
-        wl = s.workload(w)
-        mem = float(w.memory) if is_known(w.memory) else -1.0
-        return (wl.priority, -mem, w.name)
+        return (s.workload(w).priority, -size(w), w.name)
 
     # A worker not measured yet cannot be shown to be unprotected: never a candidate.
     return sorted((w for w in s.workers.values()
@@ -794,8 +822,13 @@ def _system_stop(s: _Step, rule: Rule, rs: RuleState, ex: Explanation, obs: Obse
                     s.victim_severity = severity
                     s.system_rules[rule.key] = RuleState(fired_at=s.now, explain=ex)
                     return
-    candidates = _rank(s)
-    procs = sorted((p for p in obs.unmanaged if is_known(p.memory_bytes)),
+    gpu_device = None
+    if ex.signal.startswith("gpu["):
+        gpu_device = ex.signal[4:ex.signal.index("]")]
+    elif ex.signal.startswith("gpu."):
+        gpu_device = "*"
+    candidates = _rank(s, gpu_device)
+    procs = [] if gpu_device is not None else sorted((p for p in obs.unmanaged if is_known(p.memory_bytes)),
                    key=lambda p: (p.priority, -float(p.memory_bytes), p.pid))
     best_proc = procs[0] if procs else None
     if best_proc is not None and (not candidates or (best_proc.priority, -float(best_proc.memory_bytes)) < (
@@ -812,8 +845,14 @@ def _system_stop(s: _Step, rule: Rule, rs: RuleState, ex: Explanation, obs: Obse
         return
     victim = candidates[0]
     wl = s.workload(victim)
-    mem = format_size(float(victim.memory)) if is_known(victim.memory) else "unknown"
-    detail = (f"{ex.display}; victim {victim.name} (priority {wl.priority}, memory {mem}, "
+    if gpu_device is not None and victim.sample is not None:
+        g = (victim.sample.gpu_memory_bytes if gpu_device == "*"
+             else victim.sample.gpu_per_device.get(gpu_device, 0))
+        where = "all GPUs" if gpu_device == "*" else f"GPU {gpu_device}"
+        mem = f"GPU memory {format_size(float(g)) if is_known(g) else 'unknown'} on {where}"
+    else:
+        mem = "memory " + (format_size(float(victim.memory)) if is_known(victim.memory) else "unknown")
+    detail = (f"{ex.display}; victim {victim.name} (priority {wl.priority}, {mem}, "
               f"largest of {len(candidates)} candidate(s) at that priority)")
     ex = replace(ex, display=detail)
     _stop_for_rule(s, victim, rule, ex, system_rule=True)

@@ -10,7 +10,7 @@ escalates (invariant 1).
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 from ..expr import BoolOp, Comparison, Expr
@@ -36,9 +36,34 @@ class Context:
 
     values: Mapping[str, Reading]
     bases: Mapping[str, Reading]  # "memory.total", "swap.total", "limits.memory"
+    # GPU devices by index: {"0": {"gpu.used": .., "gpu.free": .., "gpu.total": ..}}
+    gpus: Mapping[str, Mapping[str, Reading]] = field(default_factory=dict)
+
+    def gpu_values(self, c: Comparison) -> list[tuple[str, Reading, Reading, Reading]]:
+        """(device, value in the comparison's unit, raw bytes, device total) for each device ``c`` is about."""
+        out = []
+        for index, dev in sorted(self.gpus.items()):
+            if c.device is not None and index != c.device:
+                continue
+            raw = dev.get(c.signal, Unknown("no reading"))
+            total = dev.get("gpu.total", Unknown("no total"))
+            if c.unit == "percent":
+                if is_known(raw) and is_known(total) and total > 0:
+                    out.append((index, 100.0 * float(raw) / float(total), raw, total))
+                else:
+                    out.append((index, Unknown("unknown"), raw, total))
+            else:
+                out.append((index, raw, raw, total))
+        return out
 
     def value(self, c: Comparison) -> Reading:
         """The reading of ``c.signal`` in the comparison's unit."""
+        if c.signal.startswith("gpu."):
+            vals = [v for _, v, _, _ in self.gpu_values(c) if is_known(v)]
+            if not vals:
+                return Unknown("no GPU reading")
+            # the device closest to firing decides (any device may fire the rule)
+            return min(vals) if c.op in ("<", "<=") else max(vals)
         raw = self.values.get(c.signal, Unknown("no such reading"))
         if not is_known(raw):
             return raw
@@ -60,6 +85,12 @@ class Context:
 
 
 def _compare(c: Comparison, ctx: Context) -> bool | None:
+    if c.signal.startswith("gpu."):
+        results = [None if not is_known(v) else _OPS[c.op](float(v), c.threshold)
+                   for _, v, _, _ in ctx.gpu_values(c)]
+        if any(r is True for r in results):
+            return True
+        return None if (not results or any(r is None for r in results)) else False
     v = ctx.value(c)
     if not is_known(v):
         return None
@@ -109,6 +140,15 @@ def explain(rule_name: str, when_text: str, expr: Expr, ctx: Context, source: st
     if c is None:
         return Explanation(rule_name, when_text, "", None, None, "", f"{when_text}", source)
     spec = SIGNALS[c.signal]
+    if c.signal.startswith("gpu."):
+        for index, v, raw_b, total in ctx.gpu_values(c):
+            if is_known(v) and _OPS[c.op](float(v), c.threshold):
+                name = c.signal.replace("gpu.", f"gpu[{index}].")
+                shown = format_size(float(raw_b)) + (
+                    f" ({float(v):.1f}% of {format_size(float(total))})" if c.unit == "percent" else "")
+                threshold_abs = (c.threshold / 100.0 * float(total)) if c.unit == "percent" else c.threshold
+                display = f"{name} {shown} {c.op} {c.describe_threshold()}"
+                return Explanation(rule_name, when_text, name, float(raw_b), threshold_abs, "bytes", display, source)
     raw = ctx.values.get(c.signal)
     value = float(raw) if raw is not None and is_known(raw) else None
     base = ctx.base_bytes(c)

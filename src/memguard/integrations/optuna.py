@@ -53,6 +53,7 @@ import inspect
 import signal
 import sys
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
@@ -300,6 +301,7 @@ class RetryStoppedTrials:
         study.enqueue_trial(stopped.params, user_attrs={ATTR_RETRY_OF: original, ATTR_REASON: stopped.reason,
                                                         ATTR_RETRIES: used})
         self.enqueued.append(stopped.number)
+        _requeued.add(stopped.number)
         return True
 
 
@@ -330,9 +332,37 @@ def _exit_like_sigint(stop: MemguardStop) -> None:
     """Raise a plain KeyboardInterrupt: uncaught, the interpreter then ends by SIGINT (status 130).
 
     Python does that only for KeyboardInterrupt itself, not for a subclass
-    (which would end with status 1, like a crash).
+    (which would end with status 1, like a crash). If nothing catches it,
+    the process prints one line about the stop instead of two tracebacks.
     """
-    raise KeyboardInterrupt(str(stop)) from stop
+    done = ", ".join(f"trial {t.number} failed and was requeued" if t.number in _requeued
+                     else f"trial {t.number} failed" for t in stop.trials)
+    message = f"{stop}" + (f"; {done}" if done else "; no trial was running")
+    _install_quiet_hook()
+    exc = KeyboardInterrupt(message)
+    _quiet.add(id(exc))
+    raise exc from stop
+
+
+_requeued: set[int] = set()
+_quiet: set[int] = set()
+_hook_installed = False
+
+
+def _install_quiet_hook() -> None:
+    global _hook_installed
+    if _hook_installed:
+        return
+    _hook_installed = True
+    previous = sys.excepthook
+
+    def hook(etype: Any, value: Any, tb: Any) -> None:
+        if id(value) in _quiet:
+            print(f"memguard: {value}", file=sys.stderr, flush=True)
+            return
+        previous(etype, value, tb)
+
+    sys.excepthook = hook
 
 
 def optimize(
@@ -417,6 +447,7 @@ def rdb_storage(url: str, *, heartbeat_interval_s: int = 60, grace_period_s: int
     PostgreSQL and MySQL URLs. Other keyword arguments go to ``RDBStorage``.
     """
     import optuna
+    import sqlalchemy.exc
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -428,5 +459,18 @@ def rdb_storage(url: str, *, heartbeat_interval_s: int = 60, grace_period_s: int
             else:  # optuna 3.x and 4.x
                 kwargs.setdefault("failed_trial_callback",
                                   optuna.storages.RetryFailedTrialCallback(max_retry=max_retry))
-        return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_interval_s,
-                                          grace_period=grace_period_s, **kwargs)
+        # Workers started together on a new database race to create its tables; the loser sees
+        # "table ... already exists" (SQLite) or a duplicate key. Once the winner is done, it works.
+        for attempt in range(_CREATE_ATTEMPTS):
+            try:
+                return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_interval_s,
+                                                  grace_period=grace_period_s, **kwargs)
+            except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError):
+                if attempt == _CREATE_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+#: Five tries, 0.2 s to 0.8 s apart (2 s in all): the schema is created in well under a second.
+_CREATE_ATTEMPTS = 5

@@ -261,8 +261,14 @@ class Daemon:
             with open("/proc/self/oom_score_adj", "w") as f:
                 f.write(str(self.policy.oom_score_adj))
         except OSError as e:
-            self.log.warning("self_protection", message=f"cannot set memguard's oom_score_adj to "
-                                                        f"{self.policy.oom_score_adj}: {e}")
+            try:
+                with open("/proc/self/oom_score_adj") as f:
+                    current = f.read().strip()
+            except OSError:
+                current = "?"
+            self.log.info("self_protection", message=(
+                f"memguard's oom_score_adj stays {current}: lowering it to {self.policy.oom_score_adj} needs "
+                f"CAP_SYS_RESOURCE ({e.strerror}); workers still run higher, so the kernel picks them first"))
         if self.policy.mlock:
             err = mlockall()
             if err:

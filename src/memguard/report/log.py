@@ -87,17 +87,13 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | N
     return fmt
 
 
-_CONSOLE_HIDDEN = {"message", "when", "signal", "value", "threshold", "unit", "source", "reason", "rule",
-                   "workload", "worker", "pid", "action", "signal_sent", "incarnation"}
-
-
 def _console_view(logger: Any, name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
     """For people: the event name and its sentence; the numbers stay in the JSON form."""
     message = event_dict.get("message")
     if message:
-        event_dict["event"] = f"{event_dict['event']:<12} {message}"
-        for key in _CONSOLE_HIDDEN:
-            event_dict.pop(key, None)
+        # The sentence carries the numbers; the JSON form keeps every field.
+        return {"event": f"{event_dict['event']:<12} {message}", "level": event_dict.get("level"),
+                "timestamp": event_dict.get("timestamp")}
     return event_dict
 
 

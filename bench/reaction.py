@@ -13,11 +13,14 @@ tmpfs (/dev/shm) by a process placed in that cgroup leaves about 4 GiB
 available; memguard runs inside the cgroup (``scope: auto`` picks the
 cgroup) with one system rule ``memory.available < 2GiB`` and one worker,
 the hog (bench/hog.py), which on a go signal allocates at 1 or 2 GB/s.
-This script samples the cgroup's figures from outside the cgroup every
-~0.25 ms and records the lowest available memory, the moment available
-first fell below 2 GiB, the moment the hog exited (pidfd), and the kernel
-OOM kills. A second part measures the daemon's CPU use idle and while
-memory is held just above the threshold.
+Just before the go, this script touches and frees 3 GiB outside the
+cgroup (see warm_up()), then samples the cgroup's figures from its own
+process, outside the cgroup, every ~0.3 ms and records the lowest
+available memory, the moment available first fell below 2 GiB, the
+moment the hog exited (pidfd), the hog's real rate and the kernel OOM
+kills. A second part measures the daemon's CPU use idle and while memory
+is held just above the threshold. A fresh cgroup, balloon and daemon
+serve each run.
 
 See docs/benchmarks.md for what the figures mean. Results go to
 bench/results/reaction-<date>.json and a summary to standard output.
@@ -59,7 +62,7 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 HOG = REPO / "bench" / "hog.py"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-LAST_TRACE: dict = {}
+KEEP_TRACES = False             # --traces: keep the samples around each crossing in the results
 
 
 class Refused(Exception):
@@ -668,6 +671,11 @@ def reaction_run(parent: Cgroup, rate: float, action: str, rep: int) -> dict[str
             elif timed_out and now > deadline:
                 raise RunFailed("the hog survived SIGKILL for 10 s")
         avail_after_exit = cg.available()
+        crossing_sampled = t_cross is not None
+        if t_cross is None and t_min is not None and min_avail < THRESHOLD + 16 * MiB:
+            # Stopped within one sample of the threshold: no sample fell below
+            # it. The lowest sample stands for the crossing.
+            t_cross = t_min
         m1 = machine_cpu()
         ru1 = resource.getrusage(resource.RUSAGE_SELF)
         sampler_cpu = (ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime) / (t_exit - t_go)
@@ -680,8 +688,6 @@ def reaction_run(parent: Cgroup, rate: float, action: str, rep: int) -> dict[str
             lo, hi = bisect.bisect_left(trace_t, t_cross - 0.05), bisect.bisect_left(trace_t, t_cross + 0.05)
             gap_near_cross = max((trace_t[i] - trace_t[i - 1] for i in range(max(lo, 1), min(hi, len(trace_t)))),
                                  default=None)
-        global LAST_TRACE
-        LAST_TRACE = {"t_go": t_go, "t_cross": t_cross, "t_exit": t_exit, "t": trace_t, "a": trace_a}
         after = cg.counters()
         vm_after = vmstat_oom_kills()
 
@@ -718,6 +724,7 @@ def reaction_run(parent: Cgroup, rate: float, action: str, rep: int) -> dict[str
             "min_available_bytes": min_avail,
             "below_threshold_mib": round((THRESHOLD - min_avail) / MiB, 2),
             "go_to_crossing_ms": ms(t_go, t_cross),
+            "crossing_sampled": crossing_sampled,
             "crossing_to_decision_ms": ms(t_cross, t_decision),
             "crossing_to_min_ms": ms(t_cross, t_min),
             "crossing_to_exit_ms": ms(t_cross, t_exit),
@@ -740,6 +747,9 @@ def reaction_run(parent: Cgroup, rate: float, action: str, rep: int) -> dict[str
                                              "signal_sent", "message", "timestamp")},
             "exit_event": None if exit_ev is None else {
                 k: exit_ev.get(k) for k in ("cause", "returncode", "reason", "ran_for_s")},
+            "trace": None if not KEEP_TRACES or t_cross is None else {
+                "t_ms_from_crossing": [round((t - t_cross) * 1000, 3) for t in trace_t if t >= t_cross - 0.2],
+                "available_mib": [round(a / MiB, 2) for t, a in zip(trace_t, trace_a) if t >= t_cross - 0.2]},
             "daemon_scope": s.started.get("scope_description"),
             "daemon_cgroups_note": next((e.get("message") for e in s.dlog.events if e.get("event") == "cgroups"), None),
             "daemon_exit_status": daemon_rc,
@@ -1059,6 +1069,8 @@ def main() -> int:
     ap.add_argument("--no-cpu", action="store_true", help="skip the CPU part")
     ap.add_argument("--no-warm-up", action="store_true",
                     help="do not touch and free 3 GiB outside the cgroup before each go (see warm_up())")
+    ap.add_argument("--traces", action="store_true",
+                    help="keep every sample from 200 ms before each crossing to the hog's exit in the results")
     ap.add_argument("--out", help="result file (default bench/results/reaction-<date>.json)")
     args = ap.parse_args()
     rates = [float(x) * 1e9 for x in args.rates.split(",")]
@@ -1067,9 +1079,10 @@ def main() -> int:
         if a not in ("kill", "terminate", "warn"):
             ap.error(f"unknown action {a!r}")
 
-    global WARM_UP
+    global WARM_UP, KEEP_TRACES
     if args.no_warm_up:
         WARM_UP = 0
+    KEEP_TRACES = args.traces
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_interrupt)  # cleanup runs in `finally` blocks
     try:

@@ -356,7 +356,8 @@ def test_brake_does_not_fire_mid_trial():
 
 
 def test_recycle_after_max_trials_at_the_trial_boundary():
-    """recycle.max_trials restarts the worker after its Nth trial ends, never while one runs."""
+    """recycle.max_trials closes the gate after the Nth trial ends, then restarts the worker between trials,
+    never while one runs."""
     sim = Sim(daemon(workload(recycle=Recycle(max_trials=3))))
     sim.start()
     sim.tick(0.1)
@@ -368,7 +369,10 @@ def test_recycle_after_max_trials_at_the_trial_boundary():
     sim.trial("w-0", "start")
     assert signals(sim.tick(1)) == []
     sim.trial("w-0", "end", ok=True)
-    sig = signals(sim.tick(0.1))
+    acts = sim.tick(0.1)
+    assert signals(acts) == []  # first the gate closes, so no new trial starts
+    assert [(a.event, a.open) for a in acts if isinstance(a, SetAdmission)] == [("drain", False)]
+    sig = signals(sim.run(0.3, 0.1))
     assert [s.event for s in sig] == ["restart"] and sig[0].explain.rule == "recycle.max_trials"
     sim.exit("w-0", sig=SIGTERM)
     assert any(isinstance(a, Spawn) for a in sim.tick(0.1))  # at once, no backoff
@@ -384,7 +388,7 @@ def test_recycle_max_age_is_jittered_per_replica_and_waits_for_the_trial():
         for a in signals(sim.tick(0.1)):
             when.setdefault(a.worker, sim.now)
     assert set(when) == {"w-0", "w-1"}
-    assert all(80 <= t <= 100.5 for t in when.values()) and when["w-0"] != when["w-1"]
+    assert all(80 <= t <= 100.8 for t in when.values()) and when["w-0"] != when["w-1"]
 
 
 def test_trial_timeout_terminates_a_stuck_trial():
@@ -459,3 +463,18 @@ def test_a_worker_not_measured_yet_is_never_a_victim():
     state, acts = step(sim.state, obs, pol, 0.1)
     assert signals(acts) == []
     assert any(getattr(a, "event", "") == "no_victim" for a in acts)
+
+
+def test_a_trial_that_slipped_in_while_draining_delays_the_recycle_until_it_ends():
+    """If a trial start crosses the closing of the gate, recycling waits for that trial's end."""
+    sim = Sim(daemon(workload(recycle=Recycle(max_trials=1))))
+    sim.start()
+    sim.tick(0.1)
+    sim.trial("w-0", "start")
+    sim.tick(0.1)
+    sim.trial("w-0", "end", ok=True)
+    sim.tick(0.1)  # gate closes (drain)
+    sim.trial("w-0", "start")  # read the gate just before it closed
+    assert signals(sim.run(2, 0.1)) == []
+    sim.trial("w-0", "end", ok=True)
+    assert [s.event for s in signals(sim.run(0.4, 0.1))] == ["restart"]

@@ -23,7 +23,8 @@ import pytest
 optuna = pytest.importorskip("optuna")
 from optuna.trial import TrialState  # noqa: E402
 
-from controlkit import DEADLINE_S, ServerThread  # noqa: E402
+from controlkit import ServerThread  # noqa: E402
+from daemonkit import Daemon, write_config  # noqa: E402
 from memguard.act.control import pid_in_tree  # noqa: E402
 
 WORKER = str(Path(__file__).parent / "helpers" / "optuna_worker.py")
@@ -302,3 +303,97 @@ def test_a_stop_during_optunas_own_bookkeeping_is_held_until_the_loop_ends(tmp_p
     assert [t.state for t in study.get_trials(deepcopy=False)] == [TrialState.COMPLETE] * 2
     optimize(study, lambda t: t.suggest_float("x", 0, 1), n_trials=5)
     assert [t.state for t in study.get_trials(deepcopy=False)] == [TrialState.COMPLETE] * 5
+
+
+# ---------------------------------------------------------------------------
+# the real daemon
+
+
+def _daemon_with_control(cfg: Path) -> Daemon:
+    """The real `memguard daemon`; skips the test while the daemon does not serve the control socket."""
+    d = Daemon(cfg)
+    d.event("started")
+    d.event("spawn", timeout=30)
+    if not (cfg.parent / "run" / "control.sock").exists():
+        d.stop()
+        pytest.skip("the daemon does not serve the control socket (runtime_dir/control.sock)")
+    return d
+
+
+@pytest.mark.slow
+def test_daemon_restarts_a_leaking_blocked_worker_and_the_study_completes(tmp_path: Path, storage: str) -> None:
+    """The first incident with memguard in charge: a worker leaking 40 MiB per trial is blocked by its
+    own rule, and instead of refusing trials for ever it is restarted (restart_when_blocked) while it
+    waits between trials; the study still reaches its n_trials COMPLETE trials, nothing is left
+    RUNNING, and every trial a stop failed was requeued."""
+    cfg = write_config(tmp_path, """
+        poll_interval: 200ms
+        scope: host
+        workloads: workloads.d/
+        """, {"study": f"""
+        name: study
+        command: {json.dumps([sys.executable, WORKER, storage, STUDY, "12"])}
+        environment: {{LEAK_MIB: "40", TRIAL_SECONDS: "0.1", PYTHONUNBUFFERED: "1"}}
+        limits: {{memory: 1GiB}}
+        stop_signal: SIGINT
+        grace: 10s
+        rules:
+          - {{name: hold-trials, when: "worker.memory > 300MiB", action: block, release: "worker.memory < 200MiB"}}
+        restart_when_blocked: {{after: 2s}}
+        restart: {{policy: on-failure, backoff: 100ms..1s, budget: 20/1m}}
+        """})
+    d = _daemon_with_control(cfg)
+    try:
+        block = d.event("block", worker="study-0", timeout=60)
+        assert block["rule"] == "hold-trials"
+        restart = d.wait_for(lambda e: e.get("event") == "restart" and e.get("rule") == "restart_when_blocked",
+                             timeout=60, what="restart by restart_when_blocked")
+        assert restart["signal_sent"] == "SIGINT"
+        assert d.event("exit", worker="study-0", timeout=30)["cause"] == "stopped"
+        done = d.wait_for(lambda e: e.get("event") == "exit" and e.get("returncode") == 0, timeout=120,
+                          what="the worker exiting 0 once the study is complete")
+        assert done["worker"] == "study-0"
+    finally:
+        assert d.stop() == 0
+    assert len(by_state(storage, TrialState.COMPLETE)) >= 12
+    assert not by_state(storage, TrialState.RUNNING) and not by_state(storage, TrialState.WAITING)
+    retried = {t.user_attrs.get("retry_of") for t in trials(storage)}
+    for t in by_state(storage, TrialState.FAIL):
+        assert "memguard_stopped" in t.user_attrs and t.number in retried, t
+
+
+@pytest.mark.slow
+def test_daemon_terminates_a_stuck_trial_which_is_failed_and_retried(tmp_path: Path, storage: str) -> None:
+    """A trial that hangs past trial_timeout makes memguard stop the worker with SIGINT: the trial is
+    recorded FAIL (not RUNNING), its parameters are requeued once, the worker is started again and the
+    study completes its n_trials, the retry among them."""
+    cfg = write_config(tmp_path, """
+        poll_interval: 200ms
+        scope: host
+        workloads: workloads.d/
+        """, {"study": f"""
+        name: study
+        command: {json.dumps([sys.executable, WORKER, storage, STUDY, "4"])}
+        environment: {{HANG_CALLS: "2", PYTHONUNBUFFERED: "1"}}
+        stop_signal: SIGINT
+        grace: 10s
+        trial_timeout: 2s
+        restart: {{policy: on-failure, backoff: 100ms..1s, budget: 5/1m}}
+        """})
+    d = _daemon_with_control(cfg)
+    try:
+        stop = d.wait_for(lambda e: e.get("event") in ("terminate", "restart") and e.get("worker") == "study-0",
+                          timeout=60, what="memguard stopping the stuck worker")
+        assert stop["signal_sent"] == "SIGINT" and stop["rule"] == "trial_timeout"
+        failed = d.event("trial_failed", worker="study-0", timeout=30)
+        assert failed["trial"] == "trial-1"
+        d.wait_for(lambda e: e.get("event") == "exit" and e.get("returncode") == 0, timeout=120,
+                   what="the restarted worker exiting 0 once the study is complete")
+    finally:
+        assert d.stop() == 0
+    t = {tr.number: tr for tr in trials(storage)}
+    assert t[1].state == TrialState.FAIL and t[1].user_attrs["memguard_stopped"].startswith("SIGINT")
+    retry = [tr for tr in t.values() if tr.user_attrs.get("retry_of") == 1]
+    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE and retry[0].params == t[1].params
+    assert len(by_state(storage, TrialState.COMPLETE)) == 4
+    assert not by_state(storage, TrialState.RUNNING)

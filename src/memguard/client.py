@@ -38,7 +38,6 @@ Under memguard:
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
 import itertools
 import json
@@ -94,6 +93,8 @@ RECONNECT_AFTER_S = 30.0
 REQUEST_TIMEOUT_S = 2.0
 #: A heartbeat is sent at most once a second; more often tells memguard nothing.
 HEARTBEAT_INTERVAL_S = 1.0
+#: memguard's replies and pushes are short lines; 1 MiB without a newline is not memguard.
+_MAX_LINE_BYTES = 1024 * 1024
 
 _log = logging.getLogger("memguard.client")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -151,8 +152,8 @@ class _Connection:
         try:
             with self._send_lock:
                 self.sock.sendall(data)
-        except OSError:
-            self.close()
+        except BaseException:  # an error, or KeyboardInterrupt half-way through a line
+            self.close()  # a torn line must not be followed by the next one: start a new connection
             raise
         if slot is None:
             return None
@@ -171,6 +172,8 @@ class _Connection:
                 while b"\n" in buf:
                     line, buf = buf.split(b"\n", 1)
                     self._dispatch(line)
+                if len(buf) > _MAX_LINE_BYTES:
+                    break  # not memguard speaking: give the connection up
         except OSError:
             pass
         finally:
@@ -535,8 +538,7 @@ def trial(name: Any = None, *, wait_timeout: float | None = 3600.0) -> Any:
     :class:`AdmissionTimeout` is raised. A no-op outside memguard.
     """
     if callable(name):  # bare @trial
-        fn = name
-        return functools.wraps(fn)(_Trial(None, None, wait_timeout)(fn))
+        return _Trial(None, None, wait_timeout)(name)
     return _Trial(None, name, wait_timeout)
 
 

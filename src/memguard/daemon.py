@@ -24,8 +24,10 @@ from . import __version__
 from .act.actor import Actor
 from .act.cgroups import setup_worker_cgroups
 from .act.children import ChildSupervisor
+from .act.control import ControlServer
 from .config import ConfigError, load_config
-from .decide.core import all_stopped, begin_shutdown, reconcile, step
+from .decide.core import (all_stopped, begin_shutdown, operator_restart, operator_start, operator_stop, reconcile,
+                          step)
 from .decide.pacing import fast_path_interval, next_full_tick
 from .decide.state import CoreState, Phase
 from .model import (Action, Exited, GpuDeviceReading, Observation, Pressure, Spawned, WorkerEvent, WorkerSample,
@@ -103,8 +105,11 @@ class Daemon:
         self.runtime_dir = policy.runtime_dir or default_runtime_dir()
         self.children = ChildSupervisor(self._on_event, self._on_output, clock=clock)
         self.cgroups, self.cgroup_note = setup_worker_cgroups(policy.worker_cgroups)
+        self.control = ControlServer(os.path.join(self.runtime_dir, "control.sock"), self._on_trial,
+                                     self._on_admin, self._identify, self._incarnation_of, clock=clock)
         self.actor = Actor(self.children, self.runtime_dir, self._report, self._is_protected_pid,
-                           cgroups=self.cgroups)
+                           cgroups=self.cgroups, extra_env=self.control.worker_env,
+                           reclaim=self.control.send_reclaim)
         self.kernel_oom_kills = 0
         self.notifier = Notifier()
         self.ticks = 0
@@ -117,6 +122,7 @@ class Daemon:
         if isinstance(ev, Spawned):
             self.tracker.track(ev.worker, ev.pid)
         elif isinstance(ev, Exited):
+            self.control.revoke(ev.worker)
             self.tracker.forget(ev.worker)
             self.samples.pop(ev.worker, None)
             ev = self._exit_from_cgroup(ev)
@@ -125,6 +131,62 @@ class Daemon:
         self.pending.append(ev)
         if self.wake is not None:
             self.wake.set()
+
+    # -- the control socket ---------------------------------------------------
+
+    def _on_trial(self, ev: Any) -> None:
+        self.pending.append(ev)
+        if self.wake is not None:
+            self.wake.set()
+
+    def _incarnation_of(self, worker: str) -> int | None:
+        live = self.children.live().get(worker)
+        return live[1] if live is not None else None
+
+    def _identify(self, worker: str, pid: int) -> bool:
+        """Is ``pid`` in ``worker``'s process tree (its main process, a descendant, or a recorded member)?"""
+        live = self.children.live().get(worker)
+        if live is None:
+            return False
+        main = live[0]
+        cur = pid
+        for _ in range(64):
+            if cur == main:
+                return True
+            if cur <= 1:
+                break
+            try:
+                with open(f"/proc/{cur}/stat", "rb") as f:
+                    cur = int(f.read().rsplit(b")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                break
+        return any(p == pid for p, _ in self.tracker.members(worker))
+
+    def _on_admin(self, req: dict[str, Any]) -> dict[str, Any]:
+        op = req.get("op")
+        now = self.clock()
+        if op == "status":
+            return {"ok": True, "status": self._status(), "workers": {
+                name: {"phase": w.phase.value, "pid": w.pid, "incarnation": w.incarnation,
+                       "admission": "open" if w.admission_open else "closed", "trials": w.trials,
+                       "memory_bytes": w.memory if isinstance(w.memory, (int, float)) else None,
+                       "restarts_in_window": len(w.restarts), "last_exit": w.last_exit}
+                for name, w in sorted(self.state.workers.items())}}
+        if op == "reload":
+            ok = self.reload()
+            return {"ok": ok, **({} if ok else {"error": "the new configuration has errors; see the log"})}
+        worker = req.get("worker")
+        if worker not in self.state.workers:
+            return {"ok": False, "error": f"no worker named {worker!r}"}
+        fn = {"stop": operator_stop, "start": operator_start, "restart": operator_restart}.get(str(op))
+        if fn is None:
+            return {"ok": False, "error": f"unknown admin op {op!r}"}
+        self.log.info("operator", op=op, worker=worker, message=f"operator asked to {op} {worker}")
+        self.state, actions = fn(self.state, self.policy, worker, now)
+        self._execute(actions)
+        if self.wake is not None:
+            self.wake.set()
+        return {"ok": True, "phase": self.state.workers[worker].phase.value}
 
     def _exit_from_cgroup(self, ev: Exited) -> Exited:
         """Attribute an exit through the worker's cgroup: kernel OOM kill at its limit, leftovers killed."""
@@ -237,6 +299,7 @@ class Daemon:
         finally:
             for sig in _HANDLED:
                 loop.remove_signal_handler(sig)
+            await self.control.close()
             await self.children.close()
             if self.cgroups is not None:
                 self.cgroups.close()
@@ -277,6 +340,7 @@ class Daemon:
 
     async def _run(self) -> int:
         await self.children.start()
+        await self.control.start()
         self._protect_self()
         self._started()
         self.log.info("cgroups", message=self.cgroup_note)

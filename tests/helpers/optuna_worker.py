@@ -6,7 +6,10 @@ Environment: ``HOLD_CALLS`` (comma-separated numbers, counted from 1) names
 this process's objective calls that print ``in-trial NUMBER PARAMS_JSON``
 and then wait for a line on stdin before returning, so a test can signal
 the worker in the middle of a trial, or let the trial finish when it wants.
-``MAX_RETRY`` is passed to optimize(). ``HEARTBEAT_S`` set: the storage
+``HANG_CALLS`` names calls that hang (sleep) until a signal ends them,
+for workers whose stdin is not the test's; only in the first start of a
+worker under memguard (``MEMGUARD_INCARNATION`` 1), so a restart recovers. ``LEAK_MIB`` MiB of every trial
+are kept for ever (a leak). ``MAX_RETRY`` is passed to optimize(). ``HEARTBEAT_S`` set: the storage
 is memguard's rdb_storage() with that heartbeat interval. ``TRIAL_SECONDS``:
 how long each trial takes (training time). Prints ``done`` when optimize()
 returns.
@@ -27,6 +30,9 @@ from memguard.integrations.optuna import optimize, rdb_storage
 def main() -> None:
     storage, study_name, n_trials = sys.argv[1], sys.argv[2], int(sys.argv[3])
     hold = {int(x) for x in os.environ.get("HOLD_CALLS", "").split(",") if x.strip()}
+    hang = {int(x) for x in os.environ.get("HANG_CALLS", "").split(",") if x.strip()}
+    leak_mib = int(os.environ.get("LEAK_MIB", "0"))
+    kept: list[bytes] = []
     trial_s = float(os.environ.get("TRIAL_SECONDS", "0"))
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     if os.environ.get("HEARTBEAT_S"):
@@ -42,6 +48,11 @@ def main() -> None:
         if calls in hold:
             print(f"in-trial {trial.number} {json.dumps(trial.params, sort_keys=True)}", flush=True)
             sys.stdin.readline()
+        if calls in hang and os.environ.get("MEMGUARD_INCARNATION", "1") == "1":
+            print(f"hanging {trial.number}", flush=True)
+            time.sleep(3600)
+        if leak_mib:
+            kept.append(b"\x01" * (leak_mib * 1024 * 1024))
         if trial_s:
             time.sleep(trial_s)  # the training this trial stands for
         return (x - 2.0) ** 2 + y

@@ -33,6 +33,9 @@ __all__ = ["add_parser", "run", "journalctl_argv", "entry_to_event", "format_lin
 LEVELS = {0: "emergency", 1: "alert", 2: "critical", 3: "error", 4: "warning", 5: "notice", 6: "info",
           7: "debug"}
 PREFIX = "MEMGUARD_"
+# The decision keys of memguard's log (report/log.py), in its order.
+ORDER = ("workload", "worker", "pid", "rule", "when", "signal", "value", "threshold", "unit", "action",
+         "reason", "source")
 # Keys always kept as text in --json output, even when they look like numbers.
 TEXT_KEYS = {"event", "worker", "workload", "rule", "message", "reason", "when", "signal", "file", "key",
              "stream", "line"}
@@ -132,26 +135,31 @@ def _time(entry: dict[str, Any]) -> _dt.datetime | None:
 
 
 def entry_to_event(entry: dict[str, Any]) -> dict[str, Any]:
-    """One journal entry (``journalctl -o json``) as a memguard event dict."""
-    event: dict[str, Any] = {}
+    """One journal entry (``journalctl -o json``) as a memguard event dict, keys in the order of memguard's
+    own log: event, timestamp, level, the decision's keys, the rest alphabetically, message."""
     name = _text(entry.get(PREFIX + "EVENT"))
     ident = _text(entry.get("SYSLOG_IDENTIFIER"))
-    event["event"] = name or f"[{ident or 'unknown'}]"
+    fields: dict[str, Any] = {}
     for key, value in entry.items():
         if key.startswith(PREFIX) and key != PREFIX + "EVENT":
             k = key[len(PREFIX):].lower()
-            event[k] = _typed(k, _text(value))
-    if name == "output" and "line" not in event:
-        event["line"] = _text(entry.get("MESSAGE"))
+            fields[k] = _typed(k, _text(value))
+    if name == "output" and "line" not in fields:
+        fields["line"] = _text(entry.get("MESSAGE"))
     try:
         priority = int(_text(entry.get("PRIORITY")) or 6)
     except ValueError:
         priority = 6
-    event["level"] = LEVELS.get(priority, "info")
-    event["message"] = _text(entry.get("MESSAGE"))
+    event: dict[str, Any] = {"event": name or f"[{ident or 'unknown'}]"}
     when = _time(entry)
     if when is not None:
         event["timestamp"] = when.isoformat(timespec="microseconds")
+    event["level"] = LEVELS.get(priority, "info")
+    for key in ORDER:
+        if key in fields:
+            event[key] = fields.pop(key)
+    event.update(sorted(fields.items()))
+    event["message"] = _text(entry.get("MESSAGE"))
     return event
 
 

@@ -241,7 +241,8 @@ def _apply_events(s: _Step, obs: Observation) -> None:
                 continue
             w = s.set(w, phase=Phase.RUNNING, pid=ev.pid, started_at=ev.at, rules={}, memory=UNKNOWN,
                       sample=None, admission_open=True, trials=0, trial_started_at=None, trial_name=None,
-                      last_heartbeat=None, refusals=0, blocked_since=None, history=())
+                      last_heartbeat=None, refusals=0, blocked_since=None, history=(), draining_since=None,
+                      drain_explain=None)
             if s.shutting_down or w.stop is not None:
                 _begin_stop(s, w, event="stop", reason="shutdown" if s.shutting_down else "operator",
                             then="stay", severity=ActionKind.TERMINATE.severity)
@@ -298,7 +299,8 @@ def _on_exit(s: _Step, w: WorkerState, ev: Exited) -> None:
             fields["requested_bytes"] = diagnosis.requested_bytes
     if stop is not None:
         kind = "stopped"
-        detail = (f"stopped by memguard ({stop.event}, rule {stop.rule})" if stop.rule
+        detail = (f"stopped by memguard ({stop.event}, rule {stop.rule})" if stop.rule and stop.reason == "rule"
+                  else f"stopped by memguard ({stop.event}, {stop.reason}: {stop.rule})" if stop.rule
                   else f"stopped by memguard ({stop.event}, {stop.reason})")
         clean = True
     elif ev.kernel_oom or (ev.signal == SIGKILL and ev.kernel_oom is None and s.oom_delta > 0):
@@ -573,6 +575,12 @@ def _worker_rules(s: _Step, w: WorkerState, system: Context, obs: Observation) -
         _trial_checks(s, s.workers[w.name], wl, ctx)
 
 
+# After closing a worker's gate for recycling, how long to wait before
+# trusting "no trial runs": a client that read the gate just before it
+# closed reports its trial start within milliseconds on the same machine.
+DRAIN_SETTLE_S = 0.2
+
+
 def _jitter(name: str, incarnation: int) -> float:
     """A fixed number in [0, 1) per incarnation: spreads replicas without a random generator."""
     return (zlib.crc32(f"{name}/{incarnation}".encode()) & 0xFFFFFFFF) / 2**32
@@ -633,23 +641,30 @@ def _trial_checks(s: _Step, w: WorkerState, wl: WorkloadPolicy, ctx: Context) ->
             _begin_stop(s, w, event="restart", reason="brake", then="restart", severity=ActionKind.RESTART.severity,
                         rule="restart_when_blocked", explain=ex)
             return
+    if w.draining_since is not None:
+        # The gate closed for recycling; a trial whose start crossed the closing is over by now
+        # (trial starts reach memguard within milliseconds): restart between trials.
+        if now - w.draining_since >= DRAIN_SETTLE_S:
+            ex = w.drain_explain
+            _begin_stop(s, w, event="restart", reason="recycle", then="restart",
+                        severity=ActionKind.RESTART.severity, rule=ex.rule if ex else "recycle", explain=ex)
+        return
     rc = wl.recycle
+    ex = None
     if rc.max_trials is not None and w.trials >= rc.max_trials:
         ex = _builtin("recycle.max_trials", f"worker.trials >= {rc.max_trials}", "worker.trials", float(w.trials),
                       float(rc.max_trials), "count", f"{w.trials} trials done >= recycle.max_trials {rc.max_trials}",
                       wl.source)
-        _begin_stop(s, w, event="restart", reason="recycle", then="restart", severity=ActionKind.RESTART.severity,
-                    rule="recycle.max_trials", explain=ex)
-        return
-    if rc.max_age_s is not None:
+    elif rc.max_age_s is not None:
         limit = rc.max_age_s * (1.0 - rc.jitter * _jitter(w.name, w.incarnation))
         age = now - w.started_at
         if age >= limit:
             ex = _builtin("recycle.max_age", f"worker.age >= {format_duration(limit)}", "worker.age", age, limit,
                           "seconds", f"age {format_duration(age)} >= recycle.max_age {format_duration(rc.max_age_s)} "
                           f"(less {rc.jitter:.0%} jitter: {format_duration(limit)})", wl.source)
-            _begin_stop(s, w, event="restart", reason="recycle", then="restart", severity=ActionKind.RESTART.severity,
-                        rule="recycle.max_age", explain=ex)
+    if ex is not None:
+        # Close the gate first, so no new trial starts; restart once the boundary is certain.
+        s.workers[w.name] = replace(w, draining_since=now, drain_explain=ex)
 
 
 def _own_block(w: WorkerState, wl: WorkloadPolicy) -> bool:
@@ -714,7 +729,7 @@ def _begin_stop(s: _Step, w: WorkerState, *, event: str, reason: str, then: str,
         why = f"rule {rule}: SIGKILL at once" if rule else "SIGKILL"
     else:
         why = (f"{signal_name(signum)} now, SIGKILL after {format_duration(grace)}"
-               + (f" (rule {rule})" if rule else f" ({reason})"))
+               + ((f" (rule {rule})" if reason == "rule" else f" ({reason}: {rule})") if rule else f" ({reason})"))
     if then == "restart":
         why += "; restarts at once"
     s.emit(Signal(worker=w.name, workload=w.workload, pid=w.pid or 0, incarnation=w.incarnation, signum=signum,
@@ -898,13 +913,17 @@ def _admission(s: _Step) -> None:
         blocking = [rs for r in _worker_rule_list(wl)
                     if r.action == ActionKind.BLOCK and (rs := w.rules.get(r.key)) is not None and rs.active]
         blocking = blocking + system_block
-        want_open = not blocking
+        want_open = not blocking and w.draining_since is None
         if want_open == w.admission_open:
             continue
         s.workers[name] = replace(w, admission_open=want_open, blocked_since=None if want_open else s.now)
         if want_open:
             s.emit(SetAdmission(worker=name, workload=w.workload, open=True, event="release",
                                 reason="every block rule released; admission open"))
+        elif not blocking:
+            s.emit(SetAdmission(worker=name, workload=w.workload, open=False, event="drain",
+                                reason="admission closed: recycling at the next trial boundary",
+                                explain=w.drain_explain))
         else:
             ex = blocking[0].explain
             s.emit(SetAdmission(worker=name, workload=w.workload, open=False, event="block",

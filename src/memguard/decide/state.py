@@ -131,6 +131,8 @@ class WorkerState:
     refusals: int = 0  # consecutive trials that had to wait
     blocked_since: float | None = None  # admission closed since
     history: tuple[tuple[float, float], ...] = ()  # (time, memory bytes) within the growth window
+    draining_since: float | None = None  # gate closed for a restart at the next trial boundary
+    drain_explain: Explanation | None = None
 
 
 @dataclass(frozen=True)

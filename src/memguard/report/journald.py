@@ -48,6 +48,7 @@ import json
 import os
 import re
 import socket
+import stat
 import struct
 import sys
 import uuid
@@ -263,8 +264,6 @@ def under_journald(streams: Iterable[TextIO | int] | None = None,
 def journal_available(path: str = JOURNAL_SOCKET) -> bool:
     """The native socket exists (journald is, or will be on first use, listening)."""
     try:
-        import stat
-
         return stat.S_ISSOCK(os.stat(path).st_mode)
     except OSError:
         return False

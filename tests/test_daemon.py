@@ -220,3 +220,28 @@ def test_leftovers_of_an_exited_worker_are_killed(tmp_path):
         assert wait_gone([orphan], 2.0) == []
     finally:
         d.stop()
+
+
+def test_ctl_status_stop_start_over_the_control_socket(tmp_path):
+    """`memguard ctl` reaches the running daemon: status lists the worker, stop stops it for good (no
+    restart), start brings it back, and an unknown worker is an error."""
+    cfg = write_config(tmp_path, "scope: host\nworkloads: workloads.d/\n", {"w": f"name: w\ncommand: {worker_cmd()}\n"})
+    d = Daemon(cfg)
+    sock = str(tmp_path / "run" / "control.sock")
+
+    def ctl(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(MEMGUARD + ["ctl", *args, "--socket", sock], capture_output=True, text=True, cwd=REPO)
+
+    try:
+        pid = d.worker_pids("w-0")[0]
+        st = ctl("status")
+        assert st.returncode == 0 and "w-0" in st.stdout and "running" in st.stdout and str(pid) in st.stdout
+        assert ctl("stop", "w-0").returncode == 0
+        d.event("exit", worker="w-0")
+        assert "stopped" in ctl("status").stdout
+        assert ctl("start", "w-0").returncode == 0
+        assert d.worker_pids("w-0")[0] != pid
+        bad = ctl("stop", "nope-0")
+        assert bad.returncode == 1 and "no worker named" in bad.stdout
+    finally:
+        d.stop()

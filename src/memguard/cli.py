@@ -77,6 +77,36 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _cmd_ctl(args: argparse.Namespace) -> int:
+    import json
+
+    from .client import ControlUnavailable, admin_request
+
+    fields = {"worker": args.worker} if args.worker else {}
+    if args.op in ("stop", "start", "restart") and not args.worker:
+        print(f"memguard ctl {args.op}: name the worker, e.g. memguard ctl {args.op} trials-0", file=sys.stderr)
+        return 2
+    try:
+        reply = admin_request(args.op, args.socket, **fields)
+    except ControlUnavailable as e:
+        print(f"memguard ctl: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(reply, indent=2, sort_keys=True))
+    elif args.op == "status" and reply.get("ok"):
+        print(reply.get("status", ""))
+        for name, w in reply.get("workers", {}).items():
+            mem = w.get("memory_bytes")
+            from .units import format_size
+
+            shown = format_size(mem) if isinstance(mem, (int, float)) else "-"
+            print(f"  {name:<20} {w['phase']:<9} pid {str(w.get('pid') or '-'):<8} admission {w['admission']:<7}"
+                  f" memory {shown:<9} trials {w.get('trials', 0):<5} {w.get('last_exit') or ''}")
+    else:
+        print(reply.get("error") or ("ok" if reply.get("ok") else json.dumps(reply)))
+    return 0 if reply.get("ok") else 1
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from .run import run_command
 
@@ -108,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", "-q", action="store_true", help="no decisions and no summary on stderr")
     r.add_argument("cmd", nargs=argparse.REMAINDER, help="the command, after --")
     r.set_defaults(func=_cmd_run)
+
+    k = sub.add_parser("ctl", help="ask the running daemon: status, reload, stop/start/restart a worker")
+    k.add_argument("op", choices=["status", "reload", "stop", "start", "restart"])
+    k.add_argument("worker", nargs="?", help="the worker, for stop/start/restart (e.g. trials-0)")
+    k.add_argument("--socket", help="control socket (default: $MEMGUARD_SOCKET or /run/memguard/control.sock)")
+    k.add_argument("--json", action="store_true", help="print the daemon's reply as JSON")
+    k.set_defaults(func=_cmd_ctl)
 
     c = sub.add_parser("check", help="validate a config file or directory; exit 1 on errors")
     c.add_argument("path")

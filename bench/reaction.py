@@ -955,7 +955,7 @@ def source_state() -> dict[str, Any]:
 
     def git(*a: str) -> str:
         p = subprocess.run(["git", "-C", pkg, *a], capture_output=True, text=True)
-        return p.stdout.strip() if p.returncode == 0 else ""
+        return p.stdout.rstrip("\n") if p.returncode == 0 else ""
 
     head = git("rev-parse", "HEAD")
     if head:

@@ -111,7 +111,7 @@ BRAKE_KEYS = ("refusals", "after")
 RECYCLE_KEYS = ("max_trials", "max_age", "jitter")
 
 SCOPES = ("auto", "host", "cgroup")
-LOG_FORMATS = ("auto", "console", "json")
+LOG_FORMATS = ("auto", "console", "json", "journald")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 RESTART_MODES = ("on-failure", "always", "never")
 ACTIONS = tuple(a.value for a in ActionKind)

@@ -321,9 +321,13 @@ class Daemon:
     def _protect_self(self) -> None:
         """memguard's own OOM score, and its pages locked in RAM (it must stay responsive)."""
         try:
-            with open("/proc/self/oom_score_adj", "w") as f:
-                f.write(str(self.policy.oom_score_adj))
-        except OSError as e:
+            with open("/proc/self/oom_score_adj") as f:
+                current = int(f.read())
+            # Only ever lower it: under systemd the unit's OOMScoreAdjust=-1000 is already better.
+            if self.policy.oom_score_adj < current:
+                with open("/proc/self/oom_score_adj", "w") as f:
+                    f.write(str(self.policy.oom_score_adj))
+        except (OSError, ValueError) as e:
             try:
                 with open("/proc/self/oom_score_adj") as f:
                     current = f.read().strip()
@@ -331,7 +335,8 @@ class Daemon:
                 current = "?"
             self.log.info("self_protection", message=(
                 f"memguard's oom_score_adj stays {current}: lowering it to {self.policy.oom_score_adj} needs "
-                f"CAP_SYS_RESOURCE ({e.strerror}); workers still run higher, so the kernel picks them first"))
+                f"CAP_SYS_RESOURCE ({getattr(e, 'strerror', e)}); workers still run higher, so the kernel picks "
+                f"them first"))
         if self.policy.mlock:
             err = mlockall()
             if err:

@@ -234,7 +234,7 @@ class DaemonPolicy:
     mlock: bool = True
     unmanaged: tuple[UnmanagedMatch, ...] = ()
     gpu: str = "auto"  # "auto": NVML sensing when a driver is there; "off"
-    log_format: str = "auto"  # "auto" | "console" | "json"
+    log_format: str = "auto"  # "auto" | "console" | "json" | "journald"
     log_level: str = "info"
     workloads: tuple[WorkloadPolicy, ...] = ()
     source: str = ""

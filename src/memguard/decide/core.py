@@ -162,7 +162,9 @@ def reconcile(state: CoreState, policy: DaemonPolicy, now: float, reason: str = 
             continue
         keep = {r.key for r in _worker_rule_list(wl)}
         w = s.workers[name] = replace(w, rules={k: v for k, v in w.rules.items() if k in keep})
-        if w.phase in (Phase.FAILED, Phase.STOPPED) and reason == "reload":
+        if reason == "reload" and (w.phase == Phase.FAILED or (w.phase == Phase.STOPPED and w.spec != wl.spec_key())):
+            # A failed worker gets a fresh start (the reload is the operator saying "try again"); a stopped
+            # one only if what it runs changed: one that finished its work stays finished.
             s.set(w, phase=Phase.PENDING, spawn_at=now, restarts=(), backoff_s=0.0, spec=wl.spec_key())
         elif w.phase == Phase.RUNNING and w.spec != wl.spec_key():
             _begin_stop(s, w, event="restart", reason="config changed", then="restart",

@@ -121,6 +121,9 @@ MESSAGE_IDS: dict[str, str] = {
     "cgroup": "69b31a560ec64315b459aad2a2be5d4b",
     "cgroup_error": "6f33179ca940453d8c6f4b2bbdf449ea",
     "reclaim_unheard": "91ce8224142041a4a1c5c1fae1b9ec3e",
+    "gpu": "b44087a55407430a8109abd281f7cd3e",
+    "gpu_problem": "12604dd9eb234c52919d095fd340a0c7",
+    "operator": "fe0198c953ad46a4931b39b44b8636ef",
 }
 
 # The namespace of the ids derived for events missing from the table.

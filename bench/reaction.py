@@ -736,6 +736,10 @@ def reaction_run(parent: Cgroup, rate: float, action: str, rep: int) -> dict[str
             "machine_busy_percent": round((m1[0] - m0[0]) / max(1, m1[1] - m0[1]) * 100, 1),
             "sampler_cpu_percent": round(sampler_cpu * 100, 1),
             "peak_usage_bytes": after["peak_usage"],
+            # Cross-check of the sampled minimum that no sampling gap can hide:
+            # the limit less the kernel's peak-usage watermark (reset at the go).
+            "min_available_from_peak_bytes": None if after["peak_usage"] is None
+            else LIMIT - after["peak_usage"],
             "limit_reached": None if after["peak_usage"] is None else after["peak_usage"] >= LIMIT - MiB,
             "samples": samples,
             "mean_sample_interval_ms": round((t_exit - t_go) / samples * 1000, 3),
@@ -1017,6 +1021,13 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def print_summary(rows: list[dict[str, Any]], cpu: dict[str, Any] | None) -> None:
+    if rows:
+        _print_table(rows)
+    if cpu:
+        _print_cpu(cpu)
+
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
     print("\n| rate (measured in the last 100 ms before the crossing: median / lowest) | action | runs "
           "| stopped by memguard | min available, MiB (median / worst) | "
           "below 2 GiB, MiB (median / worst) | crossing → decision, ms | crossing → min, ms | "
@@ -1031,17 +1042,38 @@ def print_summary(rows: list[dict[str, Any]], cpu: dict[str, Any] | None) -> Non
               f"{r['crossing_to_min_ms_median']} / {r['crossing_to_min_ms_worst']} | "
               f"{r['crossing_to_exit_ms_median']} / {r['crossing_to_exit_ms_worst']} | "
               f"{r['oom_kills_cgroup_total']} / {r['oom_kills_vmstat_total']} |")
-    if cpu:
-        idle = cpu["idle"]["daemon"]
-        print(f"\ndaemon CPU idle ({cpu['idle']['available_bytes'] / GiB:.2f} GiB available): "
-              f"{idle['cpu_percent_schedstat']} % of a core (utime+stime: {idle['cpu_percent_stat']} %), "
-              f"{idle['wakeups_per_s']} wake-ups/s; machine busy {idle['machine_busy_percent']} %")
-        for h in cpu["hold"]:
-            d = h["daemon"]
-            print(f"daemon CPU holding {h['available_min_bytes'] / GiB:.3f} GiB available "
-                  f"({h['headroom_mib']} MiB above the threshold): {d['cpu_percent_schedstat']} % of a core "
-                  f"(utime+stime: {d['cpu_percent_stat']} %), {d['wakeups_per_s']} wake-ups/s; "
-                  f"machine busy {d['machine_busy_percent']} %")
+
+
+def _print_cpu(cpu: dict[str, Any]) -> None:
+    idle = cpu["idle"]["daemon"]
+    print(f"\ndaemon CPU idle ({cpu['idle']['available_bytes'] / GiB:.2f} GiB available): "
+          f"{idle['cpu_percent_schedstat']} % of a core (utime+stime: {idle['cpu_percent_stat']} %), "
+          f"{idle['wakeups_per_s']} wake-ups/s; machine busy {idle['machine_busy_percent']} %")
+    for h in cpu["hold"]:
+        d = h["daemon"]
+        print(f"daemon CPU holding {h['available_min_bytes'] / GiB:.3f} GiB available "
+              f"({h['headroom_mib']} MiB above the threshold): {d['cpu_percent_schedstat']} % of a core "
+              f"(utime+stime: {d['cpu_percent_stat']} %), {d['wakeups_per_s']} wake-ups/s; "
+              f"machine busy {d['machine_busy_percent']} %")
+
+
+def summarize_files(files: list[str]) -> int:
+    runs: list[dict[str, Any]] = []
+    cpus: list[dict[str, Any]] = []
+    for f in files:
+        d = json.loads(Path(f).read_text())
+        runs += d["runs"]
+        src = d.get("source", {})
+        print(f"{f}: {d['date']}, {len(d['runs'])} runs, memguard {src.get('commit', '?')[:10]}"
+              + (" + uncommitted changes" if src.get("uncommitted_files") else "")
+              + (" (source changed during the run)" if d.get("source_changed_during_run") else ""))
+        if d.get("cpu"):
+            cpus.append(d["cpu"])
+    rows = summarize(runs)
+    print_summary(rows, None)
+    for c in cpus:
+        print_summary([], c)
+    return 0
 
 
 _interrupted = False
@@ -1072,7 +1104,11 @@ def main() -> int:
     ap.add_argument("--traces", action="store_true",
                     help="keep every sample from 200 ms before each crossing to the hog's exit in the results")
     ap.add_argument("--out", help="result file (default bench/results/reaction-<date>.json)")
+    ap.add_argument("--summarize", nargs="+", metavar="RESULT.json",
+                    help="run nothing: print one table over the runs of these result files (no root needed)")
     args = ap.parse_args()
+    if args.summarize:
+        return summarize_files(args.summarize)
     rates = [float(x) * 1e9 for x in args.rates.split(",")]
     actions = args.actions.split(",")
     for a in actions:

@@ -128,7 +128,7 @@ def test_protected_process_is_never_signalled_even_when_largest(tmp_path, memcg)
         workloads: workloads.d/
         protect: [guarded-prog]
         rules:
-          - {name: squeeze, when: "memory.used > 1MiB", action: kill}
+          - {name: squeeze, when: "memory.used > 1MiB", for: 1500ms, action: kill}
         """, {
         "big": f"""
             name: big

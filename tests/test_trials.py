@@ -33,7 +33,7 @@ def test_leaking_trials_all_finish_on_recycled_workers_without_a_kernel_oom(tmp_
         name: trials
         command: {helper_cmd("worker_trials.py", str(work), "60")}
         replicas: 2
-        environment: {{LEAK_MB_0: "50", LEAK_MB_1: "70"}}
+        environment: {{LEAK_MB_0: "50", LEAK_MB_1: "80"}}
         limits: {{memory: 600MiB}}
         rules:
           - {{name: hold, when: "worker.memory > 60%", action: block, release: "worker.memory < 40%"}}

@@ -24,7 +24,7 @@ from . import __version__
 from .act.actor import Actor
 from .act.cgroups import setup_worker_cgroups
 from .act.children import ChildSupervisor
-from .act.control import ControlServer
+from .act.control import ControlError, ControlServer, pid_in_tree
 from .config import ConfigError, load_config
 from .decide.core import (all_stopped, begin_shutdown, operator_restart, operator_start, operator_stop, reconcile,
                           step)
@@ -106,7 +106,8 @@ class Daemon:
         self.children = ChildSupervisor(self._on_event, self._on_output, clock=clock)
         self.cgroups, self.cgroup_note = setup_worker_cgroups(policy.worker_cgroups)
         self.control = ControlServer(os.path.join(self.runtime_dir, "control.sock"), self._on_trial,
-                                     self._on_admin, self._identify, self._incarnation_of, clock=clock)
+                                     self._on_admin, self._identify, self._incarnation_of, clock=clock,
+                                     on_notice=self._on_control_notice)
         self.actor = Actor(self.children, self.runtime_dir, self._report, self._is_protected_pid,
                            cgroups=self.cgroups, extra_env=self.control.worker_env,
                            reclaim=self.control.send_reclaim)
@@ -139,6 +140,11 @@ class Daemon:
         if self.wake is not None:
             self.wake.set()
 
+    def _on_control_notice(self, event: str, fields: dict[str, Any]) -> None:
+        details = ", ".join(f"{k} {v}" for k, v in fields.items())
+        self.log.warning(event, **{k: v for k, v in fields.items() if k not in ("event", "message")},
+                         message=f"control socket: {event.replace('_', ' ')} ({details})")
+
     def _incarnation_of(self, worker: str) -> int | None:
         live = self.children.live().get(worker)
         return live[1] if live is not None else None
@@ -149,6 +155,8 @@ class Daemon:
         if live is None:
             return False
         main = live[0]
+        if pid_in_tree(pid, main):
+            return True
         cur = pid
         for _ in range(64):
             if cur == main:
@@ -344,8 +352,12 @@ class Daemon:
                                                             f"swapped out under pressure (set mlock: false to silence)")
 
     async def _run(self) -> int:
+        try:
+            await self.control.start()
+        except ControlError as e:
+            self.log.error("start_failed", message=f"cannot serve the control socket: {e}")
+            return 2
         await self.children.start()
-        await self.control.start()
         self._protect_self()
         self._started()
         self.log.info("cgroups", message=self.cgroup_note)

@@ -43,7 +43,7 @@ while True:
         for i in range(0, len(block), 4096):
             block[i] = 1
         leaked.append(block)
-        time.sleep(0.05)
+        time.sleep(0.4)
         open(f"{root}/done/{n}", "w").close()
     print(f"trial {n} done", flush=True)
 print("no trial left", flush=True)

@@ -29,7 +29,7 @@ __all__ = ["Actor", "worker_environment", "DROP_FROM_WORKER_ENV"]
 # a library in a worker must not be able to send READY=1 or watchdog pings
 # on the daemon's behalf.
 DROP_FROM_WORKER_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID",
-                        "LISTEN_FDNAMES", "MEMGUARD_CONTROL_TOKEN")
+                        "LISTEN_FDNAMES", "MEMGUARD_SOCKET", "MEMGUARD_TOKEN")
 
 
 def worker_environment(base: Mapping[str, str], wl: WorkloadPolicy, worker: str, replica: int,

@@ -20,9 +20,12 @@ not wait for its address-space lock while memguard reads its
 ``/proc/<pid>/smaps_rollup`` (a reader of that lock); ``mmap`` with
 ``MAP_POPULATE`` would, and memguard's own reading would then slow the hog.
 
-The pace follows a monotonic clock: chunk k is taken at
-``t0 + k * chunk / rate``, so a late chunk (a slow page fault, a
-descheduled hog) is caught up at once instead of shifting the schedule.
+The pace follows a monotonic clock: chunk k is due ``chunk / rate``
+seconds after chunk k-1. A chunk up to one interval late is taken at once
+(the schedule holds); after a longer stall (the hog descheduled, a slow
+page fault) the schedule restarts from now, so the hog never bursts above
+its rate to catch up: the rate is a ceiling, and the benchmark measures
+the rate actually reached.
 
 Signals keep their default dispositions: SIGTERM and SIGKILL end the
 process in the kernel, with no Python code in between. At end of file on
@@ -79,12 +82,15 @@ def main() -> int:
             go = json.loads(line)
             rate = float(go["rate"])
             stop_at = go.get("stop_at")
-            start = taken
-            t0 = time.monotonic()
+            interval = chunk / rate
+            due = time.monotonic()
             while stop_at is None or taken < stop_at:
-                delay = t0 + (taken - start) / rate - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
+                now = time.monotonic()
+                if due > now:
+                    time.sleep(due - now)
+                elif now - due > interval:
+                    due = now  # more than a chunk late (descheduled, stalled): no burst to catch up
+                due += interval
                 size = chunk if stop_at is None else min(chunk, int(stop_at) - taken)
                 size -= size % PAGE
                 if size <= 0 or taken + size > args.reserve:

@@ -208,15 +208,21 @@ class Cgroup:
             return []
 
     def set_limit(self, limit: int) -> None:
+        """Set the hard limit and check that it holds (raises RunFailed otherwise)."""
         if self.version == 1:
-            _write(f"{self.path}/memory.limit_in_bytes", str(limit))
+            name = "memory.limit_in_bytes"
+            _write(f"{self.path}/{name}", str(limit))
             # No swapping inside the cgroup either, where swap accounting exists.
             if os.path.exists(f"{self.path}/memory.memsw.limit_in_bytes"):
                 _write(f"{self.path}/memory.memsw.limit_in_bytes", str(limit))
         else:
-            _write(f"{self.path}/memory.max", str(limit))
+            name = "memory.max"
+            _write(f"{self.path}/{name}", str(limit))
             if os.path.exists(f"{self.path}/memory.swap.max"):
                 _write(f"{self.path}/memory.swap.max", "0")
+        got = _read(f"{self.path}/{name}").strip()
+        if not got.isdigit() or int(got) > limit:
+            raise RunFailed(f"{self.path}/{name} reads {got!r} after writing {limit}: no hard limit, not running")
 
 
 def _mountinfo() -> list[tuple[str, str, str, list[str]]]:
@@ -323,6 +329,7 @@ class Lab:
     balloon: str | None = None
     fifo_fd: int = -1
     pidfds: list[int] = field(default_factory=list)
+    files: list[Any] = field(default_factory=list)
 
     def create(self) -> Cgroup:
         path = f"{self.parent.path}/{self.name}"
@@ -371,7 +378,10 @@ class Lab:
                     except OSError:
                         continue
                     try:
-                        signal.pidfd_send_signal(fd, signal.SIGKILL)
+                        # The pidfd pins the process: still in the cgroup now, it
+                        # is the process listed, not another one that got its pid.
+                        if pid in subtree_procs(self.cg.path):
+                            signal.pidfd_send_signal(fd, signal.SIGKILL)
                     except OSError:
                         pass
                     finally:
@@ -382,6 +392,9 @@ class Lab:
         for fd in self.pidfds:
             os.close(fd)
         self.pidfds.clear()
+        for f in self.files:
+            f.close()
+        self.files.clear()
         if self.balloon is not None:
             try:
                 os.unlink(self.balloon)
@@ -544,6 +557,7 @@ def start_session(lab: Lab, action: str) -> Session:
         daemon = lab.in_cgroup([*memguard_argv(), "daemon", "--config", paths["config"], "--log-format", "json",
                                 "--runtime-dir", paths["run"]], stdout=out, stderr=err, stdin=subprocess.DEVNULL)
     dlog = DaemonLog(paths["log"])
+    lab.files.append(dlog)
     started = dlog.wait_for(lambda e: e.get("event") == "started", 20, daemon)
     if started is None:
         raise RunFailed(f"memguard did not log 'started' (exit status {daemon.poll()}): "
@@ -759,7 +773,6 @@ def reaction_run(parent: Cgroup, rate: float, action: str, rep: int) -> dict[str
             "daemon_exit_status": daemon_rc,
             "daemon_errors": [e.get("message") for e in errors],
         }
-        s.dlog.close()
         return rec
     finally:
         problems = lab.cleanup()
@@ -890,7 +903,6 @@ def cpu_part(parent: Cgroup, idle_s: float, hold_s: float) -> dict[str, Any]:
             if fired or s.daemon.poll() is not None:
                 break
         stop_daemon(s)
-        s.dlog.close()
         return out
     finally:
         for p in lab.cleanup():

@@ -90,7 +90,9 @@ MASKED = (
 
 BOOT_SCRIPT = """\
 set -e
+{stash}
 mount -t tmpfs -o mode=1777 tmpfs /tmp
+{keep}
 mount -t tmpfs -o mode=755 tmpfs /run
 for d in /var/log /var/lib/systemd; do
     if [ -d "$d" ]; then mount -t tmpfs -o mode=755 tmpfs "$d"; fi
@@ -153,9 +155,6 @@ def _why_no_systemd() -> str | None:
         return f"{SYSTEMD} does not exist"
     if not os.path.exists("/proc/self/ns/cgroup"):
         return "the kernel has no cgroup namespaces"
-    for what, path in (("the repository", REPO), ("the interpreter", Path(sys.executable))):
-        if str(path).startswith("/tmp/"):
-            return f"{what} is under /tmp ({path}), which the booted systemd replaces with a private tmpfs"
     if _cgroup2_mount() is None or _own_cgroup2() is None:
         return "no cgroup2 hierarchy is mounted (systemd needs one for its units)"
     return None
@@ -174,12 +173,24 @@ class Booted:
         self.proc: subprocess.Popen | None = None  # type: ignore[type-arg]
         self.pid = 0  # host pid of the namespace's PID 1
         self.start_cursor = ""
+        self.stash: Path | None = None
 
     # -- boot and teardown -------------------------------------------------
 
     def boot(self) -> None:
         script = self.base / "boot.sh"
-        script.write_text(BOOT_SCRIPT.format(masked=" ".join(MASKED), systemd=SYSTEMD))
+        # The namespace gets a private /tmp; a checkout (or interpreter) living under /tmp is bound back in
+        # at the same path, through a stash mount point outside /tmp.
+        keep = sorted({Path(*p.parts[:3]) for p in (REPO, Path(sys.executable).resolve(), Path(sys.prefix))
+                       if len(p.parts) > 2 and p.parts[1] == "tmp"})
+        stash = Path("/var/tmp") / f"memguard-systemd-{self.base.name}"
+        self.stash = stash if keep else None
+        if keep:
+            stash.mkdir(parents=True, exist_ok=True)
+        script.write_text(BOOT_SCRIPT.format(
+            masked=" ".join(MASKED), systemd=SYSTEMD,
+            stash=f"mount --bind /tmp {stash}" if keep else "",
+            keep="\n".join(f"mkdir -p {k} && mount --bind {stash}/{k.relative_to('/tmp')} {k}" for k in keep)))
         log = open(self.base / "boot.log", "wb")
         # The shell moves itself into the test cgroup, then unshare makes that cgroup the root of a new
         # cgroup namespace and forks the namespace's PID 1, which mounts the private file systems and
@@ -245,6 +256,11 @@ class Booted:
                 self.proc.kill()
                 self.proc.wait(5)
         self._remove_cgroups()
+        if self.stash is not None:
+            try:
+                self.stash.rmdir()  # only a mount point inside the (gone) namespace
+            except OSError:
+                pass
 
     def _remove_cgroups(self) -> None:
         def removed() -> bool:

@@ -244,7 +244,8 @@ class Daemon:
     def _sample_workers(self) -> dict[str, WorkerSample]:
         # What runs now, including workers spawned since the last step.
         live = {name: pid for name, (pid, _inc) in self.children.live().items()}
-        samples = self.tracker.sample_all(live, self.policy.protect)
+        in_cgroup = [n for n in live if self.cgroups is not None and self.cgroups.path(n) is not None]
+        samples = self.tracker.sample_all(live, self.policy.protect, skip_memory=in_cgroup)
         if self.cgroups is not None:
             for name, sample in samples.items():
                 if self.cgroups.path(name) is not None:
@@ -255,7 +256,6 @@ class Daemon:
         return samples
 
     async def _observe(self, full: bool) -> Observation:
-        scope = self.scope()
         if full:
             loop = asyncio.get_running_loop()
             self.samples = await loop.run_in_executor(None, self._sample_workers)
@@ -272,6 +272,7 @@ class Daemon:
                     exclude.add(self.children.sentinel_pid)
                 self.unmanaged = await loop.run_in_executor(
                     None, scan_unmanaged, self.policy.unmanaged, exclude, self.policy.protect)
+        scope = self.scope()  # read last: the freshest figure for this tick's decision
         events = tuple(self.pending)
         self.pending.clear()
         return Observation(at=self.clock(), scope=scope, pressure=self.pressure, workers=dict(self.samples),

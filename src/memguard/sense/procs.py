@@ -262,11 +262,18 @@ class TreeTracker:
         """
         return self._sample(worker, pid, frozenset(protect), self._children_of())
 
-    def sample_all(self, workers: Mapping[str, int], protect: Collection[str] = ()) -> dict[str, WorkerSample]:
-        """:meth:`sample` for each ``{worker: main pid}``, sharing one ppid scan when one is needed."""
+    def sample_all(self, workers: Mapping[str, int], protect: Collection[str] = (),
+                   skip_memory: Collection[str] = ()) -> dict[str, WorkerSample]:
+        """:meth:`sample` for each ``{worker: main pid}``, sharing one ppid scan when one is needed.
+
+        Workers in ``skip_memory`` are walked (members, protection) but their
+        memory is not read (``Unknown``): their cgroup measures them exactly
+        and far more cheaply than PSS, which walks page tables (~14 ms/GiB).
+        """
         children = self._children_of()
         names = frozenset(protect)
-        return {name: self._sample(name, pid, names, children) for name, pid in workers.items()}
+        skip = frozenset(skip_memory)
+        return {name: self._sample(name, pid, names, children, name not in skip) for name, pid in workers.items()}
 
     def _children_of(self) -> ChildrenOf:
         return _children_from_files if self.use_children_files else _children_from_scan()
@@ -313,14 +320,17 @@ class TreeTracker:
         w.tree = tree
         return why, tree
 
-    def _sample(self, worker: str, pid: int, protect: frozenset[str], children: ChildrenOf) -> WorkerSample:
+    def _sample(self, worker: str, pid: int, protect: frozenset[str], children: ChildrenOf,
+                measure: bool = True) -> WorkerSample:
         w = self._workers.get(worker)
         if w is None or w.pid != pid:
             self.track(worker, pid)
             w = self._workers[worker]
         why, tree = self._walk(w, children)
         total = 0
-        for p in tree:
+        if not measure and why is None:
+            why = "measured through its cgroup"
+        for p in (tree if measure else ()):
             m = _process_memory(p)
             if m is None:
                 if p == w.pid and why is None:

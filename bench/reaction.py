@@ -63,6 +63,7 @@ RESULTS = REPO / "bench" / "results"
 HOG = REPO / "bench" / "hog.py"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 KEEP_TRACES = False             # --traces: keep the samples around each crossing in the results
+WORKER_CGROUPS: str | None = None  # --worker-cgroups: memguard's worker_cgroups key (None: its default)
 
 
 class Refused(Exception):
@@ -492,7 +493,8 @@ def write_config(d: str, action: str) -> dict[str, str]:
         "scope: auto\n"
         "workloads: workloads.d/\n"
         "log: {format: json, level: info}\n"
-        f"rules:\n  - {json.dumps(rule)}\n"
+        + (f"worker_cgroups: {json.dumps(WORKER_CGROUPS)}\n" if WORKER_CGROUPS else "")
+        + f"rules:\n  - {json.dumps(rule)}\n"
     )
     command = [sys.executable, "-I", str(HOG), "--pid-file", paths["pid"], "--fifo", paths["fifo"]]
     hog = (
@@ -1113,6 +1115,9 @@ def main() -> int:
     ap.add_argument("--no-cpu", action="store_true", help="skip the CPU part")
     ap.add_argument("--no-warm-up", action="store_true",
                     help="do not touch and free 3 GiB outside the cgroup before each go (see warm_up())")
+    ap.add_argument("--worker-cgroups", choices=("auto", "on", "off"),
+                    help="set memguard's worker_cgroups key (default: leave it out, memguard's default applies); "
+                         "off: memguard measures the hog by its process tree")
     ap.add_argument("--traces", action="store_true",
                     help="keep every sample from 200 ms before each crossing to the hog's exit in the results")
     ap.add_argument("--out", help="result file (default bench/results/reaction-<date>.json)")
@@ -1127,10 +1132,11 @@ def main() -> int:
         if a not in ("kill", "terminate", "warn"):
             ap.error(f"unknown action {a!r}")
 
-    global WARM_UP, KEEP_TRACES
+    global WARM_UP, KEEP_TRACES, WORKER_CGROUPS
     if args.no_warm_up:
         WARM_UP = 0
     KEEP_TRACES = args.traces
+    WORKER_CGROUPS = args.worker_cgroups
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_interrupt)  # cleanup runs in `finally` blocks
     try:
@@ -1144,7 +1150,7 @@ def main() -> int:
         "loadavg_at_start": _read("/proc/loadavg").decode().strip(),
         "setup": {"cgroup_version": parent.version, "parent_cgroup": parent.path, "limit_bytes": LIMIT,
                   "balloon_bytes": BALLOON, "threshold_bytes": THRESHOLD, "sample_sleep_s": SAMPLE_SLEEP,
-                  "hog_chunk_bytes": 4 << 20, "warm_up_bytes": WARM_UP},
+                  "hog_chunk_bytes": 4 << 20, "warm_up_bytes": WARM_UP, "worker_cgroups": WORKER_CGROUPS},
         "runs": [], "failures": [],
         "source": source_state(),
     }

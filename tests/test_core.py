@@ -7,7 +7,7 @@ from memguard.decide.state import Phase
 from memguard.model import UNKNOWN, Notice, SetAdmission, Signal, Spawn
 from memguard.policy import RestartPolicy
 
-from corekit import GiB, MiB, SIGKILL, SIGTERM, Sim, daemon, rule, signals, workload
+from corekit import GiB, MiB, SIGKILL, SIGTERM, Sim, daemon, rule, scope, signals, workload
 
 
 def test_start_spawns_every_replica():
@@ -478,3 +478,40 @@ def test_a_trial_that_slipped_in_while_draining_delays_the_recycle_until_it_ends
     assert signals(sim.run(2, 0.1)) == []
     sim.trial("w-0", "end", ok=True)
     assert [s.event for s in signals(sim.run(0.4, 0.1))] == ["restart"]
+
+
+def test_unmanaged_victim_gets_sigterm_then_sigkill_after_grace_and_holds_the_lock():
+    """An opt-in unmanaged process larger than every worker is the victim: SIGTERM, SIGKILL only after the
+    rule's grace, no second victim while it lives; once it is gone the post-action delay applies."""
+    from memguard.decide.core import step
+    from memguard.model import Observation, ProcessSample, SignalProcess
+
+    pol = daemon(workload(), rules=(rule("memory.available < 10%", "terminate", "system", grace_s=3.0),),
+                 post_action_delay_s=5.0)
+    sim = Sim(pol)
+    sim.start()
+    sim.tick(0.1)
+    hog = ProcessSample(pid=4242, start=777, name="polars-job", user="alice", memory_bytes=10 * GiB,
+                        matcher="by-hand")
+
+    def tick(dt: float, procs: tuple) -> list:
+        sim.now += dt
+        base = sim.observe()
+        obs = Observation(at=sim.now, scope=scope(available=GiB), workers=base.workers, events=base.events,
+                          unmanaged=procs)
+        sim.state, acts = step(sim.state, obs, pol, sim.now)
+        sim._absorb(acts)
+        return acts
+
+    first = [a for a in tick(0.1, (hog,)) if isinstance(a, (SignalProcess, Signal))]
+    assert [(type(a).__name__, a.signum) for a in first] == [("SignalProcess", SIGTERM)]
+    assert "unmanaged process polars-job" in first[0].explain.display
+    quiet = []
+    for _ in range(28):
+        quiet += [a for a in tick(0.1, (hog,)) if isinstance(a, (SignalProcess, Signal))]
+    assert quiet == []  # still in its grace: no SIGKILL, and no worker chosen meanwhile
+    late = [a for a in tick(0.2, (hog,)) if isinstance(a, SignalProcess)]
+    assert [(a.signum, a.event) for a in late] == [(SIGKILL, "escalate")]
+    tick(0.1, ())  # gone
+    assert [a for a in tick(4.0, ()) if isinstance(a, Signal)] == []  # post-action delay
+    assert [a.worker for a in tick(1.2, ()) if isinstance(a, Signal)] == ["w-0"]

@@ -239,3 +239,22 @@ def test_opt_in_unmanaged_process_is_chosen_and_stopped(tmp_path, memcg):
         if job.poll() is None:
             job.kill()
             job.wait()
+
+
+def test_metrics_textfile_counts_kernel_oom_kills_and_actions(tmp_path, memcg):
+    """With metrics_file set, the Prometheus textfile holds per-worker memory, the actions taken and the kernel
+    OOM kills memguard attributed (here: a worker killed at its cgroup limit)."""
+    prom = tmp_path / "memguard.prom"
+    cfg = write_config(tmp_path, f"scope: host\nworkloads: workloads.d/\nmetrics_file: {prom}\n", {
+        "hog": f"name: hog\ncommand: {worker_cmd('--rate', '300')}\nlimits: {{memory: 128MiB}}\n"
+               "restart: {policy: never}\n",
+        "calm": f"name: calm\ncommand: {worker_cmd()}\n"})
+    d = Daemon(cfg, cgroup=memcg)
+    try:
+        assert d.event("exit", worker="hog-0", timeout=20)["cause"] == "kernel_oom"
+    finally:
+        assert d.stop() == 0  # the textfile is written after every full tick and once more at exit
+    text = prom.read_text()
+    assert "memguard_kernel_oom_kills_total 1" in text
+    assert 'memguard_worker_up{workload="calm",worker="calm-0"}' in text
+    assert "# TYPE memguard_actions_total counter" in text

@@ -78,6 +78,7 @@ DAEMON_KEYS = (
     "mlock",
     "unmanaged",
     "gpu",
+    "metrics_file",
 )
 UNMANAGED_KEYS = ("name", "cmdline", "user", "cgroup", "priority")
 WORKLOAD_KEYS = (
@@ -1139,6 +1140,8 @@ def _read_daemon(f: _File, root: Node) -> tuple[dict[str, Any] | None, str | Non
     own_oom = f.get(entries, "oom_score_adj", "", _p_int(-1000, 1000), "a whole number from -1000 to 1000")
     mlock = f.get(entries, "mlock", "", _p_bool, "true or false")
     gpu = f.get(entries, "gpu", "", _p_autooff, "auto or off")
+    metrics_file = f.get(entries, "metrics_file", "", _p_path("a file path such as "
+                                                              "/var/lib/node_exporter/memguard.prom"), "a file path")
     unmanaged = _read_unmanaged(f, entries["unmanaged"][1]) if "unmanaged" in entries else ()
 
     protect: tuple[str, ...] | None = ()
@@ -1202,6 +1205,7 @@ def _read_daemon(f: _File, root: Node) -> tuple[dict[str, Any] | None, str | Non
         mlock=mlock if mlock is not None else base.mlock,
         unmanaged=unmanaged or (),
         gpu=gpu if gpu is not None else base.gpu,
+        metrics_file=_resolve(f.dir, metrics_file) if metrics_file is not None else base.metrics_file,
         source=f"{f.display}:1",
     )
     return fields, shown_dir, wnode

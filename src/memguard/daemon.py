@@ -34,6 +34,7 @@ from .model import (Action, Exited, GpuDeviceReading, Observation, Pressure, Spa
                     is_known)
 from .policy import DaemonPolicy
 from .report.log import action_event, get_logger
+from .report.metrics import Metrics
 from .report.notify import Notifier
 from .sense.cgroup import ScopeReader, choose_scope
 from .sense.procs import TreeTracker
@@ -112,6 +113,7 @@ class Daemon:
                            cgroups=self.cgroups, extra_env=self.control.worker_env,
                            reclaim=self.control.send_reclaim)
         self.kernel_oom_kills = 0
+        self.metrics = Metrics(policy.metrics_file, __version__) if policy.metrics_file else None
         self.notifier = Notifier()
         self.ticks = 0
         self.last_obs: Observation | None = None
@@ -129,6 +131,8 @@ class Daemon:
             ev = self._exit_from_cgroup(ev)
             if ev.kernel_oom:
                 self.kernel_oom_kills += 1
+                if self.metrics is not None:
+                    self.metrics.kernel_oom_kills += 1
         self.pending.append(ev)
         if self.wake is not None:
             self.wake.set()
@@ -297,6 +301,8 @@ class Daemon:
 
     def _execute(self, actions: list[Action]) -> None:
         self.actor.execute(actions, self.policy)
+        if self.metrics is not None:
+            self.metrics.count(actions)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -387,6 +393,12 @@ class Daemon:
             self.ticks += 1
             self.last_obs = obs
             self.notifier.tick(self._status())
+            if full and self.metrics is not None:
+                try:
+                    self.metrics.write(obs, self.state.workers)
+                except OSError as e:
+                    self.log.error("metrics_error", message=f"cannot write {self.policy.metrics_file}: {e}")
+                    self.metrics = None
             if self.state.shutting_down and all_stopped(self.state):
                 break
             if self.stop_when_done and self._done():
@@ -400,6 +412,11 @@ class Daemon:
             if self.notifier.max_sleep() is not None:
                 wake_at = min(wake_at, now + self.notifier.max_sleep())
             await self._sleep_until(wake_at)
+        if self.metrics is not None:
+            try:
+                self.metrics.write(self.last_obs, self.state.workers)
+            except OSError:
+                pass
         self.log.info("stopped", message="all workers stopped; memguard exits")
         self.notifier.stopping()
         return 0

@@ -234,6 +234,7 @@ class DaemonPolicy:
     mlock: bool = True
     unmanaged: tuple[UnmanagedMatch, ...] = ()
     gpu: str = "auto"  # "auto": NVML sensing when a driver is there; "off"
+    metrics_file: str | None = None  # Prometheus textfile, rewritten after each full tick
     log_format: str = "auto"  # "auto" | "console" | "json" | "journald"
     log_level: str = "info"
     workloads: tuple[WorkloadPolicy, ...] = ()

@@ -262,7 +262,7 @@ class Daemon:
     async def _observe(self, full: bool) -> Observation:
         if full:
             loop = asyncio.get_running_loop()
-            self.samples = await loop.run_in_executor(None, self._sample_workers)
+            self.samples = await self._while_fast_path(loop.run_in_executor(None, self._sample_workers))
             for name in self.samples:
                 self.children.add_members(name, self.tracker.members(name, refresh=False))
             pressure_path = self.scope.cgroup.pressure_path() if (
@@ -274,13 +274,28 @@ class Daemon:
                 exclude = {pid for name in self.samples for pid, _ in self.tracker.members(name, refresh=False)}
                 if self.children.sentinel_pid:
                     exclude.add(self.children.sentinel_pid)
-                self.unmanaged = await loop.run_in_executor(
-                    None, scan_unmanaged, self.policy.unmanaged, exclude, self.policy.protect)
+                self.unmanaged = await self._while_fast_path(loop.run_in_executor(
+                    None, scan_unmanaged, self.policy.unmanaged, exclude, self.policy.protect))
         scope = self.scope()  # read last: the freshest figure for this tick's decision
         events = tuple(self.pending)
         self.pending.clear()
         return Observation(at=self.clock(), scope=scope, pressure=self.pressure, workers=dict(self.samples),
                            events=events, full=full, unmanaged=self.unmanaged, gpus=self.gpus)
+
+    async def _while_fast_path(self, work: "asyncio.Future[Any]") -> Any:
+        """Await slow sensing (process trees: PSS walks page tables, ~10 ms per GiB) while the fast path
+        keeps reading the scope's memory and acting on a crossing, as between ticks."""
+        while True:
+            obs = self.last_obs
+            fp = fast_path_interval(self.state, obs, self.policy) if obs is not None else None
+            done, _ = await asyncio.wait({work}, timeout=fp)
+            if done:
+                return work.result()
+            assert obs is not None
+            light = replace(obs, at=self.clock(), scope=self.scope(), events=(), full=False)
+            self.state, actions = step(self.state, light, self.policy, self.clock())
+            self._execute(actions)
+            self.last_obs = light
 
     async def _read_gpu(self) -> None:
         assert self.gpu is not None
@@ -392,7 +407,8 @@ class Daemon:
             self._execute(actions)
             self.ticks += 1
             self.last_obs = obs
-            self.notifier.tick(self._status())
+            if self.notifier.enabled:
+                self.notifier.tick(self._status())
             if full and self.metrics is not None:
                 try:
                     self.metrics.write(obs, self.state.workers)

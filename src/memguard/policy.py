@@ -204,7 +204,7 @@ class UnmanagedMatch:
 
 @dataclass(frozen=True)
 class DaemonPolicy:
-    # 1 s: a relaxed pace that costs well under 0.5 % of a core.
+    # 1 s: a relaxed pace; idle, the daemon measured 0.3-0.6 % of one core (docs/benchmarks.md).
     poll_interval_s: float = 1.0
     # 100 ms near or past a threshold (earlyoom's floor between reads).
     fast_poll_interval_s: float = 0.1

@@ -121,9 +121,11 @@ def format_size(n: int | float) -> str:
     for unit, factor in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
         if n >= factor:
             v = n / factor
-            text = f"{v:.1f}" if v < 100 else f"{v:.0f}"
-            if text.endswith(".0"):
-                text = text[:-2]
+            if factor >= 1024**3 and round(v, 2) == round(v) and abs(n - round(v) * factor) >= 1024**2:
+                continue  # 2047.9 MiB is not "2GiB": say it in the smaller unit
+            # Two decimals for GiB and TiB: 2047.9 MiB must not read as "2GiB" next to a 2 GiB threshold.
+            text = f"{v:.2f}" if factor >= 1024**3 and v < 10 else f"{v:.1f}" if v < 100 else f"{v:.0f}"
+            text = text.rstrip("0").rstrip(".") if "." in text else text
             return f"{sign}{text}{unit}"
     return f"{sign}{int(n)}B"
 

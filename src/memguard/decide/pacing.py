@@ -5,8 +5,9 @@ Two clocks run in the daemon:
 * the **full tick** (process trees, PSI, every rule) runs at
   ``poll_interval`` far from any threshold and at ``fast_poll_interval``
   when a rule is near, pending or active, or a worker is stopping;
-* the **fast path** re-reads only the scope's memory figure (one small
-  file) between full ticks, after ``headroom / max_fill_rate`` seconds: a
+* the **fast path** re-reads only the scope's memory figure (``/proc/meminfo``,
+  or the scope cgroup's usage and ``memory.stat``) between full ticks, and
+  keeps doing so while a full tick measures process trees, after ``headroom / max_fill_rate`` seconds: a
   hog filling memory at the planned rate cannot cross a memory threshold
   unseen (earlyoom's scheme). Near the threshold this goes down to a
   millisecond; far from it, the fast path is idle.

@@ -39,6 +39,7 @@ from .report.notify import Notifier
 from .sense.cgroup import ScopeReader, choose_scope
 from .sense.procs import TreeTracker
 from .sense.gpu import GpuReading, GpuSensor, attribute_all, host_pid_map
+from .sense.host import host_scope
 from .sense.psi import read_pressure
 from .sense.unmanaged import scan_unmanaged
 from .units import format_size
@@ -117,6 +118,7 @@ class Daemon:
         self.notifier = Notifier()
         self.ticks = 0
         self.last_obs: Observation | None = None
+        self.last_full_scope: Any = None
         self.stop_when_done = False  # one-shot use (memguard run): exit once no worker will run again
 
     # ------------------------------------------------------------------ callbacks
@@ -276,11 +278,30 @@ class Daemon:
                     exclude.add(self.children.sentinel_pid)
                 self.unmanaged = await self._while_fast_path(loop.run_in_executor(
                     None, scan_unmanaged, self.policy.unmanaged, exclude, self.policy.protect))
-        scope = self.scope()  # read last: the freshest figure for this tick's decision
+        # read last: the freshest figure for this tick's decision
+        # (a full reading when an exit is pending: its OOM counter tells a kernel kill from another SIGKILL)
+        exits = any(isinstance(ev, Exited) for ev in self.pending)
+        scope = self.scope() if full or exits else self._fast_scope(self.last_full_scope)
         events = tuple(self.pending)
         self.pending.clear()
         return Observation(at=self.clock(), scope=scope, pressure=self.pressure, workers=dict(self.samples),
                            events=events, full=full, unmanaged=self.unmanaged, gpus=self.gpus)
+
+    def _fast_scope(self, last: Any) -> Any:
+        """The scope's memory for a fast-path tick: only what moves fast (usage, working set).
+
+        Limits, swap and the OOM counter come from the last full reading; the
+        host's /proc/vmstat is skipped (two thirds of a host read's cost).
+        """
+        if self.scope.kind == "host":
+            return host_scope(oom_kills=False)
+        cg = self.scope.cgroup
+        total = last.total_bytes if last is not None else None
+        if cg is None or last is None or last.kind != "cgroup" or not is_known(total):
+            return self.scope()
+        ws = cg.working_set_bytes()
+        avail = (total - ws if total > ws else 0) if is_known(ws) else ws
+        return replace(last, available_bytes=avail)
 
     async def _while_fast_path(self, work: "asyncio.Future[Any]") -> Any:
         """Await slow sensing (process trees: PSS walks page tables, ~10 ms per GiB) while the fast path
@@ -292,7 +313,7 @@ class Daemon:
             if done:
                 return work.result()
             assert obs is not None
-            light = replace(obs, at=self.clock(), scope=self.scope(), events=(), full=False)
+            light = replace(obs, at=self.clock(), scope=self._fast_scope(obs.scope), events=(), full=False)
             self.state, actions = step(self.state, light, self.policy, self.clock())
             self._execute(actions)
             self.last_obs = light
@@ -407,6 +428,8 @@ class Daemon:
             self._execute(actions)
             self.ticks += 1
             self.last_obs = obs
+            if full:
+                self.last_full_scope = obs.scope
             if self.notifier.enabled:
                 self.notifier.tick(self._status())
             if full and self.metrics is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -155,9 +156,7 @@ def test_protected_process_is_never_signalled_even_when_largest(tmp_path, memcg)
         d.stop()
 
 
-def _run(argv: list[str], cgroup=None, timeout: float = 60) -> "subprocess.CompletedProcess[str]":
-    import subprocess
-
+def _run(argv: list[str], cgroup=None, timeout: float = 60) -> subprocess.CompletedProcess:
     from daemonkit import MEMGUARD, REPO
 
     cmd = MEMGUARD + ["run", *argv]
@@ -206,7 +205,6 @@ def test_run_passes_the_exit_code_and_output_through():
 def test_opt_in_unmanaged_process_is_chosen_and_stopped(tmp_path, memcg):
     """With `unmanaged:` matching a hand-started job, a system rule stops that job (the largest candidate,
     identified by pid and start time), while memguard's own small worker keeps running."""
-    import subprocess
     import uuid
 
     token = f"hand-started-{uuid.uuid4().hex[:8]}"

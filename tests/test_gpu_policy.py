@@ -6,7 +6,6 @@ sensor's reading to the core's decision is the real code path.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -14,7 +13,7 @@ import pytest
 
 from memguard.daemon import gpu_observation
 from memguard.decide.core import step
-from memguard.model import Notice, Observation, Signal, WorkerSample
+from memguard.model import Notice, Observation, WorkerSample
 from memguard.sense.gpu import GpuSensor
 from memguard.sense.nvml_fake import FakeNvml
 

@@ -160,21 +160,8 @@ class Daemon:
         live = self.children.live().get(worker)
         if live is None:
             return False
-        main = live[0]
-        if pid_in_tree(pid, main):
-            return True
-        cur = pid
-        for _ in range(64):
-            if cur == main:
-                return True
-            if cur <= 1:
-                break
-            try:
-                with open(f"/proc/{cur}/stat", "rb") as f:
-                    cur = int(f.read().rsplit(b")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                break
-        return any(p == pid for p, _ in self.tracker.members(worker))
+        # Its session or parent chain, else a member recorded earlier (a setsid()'d orphan).
+        return pid_in_tree(pid, live[0]) or any(p == pid for p, _ in self.tracker.members(worker))
 
     def _on_admin(self, req: dict[str, Any]) -> dict[str, Any]:
         op = req.get("op")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ from .config import ConfigError, load_workload_file
 from .daemon import Daemon
 from .expr import parse_expr
 from .model import Action, Exited, Notice, Reclaim, SetAdmission, Signal, WorkerEvent, is_known
-from .policy import ActionKind, DaemonPolicy, Limits, RestartPolicy, Rule, WorkloadPolicy
+from .policy import ActionKind, DaemonPolicy, Rule, WorkloadPolicy
 from .sense.cgroup import choose_scope
 from .units import format_duration, format_size
 

@@ -52,5 +52,5 @@ while True:
             allocated += chunk_mb
         time.sleep(0.005)
     else:
-        signal.pause() if hasattr(signal, "pause") else time.sleep(3600)
+        signal.pause()
 sys.exit(0)

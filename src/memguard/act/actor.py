@@ -20,6 +20,7 @@ from typing import Callable, Iterable, Mapping
 
 from ..model import SIGKILL, Action, Notice, Reclaim, SetAdmission, Signal, SignalProcess, Spawn
 from ..policy import DaemonPolicy, WorkloadPolicy
+from ..sense.procstat import same_process
 from .cgroups import CgroupLimits, WorkerCgroups, format_limits
 from .children import ChildSupervisor, SpawnError
 
@@ -156,15 +157,13 @@ class Actor:
         except OSError:
             return  # already gone
         try:
-            with open(f"/proc/{action.pid}/stat", "rb") as f:
-                start = int(f.read().rsplit(b")", 1)[1].split()[19])
-            if start != action.start:
+            if not same_process(action.pid, action.start):  # checked after pidfd_open: the fd is that process
                 self.report(Notice("refused", level="warning", pid=action.pid,
                                    reason="the pid now belongs to another process; not signalled"), False)
                 return
             signal.pidfd_send_signal(fd, action.signum)
             self.signals_sent += 1
-        except (OSError, IndexError, ValueError):
+        except OSError:
             pass
         finally:
             os.close(fd)

@@ -43,6 +43,7 @@ from typing import Callable, Deque, Iterable, Mapping, Sequence
 
 from memguard.act.errors import SpawnError
 from memguard.model import Exited, Spawned, SpawnFailed, WorkerEvent
+from memguard.sense.procstat import read_stat
 
 __all__ = ["ChildSupervisor", "SpawnError", "MEMBER_SIGNALS", "LINE_MAX"]
 
@@ -69,33 +70,7 @@ _SETPRIV = shutil.which("setpriv")  # checked once
 # /proc helpers
 
 
-@dataclass(frozen=True)
-class _Stat:
-    state: str
-    ppid: int
-    pgrp: int
-    session: int
-    start: int
-
-
-def _read_stat(pid: int) -> _Stat | None:
-    """The fields of ``/proc/<pid>/stat`` we use, None if the pid is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    try:
-        rest = data[data.rindex(b")") + 2 :].split()
-        return _Stat(
-            state=rest[0].decode(),
-            ppid=int(rest[1]),
-            pgrp=int(rest[2]),
-            session=int(rest[3]),
-            start=int(rest[19]),
-        )
-    except (ValueError, IndexError):
-        return None
+_read_stat = read_stat  # state, ppid, pgrp, session, start: the identity checks below
 
 
 def _set_subreaper(on: bool) -> None:
@@ -120,7 +95,7 @@ def _group_members(pgid: int) -> list[tuple[int, int]]:
         if not name.isdigit():
             continue
         st = _read_stat(int(name))
-        if st is not None and st.pgrp == pgid and st.state not in ("Z", "X"):
+        if st is not None and st.pgrp == pgid and not st.dead:
             out.append((int(name), st.start))
     return out
 
@@ -383,7 +358,7 @@ class ChildSupervisor:
             if mpid == rec.pid or rec.members.get(mpid) == mstart:
                 continue
             st = _read_stat(mpid)
-            if st is None or st.start != mstart or st.state in ("Z", "X"):
+            if st is None or st.start != mstart or st.dead:
                 continue
             rec.members[mpid] = mstart
             for sid in {st.session, st.pgrp} - {rec.pid}:
@@ -695,7 +670,7 @@ class ChildSupervisor:
             return False
         try:
             st = _read_stat(pid)  # after pidfd_open: proves the pidfd is that process
-            if st is None or st.start != start or st.state in ("Z", "X"):
+            if st is None or st.start != start or st.dead:
                 return False
             _signal.pidfd_send_signal(fd, signum)
             if st.pgrp == pid and pid != worker_pgid:
@@ -783,13 +758,13 @@ class ChildSupervisor:
                 self._check_group(pgid)
         for pid, start in list(self._pids.items()):
             st = _read_stat(pid)
-            if st is None or st.start != start or st.state in ("Z", "X"):
+            if st is None or st.start != start or st.dead:
                 del self._pids[pid]
                 self._sentinel_send(f"unpid {pid}\n")
         for rec in list(self._workers.values()) + list(self._old):
             for mpid, mstart in list(rec.members.items()):
                 st = _read_stat(mpid)
-                if st is None or st.start != mstart or st.state in ("Z", "X"):
+                if st is None or st.start != mstart or st.dead:
                     del rec.members[mpid]
 
     # ------------------------------------------------------------------ sentinel

@@ -44,6 +44,7 @@ import time
 from typing import Any, Awaitable, Callable, Mapping
 
 from ..model import TrialEvent
+from ..sense.procstat import read_stat
 
 __all__ = [
     "ControlServer",
@@ -132,17 +133,8 @@ def _peer_groups(sock: Any, pid: int) -> set[int] | None:
 
 
 def _ppid(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    # The command name may hold spaces and parentheses: fields start after the last ')'.
-    fields = data[data.rfind(b")") + 2:].split()
-    try:
-        return int(fields[1])
-    except (IndexError, ValueError):
-        return None
+    st = read_stat(pid)
+    return None if st is None else st.ppid
 
 
 def pid_in_tree(pid: int, root_pid: int, *, max_depth: int = 64) -> bool:

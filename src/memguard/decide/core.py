@@ -643,8 +643,7 @@ def _trial_checks(s: _Step, w: WorkerState, wl: WorkloadPolicy, ctx: Context) ->
             _begin_stop(s, w, event="restart", reason="brake", then="restart", severity=ActionKind.RESTART.severity,
                         rule="restart_when_blocked", explain=ex)
             return
-    if brake_armed := ((brake.refusals is not None or brake.after_s is not None) and not w.admission_open
-                       and _own_block(w, wl)):
+    if (brake.refusals is not None or brake.after_s is not None) and not w.admission_open and _own_block(w, wl):
         return  # the brake, not recycling, decides when a worker held by its own rule restarts
     if w.draining_since is not None:
         # The gate closed for recycling; a trial whose start crossed the closing is over by now

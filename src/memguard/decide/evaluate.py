@@ -13,7 +13,7 @@ import operator
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
-from ..expr import BoolOp, Comparison, Expr
+from ..expr import Comparison, Expr
 from ..model import Explanation, Reading, Unknown, is_known
 from ..signals import SIGNALS
 from ..units import format_duration, format_size

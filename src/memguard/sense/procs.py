@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Collection, Iterable, Mapping, NamedTuple
+from typing import Callable, Collection, Iterable, Mapping
 
 from memguard.model import Unknown, WorkerSample
 from memguard.sense.host import field_int
+from memguard.sense.procstat import read_stat
 
 __all__ = ["TreeTracker", "process_start_time", "tree_memory_bytes"]
 
@@ -63,30 +64,7 @@ def _read_all(path: str) -> bytes:
         os.close(fd)
 
 
-class _Stat(NamedTuple):
-    state: int  # a byte: ord("R"), ord("Z")...
-    threads: int
-    start: int
-
-
-_ZOMBIE_OR_DEAD = (ord("Z"), ord("X"), ord("x"))
-
-
-def _stat(pid: int) -> _Stat | None:
-    """State, thread count and start time of ``pid`` from /proc/<pid>/stat; None if gone."""
-    try:
-        data = _read(f"/proc/{pid}/stat", 1024)
-    except OSError:
-        return None
-    r = data.rfind(b")")
-    if r < 0:
-        return None
-    fields = data[r + 2:].split()
-    # fields[0] is field 3 (state); num_threads is field 20, starttime field 22.
-    try:
-        return _Stat(fields[0][0], int(fields[17]), int(fields[19]))
-    except (IndexError, ValueError):
-        return None
+_stat = read_stat
 
 
 def process_start_time(pid: int) -> int | None:
@@ -291,7 +269,7 @@ class TreeTracker:
                 why = f"process {w.pid} is gone"
             elif st.start != w.start:
                 why = f"pid {w.pid} now belongs to another process (start time {st.start}, expected {w.start})"
-            elif st.state in _ZOMBIE_OR_DEAD:
+            elif st.dead:
                 why = f"process {w.pid} has exited"
             else:
                 tree[w.pid] = w.start
@@ -301,7 +279,7 @@ class TreeTracker:
             if pid in tree:
                 continue
             st = _stat(pid)
-            if st is None or st.start != start or st.state in _ZOMBIE_OR_DEAD:
+            if st is None or st.start != start or st.dead:
                 continue
             tree[pid] = start
             stack.append((pid, st.threads, start))
@@ -312,7 +290,7 @@ class TreeTracker:
                     continue
                 st = _stat(child)
                 # A child cannot have started before its parent: a pid reused in between is not ours.
-                if st is None or st.state in _ZOMBIE_OR_DEAD or st.start < start:
+                if st is None or st.dead or st.start < start:
                     continue
                 tree[child] = st.start
                 stack.append((child, st.threads, st.start))

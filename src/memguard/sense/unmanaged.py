@@ -16,6 +16,7 @@ from typing import Collection, Iterable, Sequence
 
 from ..model import ProcessSample, Unknown
 from ..policy import UnmanagedMatch
+from .procstat import read_stat, same_process
 
 __all__ = ["scan_unmanaged", "alive"]
 
@@ -34,21 +35,13 @@ def _status(pid: int) -> dict[str, str]:
 
 
 def _start(pid: int) -> int | None:
-    try:
-        stat = _read(f"/proc/{pid}/stat")
-        return int(stat.rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
+    st = read_stat(pid)
+    return None if st is None else st.start
 
 
 def alive(pid: int, start: int) -> bool:
     """Is the process with this pid still the one that started at ``start`` (and not a zombie)?"""
-    try:
-        stat = _read(f"/proc/{pid}/stat")
-        fields = stat.rsplit(")", 1)[1].split()
-        return int(fields[19]) == start and fields[0] not in ("Z", "X")
-    except (OSError, IndexError, ValueError):
-        return False
+    return same_process(pid, start)
 
 
 def _user(uid: int, cache: dict[int, str]) -> str:

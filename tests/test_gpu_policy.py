@@ -15,7 +15,7 @@ from memguard.daemon import gpu_observation
 from memguard.decide.core import step
 from memguard.model import Notice, Observation, WorkerSample
 from memguard.sense.gpu import GpuSensor
-from memguard.sense.nvml_fake import FakeNvml
+from memguard.testing.nvml import FakeNvml
 
 from corekit import GiB, MiB, Sim, daemon, rule, scope, signals, workload
 from daemonkit import Daemon, write_config

@@ -1,7 +1,7 @@
 """sense/gpu.py: GPU sensing through NVML, driven by the shipped fake binding.
 
 CI has no GPU, so every NVML answer here comes from
-memguard.sense.nvml_fake.FakeNvml, whose errors are pynvml's own classes.
+memguard.testing.nvml.FakeNvml, whose errors are pynvml's own classes.
 Process trees and PID namespaces are real: a real parent with a real
 child, and real `unshare` namespaces where the machine allows them.
 Nothing sleeps to synchronise: hung NVML calls are released explicitly
@@ -36,7 +36,7 @@ from memguard.sense.gpu import (
     nspid_map,
     parse_nspid,
 )
-from memguard.sense.nvml_fake import SCENARIOS, FakeDevice, FakeHandle, FakeNvml, GiB, MiB
+from memguard.testing.nvml import SCENARIOS, FakeDevice, FakeHandle, FakeNvml, GiB, MiB
 from memguard.sense.procs import TreeTracker
 
 pynvml = pytest.importorskip("pynvml")

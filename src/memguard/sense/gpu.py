@@ -4,7 +4,7 @@ One choke point
 ---------------
 Every NVML call goes through an :class:`NvmlBinding`: the ``pynvml`` module
 of NVIDIA's ``nvidia-ml-py`` package in production, or
-:class:`memguard.sense.nvml_fake.FakeNvml` in tests. ``pynvml`` is imported
+:class:`memguard.testing.nvml.FakeNvml` in tests. ``pynvml`` is imported
 only when :meth:`GpuSensor.start` runs, never when this module is imported.
 
 A start-up decision, then values
@@ -127,7 +127,7 @@ class NvmlBinding(Protocol):
     """The part of the ``pynvml`` module (nvidia-ml-py) memguard calls.
 
     The ``pynvml`` module itself satisfies it, and so does
-    :class:`memguard.sense.nvml_fake.FakeNvml`. Errors are raised as
+    :class:`memguard.testing.nvml.FakeNvml`. Errors are raised as
     ``NVMLError`` (its subclasses carry the code in ``.value``), except a
     missing versioned symbol behind an unversioned wrapper, which pynvml
     raises as ``NVMLLibraryMismatchError``, not an ``NVMLError``.

@@ -4,7 +4,7 @@ Public testing API, in the spirit of ``structlog.testing``: pass a
 :class:`FakeNvml` wherever memguard takes an NVML binding::
 
     from memguard.sense.gpu import GpuSensor
-    from memguard.sense.nvml_fake import FakeNvml
+    from memguard.testing.nvml import FakeNvml
 
     nvml = FakeNvml.scenario("two_devices")
     sensor = GpuSensor(nvml)

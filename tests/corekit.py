@@ -5,11 +5,12 @@ from __future__ import annotations
 import signal
 from dataclasses import dataclass, field, replace
 
-from memguard.decide.core import reconcile, step
+from memguard.decide.core import step
 from memguard.decide.state import CoreState
 from memguard.expr import parse_expr
 from memguard.model import (
     Exited,
+    Reconcile,
     Observation,
     Pressure,
     ScopeMemory,
@@ -85,9 +86,13 @@ class Sim:
     oom_kills: object = 0
 
     def start(self) -> list:
-        self.state, actions = reconcile(self.state, self.policy, self.now, reason="start")
-        self._absorb(actions)
-        return actions
+        """The daemon's first tick: the policy is applied (Reconcile "start")."""
+        return self.command(Reconcile("start"))
+
+    def command(self, cmd: object) -> list:
+        """Pass a command (Reconcile, Shutdown, Operator) to the core in a step at the current time."""
+        self.pending.append(cmd)
+        return self.tick(0.0)
 
     def _absorb(self, actions: list) -> None:
         for a in actions:

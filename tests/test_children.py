@@ -24,7 +24,7 @@ import pytest
 
 from memguard.act import children as children_mod
 from memguard.act.children import LINE_MAX, ChildSupervisor, SpawnError
-from memguard.act.sentinel import start_time
+from memguard.act.process import start_time
 from memguard.model import Exited, Spawned, SpawnFailed, WorkerEvent
 
 PY = sys.executable

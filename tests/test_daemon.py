@@ -163,8 +163,9 @@ def test_sighup_with_a_broken_file_keeps_the_running_policy(tmp_path):
 
 
 def test_dry_run_decides_but_sends_no_signal(tmp_path, memcg):
-    """In dry run the terminate decision and the SIGKILL escalation are logged with dry_run, yet the
-    worker keeps running with the same pid."""
+    """In dry run the terminate decision is logged with dry_run, the worker keeps running with the same
+    pid (nothing escalates to SIGKILL: the decision was not carried out), and a stop of the daemon still
+    stops the worker and ends the daemon promptly."""
     cfg = write_config(tmp_path, "scope: host\nworkloads: workloads.d/\ndry_run: true\n", {"w": f"""
         name: w
         command: {worker_cmd("--rate", "50", "--max", "100")}
@@ -178,10 +179,12 @@ def test_dry_run_decides_but_sends_no_signal(tmp_path, memcg):
         pid = d.worker_pids("w-0")[0]
         term = d.event("terminate", timeout=20)
         assert term["dry_run"] is True and term["message"].startswith("DRY RUN")
-        esc = d.event("escalate", timeout=10)
-        assert esc["dry_run"] is True
+        again = d.event("terminate", timeout=20)  # decided again after the post-action delay
+        assert again["dry_run"] is True and again["pid"] == pid
         assert not is_gone(pid)
-        assert not list(d.all("exit"))
+        assert not list(d.all("exit")) and not list(d.all("escalate"))
+        assert d.stop(timeout=15) == 0
+        assert is_gone(pid)
     finally:
         d.stop()
 

@@ -11,10 +11,10 @@ import sys
 
 import pytest
 
-from memguard.daemon import gpu_observation
 from memguard.decide.core import step
 from memguard.model import Notice, Observation, WorkerSample
 from memguard.sense.gpu import GpuSensor
+from memguard.sense.observer import gpu_observation
 from memguard.testing.nvml import FakeNvml
 
 from corekit import GiB, MiB, Sim, daemon, rule, scope, signals, workload
@@ -30,8 +30,9 @@ def _sensor(fake: FakeNvml) -> GpuSensor:
 def _tick(sim: Sim, sensor: GpuSensor, trees: dict[str, list[int]], pid_map=None) -> list:
     """One step of the core with the GPU part of the observation taken through the real sensor."""
     base = sim.observe()
-    samples = {name: WorkerSample(name, trees[name][0], 100 * MiB) for name in trees}
-    gpus, samples = gpu_observation(sensor.read(), samples, trees, pid_map)
+    samples = {name: WorkerSample(name, trees[name][0], 100 * MiB, members=tuple((p, 0) for p in trees[name]))
+               for name in trees}
+    gpus, samples = gpu_observation(sensor.read(), samples, pid_map)
     obs = Observation(at=sim.now, scope=scope(), workers=samples, events=base.events, gpus=gpus)
     sim.state, actions = step(sim.state, obs, sim.policy, sim.now)
     sim._absorb(actions)

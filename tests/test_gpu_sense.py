@@ -37,7 +37,7 @@ from memguard.sense.gpu import (
     parse_nspid,
 )
 from memguard.testing.nvml import SCENARIOS, FakeDevice, FakeHandle, FakeNvml, GiB, MiB
-from memguard.sense.procs import TreeTracker
+from memguard.sense.procs import process_start_time, sample_tree
 
 pynvml = pytest.importorskip("pynvml")
 
@@ -131,16 +131,14 @@ class Tree:
 
 
 def test_a_workers_child_using_the_gpu_counts_for_the_worker(started):
-    """A real child of a real worker process holds GPU memory: it is the worker's, via TreeTracker."""
+    """A real child of a real worker process holds GPU memory: it is the worker's, via its tree's members."""
     tree = Tree()
     try:
-        tracker = TreeTracker()
-        tracker.track("llm-0", tree.parent)
-        members = tracker.members("llm-0")
+        members = sample_tree("llm-0", tree.parent, process_start_time(tree.parent)).members
         assert {pid for pid, _ in members} == {tree.parent, tree.child}
         fake = FakeNvml.scenario("child_uses_gpu", pids={tree.child: 3 * GiB, 999_999: 1 * GiB})
         reading = started(fake).read()
-        # members() pairs (pid, start time) are accepted as they are.
+        # (pid, start time) member pairs are accepted as they are.
         got = attribute_all(reading, {"llm-0": members, "other-0": [os.getpid()]})
         llm = got.workers["llm-0"]
         assert llm.total_bytes == 3 * GiB and llm.pids == (tree.child,)

@@ -21,20 +21,18 @@ import psutil
 import pytest
 
 from memguard.model import Pressure, ScopeMemory, Unknown, WorkerSample, is_known
-from memguard.sense import (
+from memguard.sense.cgroup import (
     CgroupError,
     MemoryCgroup,
     ScopeError,
-    TreeTracker,
     cgroup_scope,
     choose_scope,
-    create_child,
     find_own_cgroup,
-    host_scope,
-    process_start_time,
-    read_meminfo,
-    read_pressure,
 )
+from memguard.sense.host import host_scope, read_meminfo
+from memguard.sense.psi import read_pressure
+from memguard.act.cgroups import create_cgroup, remove_cgroup, set_memory_limit
+from memguard.sense.procs import children_reader, process_start_time, sample_tree
 from memguard.sense.cgroup import locate_memory_cgroup
 from memguard.sense.host import host_totals
 from memguard.sense.psi import PSI_MEMORY_PATH
@@ -195,8 +193,8 @@ def test_forked_tree_counts_shared_pages_once(run):
     helper.watch(*kids)
     assert main == helper.proc.pid
 
-    tracker = TreeTracker()
-    s = tracker.sample("trainer", main, protect=())
+    start = process_start_time(main)
+    s = sample_tree("trainer", main, start, protect=())
     assert isinstance(s, WorkerSample) and s.worker == "trainer" and s.pid == main
     assert s.processes == 5 and s.source == "tree" and s.protected is False
     assert is_known(s.memory_bytes)
@@ -204,18 +202,19 @@ def test_forked_tree_counts_shared_pages_once(run):
     rss_sum = sum(psutil.Process(p).memory_info().rss for p in [main, *kids])
     assert rss_sum > 4 * s.memory_bytes  # what naive RSS summing would say
 
-    members = tracker.members("trainer")
-    assert members[0] == (main, process_start_time(main))
+    members = s.members
+    assert members[0] == (main, start)  # the main process first
     assert {p for p, _ in members} == {main, *kids}
-    assert tracker.members("trainer", refresh=False) == members  # the last walk, not re-walked
 
-    scan = TreeTracker(use_children_files=False).sample("trainer", main)
+    scan = sample_tree("trainer", main, start, children=children_reader(use_children_files=False))
     assert scan.processes == 5
     assert abs(scan.memory_bytes - s.memory_bytes) < 0.1 * s.memory_bytes
 
     exe = os.path.basename(sys.executable)
-    assert tracker.sample("trainer", main, protect={exe}).protected  # argv[0] basename matches
-    assert not tracker.sample("trainer", main, protect={"no-such-program"}).protected
+    names: dict = {}
+    assert sample_tree("trainer", main, start, protect={exe}, names=names).protected  # argv[0] basename matches
+    assert len(names) >= 1  # names are cached per (pid, start time)
+    assert not sample_tree("trainer", main, start, protect={"no-such-program"}, names=names).protected
 
 
 def test_setsid_grandchild_of_dead_parent_still_counts(run):
@@ -226,23 +225,25 @@ def test_setsid_grandchild_of_dead_parent_still_counts(run):
     main, child, grandchild = int(main), int(child), int(grandchild)
     helper.watch(child, grandchild)
 
-    tracker = TreeTracker()
-    before = tracker.sample("w", main, protect={"sense-grandkid"})
+    start = process_start_time(main)
+    before = sample_tree("w", main, start, protect={"sense-grandkid"})
     assert before.processes == 3 and before.protected  # protected through the grandchild's comm
-    assert {p for p, _ in tracker.members("w")} == {main, child, grandchild}
+    assert {p for p, _ in before.members} == {main, child, grandchild}
 
     helper.kill(child)
     assert helper.line() == ["reaped", str(child)]  # the main process reaped it: the grandchild is orphaned
     assert psutil.Process(grandchild).ppid() not in (main, child)
     assert os.getsid(grandchild) == grandchild
 
-    after = tracker.sample("w", main, protect={"sense-grandkid"})
-    assert {p for p, _ in tracker.members("w")} == {main, grandchild}
+    lost = sample_tree("w", main, start, protect={"sense-grandkid"})  # without the recorded members...
+    assert {p for p, _ in lost.members} == {main}  # ...a walk from the main process cannot find it
+    after = sample_tree("w", main, start, before.members, protect={"sense-grandkid"})
+    assert {p for p, _ in after.members} == {main, grandchild}
     assert after.processes == 2 and after.protected
     assert after.memory_bytes > 60 * MIB  # the grandchild's 64 MiB still counts
 
     helper.kill(grandchild)
-    gone = tracker.sample("w", main, protect={"sense-grandkid"})
+    gone = sample_tree("w", main, start, after.members, protect={"sense-grandkid"})
     assert gone.processes == 1 and not gone.protected
     assert gone.memory_bytes < after.memory_bytes - 50 * MIB
 
@@ -257,24 +258,19 @@ def test_pid_reuse_guard_and_gone_worker(run):
     ticks = os.sysconf("SC_CLK_TCK")
     assert abs(psutil.boot_time() + start / ticks - psutil.Process(pid).create_time()) < 1.0
 
-    tracker = TreeTracker()
-    tracker.track("w", pid, start_time=start + 1)
-    s = tracker.sample("w", pid)
+    s = sample_tree("w", pid, start + 1)
     assert isinstance(s.memory_bytes, Unknown) and "another process" in s.memory_bytes.reason
     assert s.processes == 0
-    assert tracker.members("w") == []
+    assert s.members == ()
 
-    tracker.track("w", pid, start_time=start)
-    s = tracker.sample("w", pid)
+    s = sample_tree("w", pid, start)
     assert is_known(s.memory_bytes) and s.memory_bytes > 8 * MIB and s.processes == 1
 
     helper.proc.kill()
     helper.proc.wait()
-    s = tracker.sample("w", pid)
-    assert isinstance(s.memory_bytes, Unknown) and s.processes == 0
+    s = sample_tree("w", pid, start, s.members)
+    assert isinstance(s.memory_bytes, Unknown) and s.processes == 0 and s.members == ()
     assert process_start_time(pid) is None or process_start_time(pid) != start
-    tracker.forget("w")
-    assert tracker.members("w") == []
 
 
 # ---------------------------------------------------------------------------
@@ -292,11 +288,11 @@ def limited_cgroup():
     if not os.access(own.path, os.W_OK):
         pytest.skip(f"our memory cgroup {own.path} is not writable")
     try:
-        cg = create_child(own, f"memguard-test-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        cg = create_cgroup(own, f"memguard-test-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     except (OSError, CgroupError) as e:
         pytest.skip(f"cannot create a child memory cgroup under {own.path}: {e}")
     try:
-        cg.set_limit(256 * MIB)
+        set_memory_limit(cg, 256 * MIB)
         yield cg
     finally:
         if os.path.isdir(cg.path):  # a test may have removed it already
@@ -305,7 +301,7 @@ def limited_cgroup():
                 signal.pidfd_send_signal(fd, signal.SIGKILL)
                 select.select([fd], [], [], DEADLINE_S)
                 os.close(fd)
-            cg.remove()
+            remove_cgroup(cg)
         assert not os.path.exists(cg.path)
 
 
@@ -341,7 +337,7 @@ def test_cgroup_working_set_and_scope(limited_cgroup, run):
 
     assert MemoryCgroup.from_path(cg.path) == cg
     with pytest.raises(CgroupError, match="still holds processes"):
-        cg.remove()  # kills nothing
+        remove_cgroup(cg)  # kills nothing
 
 
 @pytest.mark.root
@@ -350,11 +346,11 @@ def test_limit_changes_and_removed_cgroup_read_live(limited_cgroup):
     cg = limited_cgroup
     watcher = MemoryCgroup(cg.version, cg.path)
     assert watcher.limit_bytes() == 256 * MIB
-    cg.set_limit(None)
+    set_memory_limit(cg, None)
     assert watcher.limit_bytes() is None and cg.limit_bytes() is None
-    cg.set_limit(128 * MIB)
+    set_memory_limit(cg, 128 * MIB)
     assert watcher.limit_bytes() == 128 * MIB
-    cg.remove()
+    remove_cgroup(cg)
     assert not os.path.exists(cg.path)
     scope = cgroup_scope(watcher, host_totals()[0])
     assert isinstance(scope.total_bytes, Unknown) and isinstance(scope.available_bytes, Unknown)
@@ -365,7 +361,7 @@ def test_limit_changes_and_removed_cgroup_read_live(limited_cgroup):
 def test_choose_scope_auto_picks_limited_cgroup(limited_cgroup):
     """From inside the 256 MiB cgroup choose_scope('auto') guards the cgroup; outside it, 'host' is the host."""
     code = (
-        "from memguard.sense import choose_scope; r = choose_scope('auto'); s = r.read(); "
+        "from memguard.sense.cgroup import choose_scope; r = choose_scope('auto'); s = r.read(); "
         "print(r.kind, s.total_bytes, s.path); print(r.description)"
     )
     out = subprocess.run(

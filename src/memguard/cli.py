@@ -35,8 +35,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_daemon(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from .compose import build_daemon
     from .config import ConfigError, load_config
-    from .daemon import Daemon
     from .report.log import configure_logging
     from .sense.cgroup import ScopeError
 
@@ -52,7 +52,7 @@ def _cmd_daemon(args: argparse.Namespace) -> int:
         policy = replace(policy, runtime_dir=args.runtime_dir)
     configure_logging(args.log_format or policy.log_format, args.log_level or policy.log_level)
     try:
-        daemon = Daemon(policy, os.path.abspath(args.config))
+        daemon = build_daemon(policy, os.path.abspath(args.config))
     except ScopeError as e:
         print(f"memguard: {e}", file=sys.stderr)
         return 2
@@ -108,9 +108,9 @@ def _cmd_ctl(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .run import run_command
+    from .run import run_job
 
-    return run_command(args)
+    return asyncio.run(run_job(args))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,8 +2,16 @@
 
 ``sense/`` produces an :class:`Observation`; ``decide/`` turns it into
 actions; ``act/`` carries the actions out and feeds back what happened
-(:class:`Spawned`, :class:`SpawnFailed`, :class:`Exited`) in the next
-observation; ``report/`` logs every action with the numbers behind it.
+(:class:`Spawned`, :class:`SpawnFailed`, :class:`Exited`, :class:`TrialEvent`)
+in the next observation; ``report/`` logs every action with the numbers
+behind it. What the daemon itself is asked to do (apply the configuration,
+shut down, an operator's stop/start/restart) reaches the core the same way,
+as a command among the observation's events: nothing steps the core
+outside the tick.
+
+``act/`` hands ``sense/`` a :class:`LiveSnapshot` (which processes are
+alive, which tree members are known) taken on the event loop, so the
+threads that read ``/proc`` never touch an object the loop owns.
 
 Everything here is an immutable value and knows nothing about the OS.
 
@@ -33,6 +41,14 @@ __all__ = [
     "Exited",
     "TrialEvent",
     "WorkerEvent",
+    "NotDone",
+    "Reconcile",
+    "Shutdown",
+    "Operator",
+    "Command",
+    "Event",
+    "LiveWorker",
+    "LiveSnapshot",
     "Observation",
     "Explanation",
     "Spawn",
@@ -157,6 +173,9 @@ class WorkerSample:
     # GPU memory of the tree's processes (NVML), in total and per device index.
     gpu_memory_bytes: Reading = UNKNOWN
     gpu_per_device: Mapping[str, Reading] = field(default_factory=dict)
+    # (pid, start time) of every live process of the tree found by this sample, main process first:
+    # act/ records them so a kill reaches descendants that left the process group.
+    members: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -244,7 +263,76 @@ class TrialEvent:
     detail: str = ""
 
 
+@dataclass(frozen=True)
+class NotDone:
+    """The actor did not carry out a signal the core decided: dry run, or the process turned out to be
+    protected (or its pid taken by another process) at the moment of acting. The core then stops
+    waiting for an exit that will not come. ``worker`` is None for an unmanaged process."""
+
+    worker: str | None
+    incarnation: int
+    pid: int
+    reason: str
+    at: float
+
+
 WorkerEvent = Union[Spawned, SpawnFailed, Exited, TrialEvent]
+
+
+@dataclass(frozen=True)
+class Reconcile:
+    """Apply the policy passed with this step: at start (``reason`` "start") and after a reload
+    that parsed ("reload"). New slots start, removed ones stop, changed ones restart."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """Stop every worker for good (SIGTERM/SIGINT to the daemon, or a one-shot job that ended)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Operator:
+    """An administrator asked, over the control socket, to ``stop``, ``start`` or ``restart`` a worker."""
+
+    op: str
+    worker: str
+
+
+Command = Union[Reconcile, Shutdown, Operator]
+Event = Union[Spawned, SpawnFailed, Exited, TrialEvent, NotDone, Reconcile, Shutdown, Operator]
+
+
+@dataclass(frozen=True)
+class LiveWorker:
+    """One running worker incarnation as ``act/`` knows it, for ``sense/`` to measure.
+
+    ``members`` are the descendants recorded so far (pid, start time): a
+    walk from ``pid`` cannot find one that was reparented after its parent
+    died. ``cgroup`` is the incarnation's own cgroup directory, if any.
+    """
+
+    name: str
+    incarnation: int
+    pid: int
+    start: int
+    members: tuple[tuple[int, int], ...] = ()
+    cgroup: str | None = None
+
+
+@dataclass(frozen=True)
+class LiveSnapshot:
+    """What is alive, taken on the event loop; immutable, so reader threads may use it freely.
+
+    ``own`` holds memguard's own helper processes (the sentinel), which are
+    never a victim nor anyone's tree member.
+    """
+
+    workers: Mapping[str, LiveWorker] = field(default_factory=dict)
+    own: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -259,7 +347,7 @@ class Observation:
     scope: ScopeMemory
     pressure: Pressure = NO_PRESSURE
     workers: Mapping[str, WorkerSample] = field(default_factory=dict)
-    events: tuple[WorkerEvent, ...] = ()
+    events: tuple[Event, ...] = ()
     full: bool = True
     unmanaged: tuple[ProcessSample, ...] = ()
     gpus: tuple[GpuDeviceReading, ...] = ()
@@ -275,6 +363,9 @@ class Explanation:
 
     ``value`` and ``threshold`` are in the signal's base unit (bytes,
     seconds, percent); ``display`` is the sentence a person reads.
+    ``gpu_device`` names the GPU whose reading decided (``"0"``, ``"0:1"``
+    for a MIG device, ``"*"`` for a rule on any device), None for every
+    other signal: victim choice under GPU pressure reads it, never the text.
     """
 
     rule: str
@@ -285,15 +376,19 @@ class Explanation:
     unit: str
     display: str
     source: str = ""
+    gpu_device: str | None = None
 
 
 @dataclass(frozen=True)
 class Spawn:
+    """Start incarnation ``incarnation`` of a worker slot; ``restart`` is False for its first start."""
+
     worker: str
     workload: str
     incarnation: int
     reason: str
     event: str = "spawn"
+    restart: bool = False
 
 
 @dataclass(frozen=True)
@@ -302,6 +397,9 @@ class Signal:
 
     ``pid`` and ``incarnation`` identify the exact process the decision was
     about; the actor refuses if that process is gone or was replaced.
+    ``lifecycle`` is True for a stop someone asked for (shutdown, an
+    operator, a reload that removed or changed the worker): carried out
+    even in dry run, which only holds back what rules and limits decide.
     """
 
     worker: str
@@ -312,6 +410,7 @@ class Signal:
     event: str  # "terminate" | "kill" | "restart" | "stop" | "escalate"
     reason: str
     explain: Explanation | None = None
+    lifecycle: bool = False
 
 
 @dataclass(frozen=True)

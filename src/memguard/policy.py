@@ -9,11 +9,14 @@ from __future__ import annotations
 import signal as _signal
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import NamedTuple
 
 from .expr import Expr
 
 __all__ = [
     "ActionKind",
+    "RuleKind",
+    "RuleKey",
     "Rule",
     "RestartPolicy",
     "Limits",
@@ -64,9 +67,26 @@ _SEVERITY = {
 }
 
 
+class RuleKind(str, Enum):
+    """Where a rule comes from: a ``rules:`` entry, or a limit memguard turns into a rule."""
+
+    RULE = "rule"  # written by the user (or by `memguard run` from its flags)
+    RUNTIME = "runtime"  # limits.runtime: an age limit, a timer rather than a reading to watch
+
+
+class RuleKey(NamedTuple):
+    """What identifies a rule across reloads: an unchanged rule keeps its timers."""
+
+    scope: str
+    when_text: str
+    action: str
+    for_s: float
+    release_text: str | None
+
+
 @dataclass(frozen=True)
 class Rule:
-    """One ``rules:`` entry.
+    """One ``rules:`` entry (or a built-in rule of ``kind`` other than RULE).
 
     ``key`` identifies the rule across reloads (its source text), so an
     unchanged rule keeps its timers when the config is reloaded.
@@ -82,10 +102,11 @@ class Rule:
     release_text: str | None = None
     grace_s: float | None = None  # None: the workload's stop grace
     source: str = ""  # "file.yaml:12"
+    kind: RuleKind = RuleKind.RULE
 
     @property
-    def key(self) -> str:
-        return f"{self.scope}|{self.when_text}|{self.action.value}|{self.for_s}|{self.release_text}"
+    def key(self) -> RuleKey:
+        return RuleKey(self.scope, self.when_text, self.action.value, self.for_s, self.release_text)
 
 
 @dataclass(frozen=True)

@@ -11,93 +11,112 @@ summary at the end: peak memory, duration, what memguard did and why.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import sys
 import tempfile
 import time
 from dataclasses import replace
-from typing import Any
+from typing import Any, Iterable
 
 from .config import ConfigError, load_workload_file
-from .daemon import Daemon
 from .expr import parse_expr
-from .model import Action, Exited, Notice, Reclaim, SetAdmission, Signal, WorkerEvent, is_known
+from .model import Action, Notice, Observation, Reclaim, SetAdmission, Signal, is_known
 from .policy import ActionKind, DaemonPolicy, Rule, WorkloadPolicy
+from .report.reporter import Reporter
 from .sense.cgroup import choose_scope
 from .units import format_duration, format_size
 
-__all__ = ["run_command", "EX_TEMPFAIL"]
+__all__ = ["run_job", "RunReporter", "EX_TEMPFAIL"]
 
 EX_TEMPFAIL = 75  # sysexits.h: try again later (not enough memory free right now)
 
 
-class RunSession(Daemon):
-    """A daemon with one worker, raw output passthrough, and a summary of what happened."""
+class _Silent:
+    """A logger that drops everything: a job's terminal shows its own output and memguard's decisions."""
 
-    def __init__(self, policy: DaemonPolicy, quiet: bool = False) -> None:
-        super().__init__(policy, None)
-        self.stop_when_done = True
+    def __getattr__(self, name: str) -> Any:
+        return lambda *a, **k: None
+
+
+class RunReporter(Reporter):
+    """The reporter of ``memguard run``: the job's output passed through, decisions on stderr, a summary."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        super().__init__(log=_Silent())
         self.quiet = quiet
         self.peak = 0
-        self.exit: Exited | None = None
+        self.exit_reason = "unknown"
+        self.returncode: int | None = None
+        self.exit_signal: int | None = None
         self.spawn_error: str | None = None
-        self.decisions: list[str] = []
-        self.started = time.monotonic()
+        self.decisions_made: list[str] = []
+        self.started_at = time.monotonic()
 
-    def _on_output(self, worker: str, stream: str, line: str) -> None:
+    def output(self, worker: str, stream: str, line: str) -> None:
         out = sys.stdout if stream == "stdout" else sys.stderr
-        out.write(line + "\n")
-        out.flush()
+        try:
+            out.write(line + "\n")
+            out.flush()
+        except (OSError, ValueError):
+            pass
 
-    def _on_event(self, ev: WorkerEvent) -> None:
-        super()._on_event(ev)
-        if isinstance(ev, Exited):
-            self.exit = self.pending[-1] if self.pending and isinstance(self.pending[-1], Exited) else ev
+    def decisions(self, actions: Iterable[Action], dry_run: bool) -> None:
+        for action in actions:
+            if isinstance(action, (Signal, SetAdmission, Reclaim)):
+                text = f"{action.event}: {action.reason}"
+                if action.explain is not None:
+                    text += f" [{action.explain.display}]"
+                self.decisions_made.append(text)
+                if not self.quiet:
+                    print(f"memguard: {text}", file=sys.stderr, flush=True)
+            elif isinstance(action, Notice) and action.event == "spawn_failed":
+                self.spawn_error = action.reason
+            elif isinstance(action, Notice) and action.event == "exit":
+                self.exit_reason = action.reason
+                rc, sig = action.fields.get("returncode"), action.fields.get("exit_signal")
+                self.returncode = rc if isinstance(rc, int) else None
+                self.exit_signal = _signum(sig) if isinstance(sig, str) else None
+            elif isinstance(action, Notice) and action.level == "error" and not self.quiet:
+                print(f"memguard: {action.reason}", file=sys.stderr, flush=True)
 
-    def _report(self, action: Action, dry_run: bool) -> None:
-        if isinstance(action, (Signal, SetAdmission, Reclaim)):
-            text = f"{action.event}: {action.reason}"
-            if action.explain is not None:
-                text += f" [{action.explain.display}]"
-            self.decisions.append(text)
-            if not self.quiet:
-                print(f"memguard: {text}", file=sys.stderr, flush=True)
-        elif isinstance(action, Notice) and action.event == "spawn_failed":
-            self.spawn_error = action.reason
-        elif isinstance(action, Notice) and action.event == "exit":
-            self.exit_reason = action.reason
-
-    def _sample_workers(self):
-        samples = super()._sample_workers()
-        for s in samples.values():
+    def tick(self, obs: Observation, state: Any) -> None:
+        super().tick(obs, state)
+        for s in obs.workers.values():
             if is_known(s.memory_bytes):
                 self.peak = max(self.peak, int(s.memory_bytes))
-        return samples
 
     def exit_code(self) -> int:
-        if self.exit is None:
+        if self.returncode is None and self.exit_signal is None:
             return 127 if self.spawn_error else 1
-        if self.exit.signal is not None:
-            return 128 + self.exit.signal
-        return int(self.exit.returncode or 0)
+        if self.exit_signal is not None:
+            return 128 + self.exit_signal
+        return int(self.returncode or 0)
 
-    def summary(self, argv: list[str]) -> str:
-        took = time.monotonic() - self.started
+    def summary(self, argv: list[str], limit: int | None) -> str:
+        took = time.monotonic() - self.started_at
         lines = ["", f"memguard run: {' '.join(argv)}"]
         if self.spawn_error:
             lines.append(f"  did not start: {self.spawn_error}")
         lines.append(f"  duration      {format_duration(took)}")
         lines.append(f"  peak memory   {format_size(self.peak)}" + (
-            f" of {format_size(self.limit)} allowed" if self.limit else ""))
-        lines.append(f"  exit          {getattr(self, 'exit_reason', 'unknown')} -> exit code {self.exit_code()}")
-        if self.decisions:
+            f" of {format_size(limit)} allowed" if limit else ""))
+        lines.append(f"  exit          {self.exit_reason} -> exit code {self.exit_code()}")
+        if self.decisions_made:
             lines.append("  memguard did:")
-            lines += [f"    - {d}" for d in self.decisions]
+            lines += [f"    - {d}" for d in self.decisions_made]
         else:
             lines.append("  memguard did: nothing (no rule fired)")
         return "\n".join(lines)
+
+
+def _signum(name: str) -> int | None:
+    import signal
+
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        return None
 
 
 def _workload(args: Any) -> WorkloadPolicy:
@@ -126,7 +145,8 @@ def _workload(args: Any) -> WorkloadPolicy:
                    working_dir=wl.working_dir or os.getcwd())
 
 
-def run_command(args: Any) -> int:
+async def run_job(args: Any) -> int:
+    """``memguard run``: the job under the ladder; returns its exit code (128 + the signal if killed)."""
     if not args.cmd and not args.policy:
         print("memguard run: nothing to run: give a command after --, or --policy FILE", file=sys.stderr)
         return 2
@@ -145,19 +165,19 @@ def run_command(args: Any) -> int:
                   f"{scope.kind} scope ({scope.description}), {format_size(args.require_free)} required "
                   f"(--require-free). Exit code {EX_TEMPFAIL}: try again when memory is free.", file=sys.stderr)
             return EX_TEMPFAIL
+    from .compose import build_daemon
+
     runtime = tempfile.mkdtemp(prefix="memguard-run-")
     policy = DaemonPolicy(workloads=(wl,), scope="auto", runtime_dir=runtime, poll_interval_s=0.5,
                           fast_poll_interval_s=0.1, mlock=False,
                           worker_cgroups="auto" if os.geteuid() == 0 else "off")
-    from .report.log import configure_logging
-
-    configure_logging("console", "error", stream=sys.stderr)
-    session = RunSession(policy, quiet=args.quiet)
-    session.limit = wl.limits.memory_bytes
+    reporter = RunReporter(quiet=args.quiet)
     try:
-        asyncio.run(session.run())
+        code = await build_daemon(policy, reporter=reporter, one_shot=True).run()
     finally:
         shutil.rmtree(runtime, ignore_errors=True)
+    if code != 0:
+        return code
     if not args.quiet:
-        print(session.summary(list(wl.command)), file=sys.stderr)
-    return session.exit_code()
+        print(reporter.summary(list(wl.command), wl.limits.memory_bytes), file=sys.stderr)
+    return reporter.exit_code()

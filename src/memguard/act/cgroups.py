@@ -7,30 +7,54 @@ own, below its own memory cgroup, with ``limits.memory`` as the hard limit
 and, at worst, OOM-kills inside that one cgroup, never sshd or memguard.
 The cgroup also gives exact accounting of forked trees (working set =
 usage minus inactive file) and a way to kill a tree whole, escaped
-descendants included (``cgroup.kill``, or SIGKILL to every pid on v1).
+descendants included (``cgroup.kill``, or identity-checked SIGKILLs on v1).
+
+Names: every daemon (and every ``memguard run`` job) gets a directory of
+its own, ``memguard.<pid>.<start time>``, so two of them in one cgroup
+never share a limit or kill each other's processes; each worker
+incarnation is a leaf below it, ``<worker>.<incarnation>``. At start,
+directories of instances that no longer live are emptied (their
+processes killed, identity checked) and removed.
 
 cgroup v2: memguard first moves itself into a ``supervisor`` leaf (the
-"no internal processes" rule), enables the memory controller for the
-children of its cgroup, then creates one leaf per worker. This needs a
-delegated cgroup (systemd ``Delegate=yes``). cgroup v1: worker cgroups are
-created under memguard's own memory cgroup.
+"no internal processes" rule) and enables the memory controller for the
+children of its cgroup. This needs a delegated cgroup (systemd
+``Delegate=yes``). cgroup v1: the instance directory is created under
+memguard's own memory cgroup.
 
 Without the rights (an unprivileged run, no delegation), memguard falls
 back to process-tree accounting and says so once.
+
+This module only changes cgroups (create, limit, move, kill, remove); the
+figures are read through :mod:`memguard.sense.cgroup`.
 """
 
 from __future__ import annotations
 
+import errno
 import os
-import signal
-import time
+import re
 from dataclasses import dataclass
 
-from ..model import Reading, Unknown
-from ..sense.cgroup import CgroupError, MemoryCgroup, create_child, find_own_cgroup
+from ..sense.cgroup import CgroupError, MemoryCgroup, find_own_cgroup
+from ..sense.host import read_once
 from ..units import format_size
+from .process import kill_cgroup, start_time
 
-__all__ = ["WorkerCgroups", "CgroupLimits", "setup_worker_cgroups"]
+__all__ = [
+    "WorkerCgroups",
+    "CgroupLimits",
+    "setup_worker_cgroups",
+    "create_cgroup",
+    "set_memory_limit",
+    "move_pid",
+    "remove_cgroup",
+    "instance_name",
+    "format_limits",
+]
+
+_INSTANCE = re.compile(r"^memguard\.(\d+)\.(\d+)$")
+_LEGACY = "memguard-workers"
 
 
 @dataclass(frozen=True)
@@ -41,22 +65,98 @@ class CgroupLimits:
     cpu: float | None = None  # cores
 
 
-def _write(path: str, value: str) -> bool:
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
+# ---------------------------------------------------------------------------
+# Writers
+
+
+def _write(path: str, value: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
         os.write(fd, value.encode())
-        return True
-    except OSError:
-        return False
     finally:
         os.close(fd)
 
 
+def _try_write(path: str, value: str) -> bool:
+    try:
+        _write(path, value)
+        return True
+    except OSError:
+        return False
+
+
+def create_cgroup(parent: MemoryCgroup, name: str, *, exist_ok: bool = False) -> MemoryCgroup:
+    """Create the cgroup ``parent/name`` (same version) and return it. Raises OSError / CgroupError.
+
+    On v2 the parent must hand the memory controller down; if its
+    ``cgroup.subtree_control`` lacks ``memory`` this tries to add it,
+    which the kernel refuses when the parent itself holds processes
+    (the "no internal processes" rule).
+    """
+    if not name or "/" in name or name in (".", ".."):
+        raise ValueError(f"invalid cgroup name {name!r}")
+    if parent.version == 2:
+        control = parent.path + "/cgroup.subtree_control"
+        if b"memory" not in read_once(control).split():
+            try:
+                _write(control, "+memory")
+            except OSError as e:
+                raise CgroupError(
+                    f"cannot enable the memory controller for children of {parent.path}: {e.strerror}"
+                    " (a cgroup2 parent that holds processes cannot delegate controllers)"
+                ) from e
+    path = parent.path + "/" + name
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        if not exist_ok:
+            raise
+    return MemoryCgroup(parent.version, path)
+
+
+def set_memory_limit(cg: MemoryCgroup, limit_bytes: int | None) -> None:
+    """Set the cgroup's memory limit (None: no limit). Raises OSError."""
+    if limit_bytes is not None and limit_bytes < 0:
+        raise ValueError(f"a memory limit cannot be negative ({limit_bytes})")
+    if cg.version == 2:
+        _write(cg.path + "/memory.max", "max" if limit_bytes is None else str(int(limit_bytes)))
+    else:
+        _write(cg.path + "/memory.limit_in_bytes", "-1" if limit_bytes is None else str(int(limit_bytes)))
+
+
+def move_pid(cg: MemoryCgroup, pid: int) -> None:
+    """Move process ``pid`` (all its threads) into the cgroup. Raises OSError."""
+    _write(cg.path + "/cgroup.procs", str(int(pid)))
+
+
+def remove_cgroup(cg: MemoryCgroup) -> None:
+    """Remove the (empty) cgroup directory. Kills nothing: raises CgroupError if processes remain."""
+    cg.close()
+    try:
+        left = cg.pids()
+    except FileNotFoundError:
+        raise CgroupError(f"cannot remove {cg.path}: it does not exist") from None
+    if left:
+        raise CgroupError(f"cannot remove {cg.path}: it still holds processes {left}")
+    try:
+        os.rmdir(cg.path)
+    except OSError as e:
+        if e.errno == errno.EBUSY:
+            raise CgroupError(f"cannot remove {cg.path}: busy (processes or child cgroups remain)") from e
+        raise
+
+
+def instance_name(pid: int | None = None) -> str:
+    """``memguard.<pid>.<start time>``: this process's directory, unique on the machine for good."""
+    pid = os.getpid() if pid is None else pid
+    return f"memguard.{pid}.{start_time(pid) or 0}"
+
+
+# ---------------------------------------------------------------------------
+
+
 class WorkerCgroups:
-    """Creates, limits, reads, kills and removes the cgroups of worker incarnations."""
+    """Creates, limits, kills and removes the cgroups of worker incarnations (on the event loop)."""
 
     def __init__(self, parent: MemoryCgroup) -> None:
         self.parent = parent
@@ -65,63 +165,36 @@ class WorkerCgroups:
         self.stale: list[MemoryCgroup] = []  # exited, not yet removable
         self.limits: dict[str, CgroupLimits] = {}
 
-    # -- life of one incarnation's cgroup --------------------------------
-
     def prepare(self, worker: str, incarnation: int, limits: CgroupLimits) -> MemoryCgroup:
         """A fresh cgroup for this incarnation, limits set. Raises OSError/CgroupError."""
         self.release(worker)
-        cg = create_child(self.parent, f"{worker}.{incarnation}", exist_ok=True)
+        cg = create_cgroup(self.parent, f"{worker}.{incarnation}", exist_ok=True)
         if limits.memory_max is not None:
-            cg.set_limit(limits.memory_max)
+            set_memory_limit(cg, limits.memory_max)
         if self.version == 2:
             if limits.memory_high is not None:
-                _write(cg.path + "/memory.high", str(limits.memory_high))
+                _try_write(cg.path + "/memory.high", str(limits.memory_high))
             if limits.swap_max is not None:
-                _write(cg.path + "/memory.swap.max", str(limits.swap_max))
+                _try_write(cg.path + "/memory.swap.max", str(limits.swap_max))
             if limits.cpu is not None:
-                _write(cg.path + "/cpu.max", f"{int(limits.cpu * 100000)} 100000")
-        else:
-            if limits.swap_max is not None and limits.memory_max is not None:
-                _write(cg.path + "/memory.memsw.limit_in_bytes", str(limits.memory_max + limits.swap_max))
+                _try_write(cg.path + "/cpu.max", f"{int(limits.cpu * 100000)} 100000")
+        elif limits.swap_max is not None and limits.memory_max is not None:
+            _try_write(cg.path + "/memory.memsw.limit_in_bytes", str(limits.memory_max + limits.swap_max))
         self.by_worker[worker] = cg
         self.limits[worker] = limits
         return cg
-
-    def procs_file(self, worker: str) -> str | None:
-        cg = self.by_worker.get(worker)
-        return cg.path + "/cgroup.procs" if cg is not None else None
 
     def path(self, worker: str) -> str | None:
         cg = self.by_worker.get(worker)
         return cg.path if cg is not None else None
 
-    def memory(self, worker: str) -> Reading:
-        cg = self.by_worker.get(worker)
-        if cg is None:
-            return Unknown("no cgroup")
-        return cg.working_set_bytes()
-
-    def oom_kills(self, worker: str) -> Reading:
-        cg = self.by_worker.get(worker)
-        if cg is None:
-            return Unknown("no cgroup")
-        return cg.oom_kills()
-
-    def processes(self, worker: str) -> int:
-        cg = self.by_worker.get(worker)
-        if cg is None:
-            return 0
-        try:
-            return len(cg.pids())
-        except OSError:
-            return 0
+    def get(self, worker: str) -> MemoryCgroup | None:
+        return self.by_worker.get(worker)
 
     def kill(self, worker: str) -> int:
         """SIGKILL every process of the worker's cgroup (escaped descendants too). Returns how many."""
         cg = self.by_worker.get(worker)
-        if cg is None:
-            return 0
-        return _kill_all(cg)
+        return kill_cgroup(cg.path) if cg is not None else 0
 
     def release(self, worker: str) -> None:
         """Forget the worker's cgroup; remove it now if empty, else later (see sweep)."""
@@ -132,15 +205,15 @@ class WorkerCgroups:
         self.sweep()
 
     def sweep(self) -> None:
-        """Remove exited incarnations' cgroups that are empty by now."""
+        """Remove exited incarnations' cgroups that are empty by now (what is left in them is killed)."""
         keep = []
         for cg in self.stale:
             try:
                 if cg.pids():
-                    _kill_all(cg)
+                    kill_cgroup(cg.path)
                     keep.append(cg)
                     continue
-                cg.remove()
+                remove_cgroup(cg)
             except FileNotFoundError:
                 continue
             except (OSError, CgroupError):
@@ -150,44 +223,73 @@ class WorkerCgroups:
     def describe(self) -> str:
         return f"cgroup v{self.version} under {self.parent.path}"
 
-    def close(self) -> None:
+    def close(self) -> list[str]:
+        """Kill what is left, remove every leaf and the instance directory. Returns what could not be."""
         for w in list(self.by_worker):
             self.release(w)
-        for _ in range(40):  # killed processes leave their cgroup within milliseconds
-            self.sweep()
-            if not self.stale:
-                break
-            time.sleep(0.025)
-        if self.version == 1 and not self.stale and os.path.basename(self.parent.path) == "memguard-workers":
-            try:
-                self.parent.remove()
-            except (OSError, CgroupError):
-                pass
+        for cg in self.stale:
+            kill_cgroup(cg.path)
+        return _remove_tree(self.parent.path)
 
 
-def _kill_all(cg: MemoryCgroup) -> int:
-    if cg.version == 2 and os.path.exists(cg.path + "/cgroup.kill"):
+def _remove_tree(path: str) -> list[str]:
+    """rmdir the leaves below ``path``, then ``path`` (processes killed a moment ago take a few
+    milliseconds to leave: retried briefly). Returns the directories left."""
+    import time
+
+    left: list[str] = []
+    for _ in range(40):
+        left = []
         try:
-            n = len(cg.pids())
+            names = [n for n in os.listdir(path) if os.path.isdir(os.path.join(path, n))]
+        except FileNotFoundError:
+            return []
         except OSError:
-            n = 0
-        _write(cg.path + "/cgroup.kill", "1")
-        return n
-    signalled: set[int] = set()
-    for _ in range(10):  # v1: no atomic kill; a fork in flight is caught on the next pass
-        try:
-            pids = [p for p in cg.pids() if p not in signalled]
-        except OSError:
-            break
-        if not pids:
-            break
-        for pid in pids:
+            return [path]
+        for n in names:
             try:
-                os.kill(pid, signal.SIGKILL)  # a pid in our worker's cgroup: ours by construction
-                signalled.add(pid)
-            except ProcessLookupError:
+                os.rmdir(os.path.join(path, n))
+            except FileNotFoundError:
                 pass
-    return len(signalled)
+            except OSError:
+                left.append(os.path.join(path, n))
+        if not left:
+            try:
+                os.rmdir(path)
+                return []
+            except FileNotFoundError:
+                return []
+            except OSError:
+                left = [path]
+        time.sleep(0.025)
+    return left
+
+
+def remove_leftovers(own: MemoryCgroup) -> list[str]:
+    """Empty and remove the instance directories of memguards that no longer live (a daemon killed
+    with SIGKILL leaves its directory behind). Returns the directories removed."""
+    removed = []
+    try:
+        names = os.listdir(own.path)
+    except OSError:
+        return removed
+    for name in names:
+        m = _INSTANCE.match(name)
+        path = os.path.join(own.path, name)
+        if m is None or not os.path.isdir(path):
+            continue
+        pid, start = int(m.group(1)), int(m.group(2))
+        if start_time(pid) == start:
+            continue  # that memguard still runs: not ours to touch
+        for leaf in [os.path.join(path, n) for n in os.listdir(path)] + [path]:
+            if os.path.isdir(leaf):
+                kill_cgroup(leaf)
+        if not _remove_tree(path):
+            removed.append(path)
+    legacy = os.path.join(own.path, _LEGACY)
+    if os.path.isdir(legacy) and not _remove_tree(legacy):  # from before per-instance names; only if empty
+        removed.append(legacy)
+    return removed
 
 
 def setup_worker_cgroups(mode: str) -> tuple[WorkerCgroups | None, str]:
@@ -201,21 +303,28 @@ def setup_worker_cgroups(mode: str) -> tuple[WorkerCgroups | None, str]:
     own = find_own_cgroup()
     why = None
     parent = None
+    removed: list[str] = []
     if own is None:
         why = "memguard runs in no memory cgroup"
-    elif own.version == 1:
-        try:
-            parent = create_child(own, "memguard-workers", exist_ok=True)
-        except (OSError, CgroupError) as e:
-            why = f"cannot create worker cgroups under {own.path}: {e}"
     else:
-        parent, why = _v2_delegate(own)
+        base: MemoryCgroup | None = own
+        if own.version == 2:
+            base, why = _v2_delegate(own)
+        if base is not None:
+            removed = remove_leftovers(base)
+            try:
+                parent = create_cgroup(base, instance_name(), exist_ok=True)
+            except (OSError, CgroupError) as e:
+                why = f"cannot create worker cgroups under {base.path}: {e}"
     if parent is None:
         if mode == "on":
             raise CgroupError(f"worker_cgroups: on, but {why}")
         return None, f"no per-worker cgroups ({why}): process-tree accounting, no kernel limit per worker"
     mgr = WorkerCgroups(parent)
-    return mgr, f"per-worker cgroups: {mgr.describe()}; limits.memory is each worker's hard limit"
+    note = f"per-worker cgroups: {mgr.describe()}; limits.memory is each worker's hard limit"
+    if removed:
+        note += f"; removed {len(removed)} cgroup(s) left by memguard instances that no longer run"
+    return mgr, note
 
 
 def _v2_delegate(own: MemoryCgroup) -> tuple[MemoryCgroup | None, str | None]:
@@ -230,25 +339,14 @@ def _v2_delegate(own: MemoryCgroup) -> tuple[MemoryCgroup | None, str | None]:
         return None, (f"memguard shares its cgroup {own.path} with other processes {others[:5]}; "
                       "run it as a service with Delegate=yes")
     try:
-        sup = create_child_plain(own, "supervisor")
-        with open(sup + "/cgroup.procs", "w") as f:
-            f.write(str(os.getpid()))
-        with open(own.path + "/cgroup.subtree_control", "w") as f:
-            f.write("+memory")
-        try:
-            with open(own.path + "/cgroup.subtree_control", "w") as f:
-                f.write("+cpu")
-        except OSError:
-            pass
+        sup = own.path + "/supervisor"
+        os.makedirs(sup, exist_ok=True)
+        _write(sup + "/cgroup.procs", str(os.getpid()))
+        _write(own.path + "/cgroup.subtree_control", "+memory")
+        _try_write(own.path + "/cgroup.subtree_control", "+cpu")
     except OSError as e:
         return None, f"cannot delegate {own.path}: {e}"
     return own, None
-
-
-def create_child_plain(parent: MemoryCgroup, name: str) -> str:
-    path = parent.path + "/" + name
-    os.makedirs(path, exist_ok=True)
-    return path
 
 
 def format_limits(limits: CgroupLimits) -> str:

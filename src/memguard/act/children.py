@@ -42,8 +42,10 @@ from pathlib import Path
 from typing import Callable, Deque, Iterable, Mapping, Sequence
 
 from memguard.act.errors import SpawnError
+from memguard.act.process import Outcome, signal_group, signal_process
 from memguard.model import Exited, Spawned, SpawnFailed, WorkerEvent
 from memguard.sense.procstat import read_stat
+from memguard.threads import LoopOwned, on_owner_thread
 
 __all__ = ["ChildSupervisor", "SpawnError", "MEMBER_SIGNALS", "LINE_MAX"]
 
@@ -168,8 +170,9 @@ class _Proc:
 # ---------------------------------------------------------------------------
 
 
-class ChildSupervisor:
-    """Owns the worker processes; lives on one asyncio event loop.
+class ChildSupervisor(LoopOwned):
+    """Owns the worker processes; lives on one asyncio event loop (its methods assert that, see
+    :mod:`memguard.threads`).
 
     ``on_event`` receives :class:`Spawned` and :class:`SpawnFailed` (from
     :meth:`spawn`, synchronously) and :class:`Exited` (when a worker's main
@@ -187,6 +190,7 @@ class ChildSupervisor:
         tail_lines: int = 50,
         kill_leftovers: bool = True,
     ) -> None:
+        self._claim_thread()
         # A worker's processes die with it: when its main process exits, what
         # is left of its group and recorded tree is killed (no orphan keeps
         # holding RAM or GPU memory after a crash).
@@ -220,7 +224,6 @@ class ChildSupervisor:
         self._sentinel_buf = bytearray()
         self._sentinel_writer = False
         self._sentinel_started_at = 0.0
-        self._sentinel_restarts = 0
         self._sentinel_timer: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------ life
@@ -274,6 +277,7 @@ class ChildSupervisor:
 
     # ------------------------------------------------------------------ API
 
+    @on_owner_thread
     def spawn(
         self,
         worker: str,
@@ -304,6 +308,7 @@ class ChildSupervisor:
         self._emit(Spawned(worker, incarnation, pid, at=self._clock()))
         return pid
 
+    @on_owner_thread
     def signal(self, worker: str, pid: int, incarnation: int, signum: int) -> bool:
         """Send ``signum`` to the worker's process group (and, for
         :data:`MEMBER_SIGNALS`, to its recorded members).
@@ -317,25 +322,16 @@ class ChildSupervisor:
         sent = False
         st = _read_stat(pid)
         if st is not None and st.pgrp != pid:
-            # The main process left its group: signal it by pidfd as well.
+            # The main process left its group: signal it as well, by its identity.
             # Otherwise killpg reaches it, and it must not get a signal twice
             # (many programs treat a second SIGINT/SIGTERM as "force quit").
-            try:
-                _signal.pidfd_send_signal(rec.pidfd, signum)
-                sent = True
-            except ProcessLookupError:
-                pass
-            except OSError as e:
-                log.warning("pidfd_send_signal(%s, %s) failed: %s", pid, signum, e)
-        try:
-            # pgid == pid (setsid); the number cannot be reused while the
-            # main process is unreaped, and only we reap it.
-            os.killpg(pid, signum)
-            sent = True
-        except ProcessLookupError:
-            pass
-        except OSError as e:
-            log.warning("killpg(%s, %s) failed: %s", pid, signum, e)
+            sent = signal_process(pid, rec.start, signum).sent or sent
+        # pgid == pid (setsid); the number cannot be reused while the main
+        # process is unreaped, and only we reap it.
+        outcome = signal_group(pid, None, signum)
+        sent = outcome.sent or sent
+        if outcome is Outcome.DENIED:
+            log.warning("killpg(%s, %s) was refused", pid, signum)
         if signum in MEMBER_SIGNALS:
             for mpid, mstart in list(rec.members.items()):
                 if self._signal_member(mpid, mstart, signum, rec.pid):
@@ -344,6 +340,7 @@ class ChildSupervisor:
                     rec.members.pop(mpid, None)
         return sent
 
+    @on_owner_thread
     def add_members(self, worker: str, members: Iterable[tuple[int, int]]) -> None:
         """Record processes of ``worker``'s tree, as (pid, start time), found by sensing.
 
@@ -371,21 +368,37 @@ class ChildSupervisor:
                 self._pids[mpid] = mstart
                 self._sentinel_send(f"pid {mpid} {mstart}\n")
 
+    @on_owner_thread
     def live(self) -> dict[str, tuple[int, int]]:
         """worker -> (pid, incarnation) of every worker whose main process is not reaped."""
         return {w: (r.pid, r.incarnation) for w, r in self._workers.items() if not r.reaped}
+
+    @on_owner_thread
+    def live_records(self) -> dict[str, tuple[int, int, int, tuple[tuple[int, int], ...]]]:
+        """worker -> (pid, start time, incarnation, recorded members) of every unreaped worker:
+        copies, for an immutable snapshot."""
+        return {w: (r.pid, r.start, r.incarnation, tuple(r.members.items()))
+                for w, r in self._workers.items() if not r.reaped}
+
+    @on_owner_thread
+    def is_member(self, worker: str, pid: int) -> bool:
+        """Is ``pid`` a recorded member of ``worker``'s current tree?"""
+        rec = self._workers.get(worker)
+        return rec is not None and not rec.reaped and pid in rec.members
 
     def last_lines(self, worker: str) -> tuple[str, ...]:
         """The last output lines of the worker's latest incarnation (both streams, in order)."""
         rec = self._workers.get(worker)
         return tuple(rec.tail) if rec is not None else ()
 
+    @on_owner_thread
     def watch_cgroup(self, path: str) -> None:
         """Have the sentinel kill everything in cgroup ``path`` if the daemon dies."""
         if path not in self._cgroups:
             self._cgroups[path] = None
             self._sentinel_send(f"cgroup {path}\n")
 
+    @on_owner_thread
     def unwatch_cgroup(self, path: str) -> None:
         if self._cgroups.pop(path, 0) is None:
             self._sentinel_send(f"uncgroup {path}\n")
@@ -611,11 +624,8 @@ class ChildSupervisor:
             if self._signal_member(mpid, mstart, _signal.SIGKILL, rec.pid):
                 left += 1
         group = [p for p, _ in _group_members(rec.pid) if p != rec.pid]
-        if group:
-            try:
-                os.killpg(rec.pid, _signal.SIGKILL)
-            except OSError:
-                group = []
+        if group and not signal_group(rec.pid, None, _signal.SIGKILL).sent:
+            group = []
         return left + len([p for p in group if p not in rec.members])
 
     def _on_exit(self, rec: _Proc) -> None:
@@ -663,26 +673,15 @@ class ChildSupervisor:
     # ------------------------------------------------------------------ members
 
     def _signal_member(self, pid: int, start: int, signum: int, worker_pgid: int) -> bool:
-        """Signal one recorded member if it is still the process we recorded."""
-        try:
-            fd = os.pidfd_open(pid)
-        except OSError:
+        """Signal one recorded member if it is still the process we recorded (and, if it leads a group
+        of its own, that group too)."""
+        if not signal_process(pid, start, signum).sent:
             return False
-        try:
-            st = _read_stat(pid)  # after pidfd_open: proves the pidfd is that process
-            if st is None or st.start != start or st.dead:
-                return False
-            _signal.pidfd_send_signal(fd, signum)
-            if st.pgrp == pid and pid != worker_pgid:
-                try:  # an escaped group leader: take its group too
-                    os.killpg(pid, signum)
-                except OSError:
-                    pass
-            return True
-        except OSError:
-            return False
-        finally:
-            os.close(fd)
+        if pid != worker_pgid:
+            st = _read_stat(pid)
+            if st is not None and st.pgrp == pid:  # an escaped group leader: take its group too
+                signal_group(pid, start, signum)
+        return True
 
     def _note_session(self, sid: int) -> None:
         self._sessions[sid] = None
@@ -864,7 +863,6 @@ class ChildSupervisor:
         self._drop_sentinel_pipe()
         if self._closed:
             return
-        self._sentinel_restarts += 1
         delay = _SENTINEL_RESTART_DELAY if time.monotonic() - self._sentinel_started_at < 1.0 else 0.0
         assert self._loop is not None
         self._sentinel_timer = self._loop.call_later(delay, self._restart_sentinel)
@@ -975,9 +973,7 @@ def _check_command(cmd: str, env: Mapping[str, str], cwd: str | None) -> None:
 
 def _abort(popen: subprocess.Popen) -> None:  # type: ignore[type-arg]
     """Kill and reap a child we cannot supervise; close its pipes."""
-    try:
-        os.killpg(popen.pid, _signal.SIGKILL)
-    except OSError:
+    if not signal_group(popen.pid, None, _signal.SIGKILL).sent:  # our unreaped child: its number is ours
         try:
             popen.kill()
         except OSError:

@@ -25,86 +25,27 @@ Standard library only; run as ``python -I path/to/sentinel.py``.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import sys
 
-__all__ = ["main", "start_time"]
+__all__ = ["main"]
 
 
-def start_time(pid: int) -> int | None:
-    """Field 22 of ``/proc/<pid>/stat`` (start time in clock ticks), None if gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    try:
-        return int(data[data.rindex(b")") + 2 :].split()[19])
-    except (ValueError, IndexError):
-        return None
+def _load_process_module():  # type: ignore[no-untyped-def]
+    """memguard's one signalling primitive (act/process.py, standard library only), loaded from the file
+    next to this one: the sentinel kills exactly the way the daemon does, identity checks included."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "process.py")
+    spec = importlib.util.spec_from_file_location("memguard_sentinel_process", path)
+    if spec is None or spec.loader is None:  # pragma: no cover - the file ships with this one
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _kill_process(pid: int, start: int) -> None:
-    """SIGKILL ``pid`` only if it is still the process that started at ``start``."""
-    try:
-        fd = os.pidfd_open(pid)
-    except OSError:
-        return
-    try:
-        # The pidfd pins the process: checked after opening, the start time
-        # proves the pidfd refers to the registered process, not a reuse.
-        if start_time(pid) == start:
-            signal.pidfd_send_signal(fd, signal.SIGKILL)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _kill_group(pgid: int, start: int) -> None:
-    """SIGKILL the process group ``pgid`` unless its number was reused.
-
-    A group's number cannot be handed out again while any member lives, so
-    a missing leader (exited, members left) still means our group; a leader
-    with another start time means the old group is gone and the number
-    now belongs to someone else.
-    """
-    now = start_time(pgid)
-    if now is not None and now != start:
-        return
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except OSError:
-        pass
-
-
-def _kill_cgroup(path: str) -> None:
-    try:  # cgroup v2 (Linux 5.14+): one write kills the whole cgroup
-        fd = os.open(os.path.join(path, "cgroup.kill"), os.O_WRONLY)  # no O_CREAT
-    except OSError:
-        fd = -1
-    if fd >= 0:
-        try:
-            os.write(fd, b"1")
-            return
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-    for _ in range(10):  # a few passes: processes may fork while we kill
-        try:
-            with open(os.path.join(path, "cgroup.procs")) as f:
-                pids = [int(x) for x in f.read().split()]
-        except (OSError, ValueError):
-            return
-        if not pids:
-            return
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+_process = _load_process_module()
 
 
 class _State:
@@ -141,11 +82,11 @@ class _State:
 
     def kill_all(self) -> None:
         for path in self.cgroups:
-            _kill_cgroup(path)
+            _process.kill_cgroup(path)
         for pgid, start in self.groups.items():
-            _kill_group(pgid, start)
+            _process.signal_group(pgid, start, signal.SIGKILL)
         for pid, start in self.pids.items():
-            _kill_process(pid, start)
+            _process.signal_process(pid, start, signal.SIGKILL)
 
 
 def main() -> int:

@@ -3,16 +3,22 @@
 No I/O, no clock, no asyncio, no logging: everything it needs comes in as
 arguments, everything it decides goes out as values. Durations are
 computed from the ``now`` it is given, so tests drive it in virtual time.
+``step`` is the core's only entry point: what the daemon is asked to do
+(apply the configuration, shut down, an operator's request) arrives as a
+command among the observation's events, like everything else.
 
 One step, in order:
 
-1. note kernel OOM kills the scope counted since the last step;
-2. apply what the actor reported (spawned, failed to spawn, exited);
-3. SIGKILL workers whose grace period ran out;
-4. worker rules, each worker against its own limits;
-5. system rules, with one victim at a time (post-action delay);
-6. open or close admission gates whose rules changed;
-7. start workers whose (back-off) time has come.
+1. commands: apply the policy (start, reload), shut down, operator requests;
+2. note kernel OOM kills the scope counted since the last step;
+3. apply what the actor reported (spawned, failed to spawn, exited, trials);
+4. take the full tick's samples (memory, protection, growth history);
+5. SIGKILL workers whose grace period ran out;
+6. follow a stopping unmanaged victim (gone, or due for SIGKILL);
+7. worker rules, each worker against its own limits (and its trial checks);
+8. system rules, with one victim at a time (post-action delay);
+9. open or close admission gates whose rules changed;
+10. start workers whose (back-off) time has come.
 """
 
 from __future__ import annotations
@@ -20,49 +26,43 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import replace
-from typing import Iterable
 
 from ..diagnose import classify_output
-from ..expr import parse_expr
 from ..model import (
     Action,
     SIGKILL,
     SIGTERM,
     Exited,
     Explanation,
+    NotDone,
     Notice,
     Observation,
+    Operator,
     ProcessSample,
     Reclaim,
+    Reconcile,
     SetAdmission,
+    Shutdown,
     Signal,
     SignalProcess,
     Spawn,
     Spawned,
     SpawnFailed,
     TrialEvent,
-    UNKNOWN,
-    Unknown,
     is_known,
     signal_name,
 )
-from ..policy import ActionKind, DaemonPolicy, Rule, WorkloadPolicy
+from ..policy import ActionKind, DaemonPolicy, Rule, RuleKey, WorkloadPolicy
 from ..units import format_duration, format_size
 from .evaluate import Context, evaluate, explain
-from .state import CoreState, Phase, ProcessStop, RuleState, StopState, WorkerState, check_transition
+from .rules import system_context, worker_context, worker_rules
+from .state import CoreState, Incarnation, Phase, ProcessStop, RuleState, StopState, WorkerState, check_transition
 
-__all__ = [
-    "step",
-    "reconcile",
-    "begin_shutdown",
-    "all_stopped",
-    "operator_start",
-    "operator_stop",
-    "operator_restart",
-    "runtime_rule",
-]
+__all__ = ["step", "all_stopped"]
 
 _ALIVE = (Phase.STARTING, Phase.RUNNING, Phase.STOPPING)
+# Stops someone asked for, not decided by a rule or limit: carried out even in dry run.
+_LIFECYCLE_REASONS = frozenset({"shutdown", "operator", "removed", "config changed"})
 
 
 class _Step:
@@ -98,8 +98,15 @@ class _Step:
         self.actions.append(action)
 
     def set(self, w: WorkerState, **changes: object) -> WorkerState:
+        """Change the slot (phase, restart bookkeeping, or ``inc`` replaced whole); checked transition."""
         new = replace(w, **changes)
         check_transition(w.phase, new.phase)
+        self.workers[w.name] = new
+        return new
+
+    def update(self, w: WorkerState, **changes: object) -> WorkerState:
+        """Change fields of the worker's current incarnation."""
+        new = replace(w, inc=replace(w.inc, **changes))
         self.workers[w.name] = new
         return new
 
@@ -116,13 +123,14 @@ class _Step:
 
 def step(state: CoreState, obs: Observation, policy: DaemonPolicy, now: float) -> tuple[CoreState, list[Action]]:
     s = _Step(state, policy, now)
+    _commands(s, obs)
     _note_kernel_oom(s, obs)
     _apply_events(s, obs)
     _take_samples(s, obs)
     _expire_grace(s)
     _follow_process_stop(s, obs)
     if not s.shutting_down:
-        system_ctx = _system_context(obs)
+        system_ctx = system_context(obs)
         for name in sorted(s.workers):
             _worker_rules(s, s.workers[name], system_ctx, obs)
         _system_rules(s, system_ctx, obs)
@@ -131,8 +139,26 @@ def step(state: CoreState, obs: Observation, policy: DaemonPolicy, now: float) -
     return s.freeze(), s.actions
 
 
-def reconcile(state: CoreState, policy: DaemonPolicy, now: float, reason: str = "reload") -> tuple[CoreState, list[Action]]:
-    """Make the worker slots match ``policy`` (at start and on reload).
+def all_stopped(state: CoreState) -> bool:
+    return not any(w.phase in _ALIVE for w in state.workers.values())
+
+
+# ---------------------------------------------------------------------------
+# 1. Commands
+
+
+def _commands(s: _Step, obs: Observation) -> None:
+    for ev in obs.events:
+        if isinstance(ev, Reconcile):
+            _reconcile(s, ev.reason)
+        elif isinstance(ev, Shutdown):
+            _begin_shutdown(s)
+        elif isinstance(ev, Operator):
+            _operator(s, ev.op, ev.worker)
+
+
+def _reconcile(s: _Step, reason: str) -> None:
+    """Make the worker slots match the policy (at start and on reload).
 
     New slots start now; slots of removed workloads or replicas stop for
     good; a worker started with a different command, environment, user or
@@ -140,7 +166,7 @@ def reconcile(state: CoreState, policy: DaemonPolicy, now: float, reason: str = 
     is the operator saying "try again"). Rule timers of unchanged rules
     carry over; those of removed rules are dropped.
     """
-    s = _Step(state, policy, now)
+    policy, now = s.policy, s.now
     wanted: dict[str, tuple[WorkloadPolicy, int]] = {}
     for wl in policy.workloads:
         for i, name in enumerate(wl.worker_names()):
@@ -148,20 +174,26 @@ def reconcile(state: CoreState, policy: DaemonPolicy, now: float, reason: str = 
     keep_system = {r.key for r in policy.rules}
     s.system_rules = {k: v for k, v in s.system_rules.items() if k in keep_system}
     for name, w in list(s.workers.items()):
-        if name not in wanted:
-            if w.phase in (Phase.RUNNING, Phase.STARTING):
-                _begin_stop(s, w, event="stop", reason="removed", then="remove", severity=ActionKind.TERMINATE.severity)
-            elif w.phase == Phase.STOPPING:
-                s.workers[name] = replace(w, stop=replace(w.stop, then="remove")) if w.stop else w
-            else:
-                del s.workers[name]
+        if name in wanted:
+            continue
+        if w.phase in (Phase.RUNNING, Phase.STARTING):
+            _begin_stop(s, w, event="stop", reason="removed", then="remove", severity=ActionKind.TERMINATE.severity)
+        elif w.phase == Phase.STOPPING:
+            if w.stop is not None:
+                s.update(w, stop=replace(w.stop, then="remove"))
+        else:
+            del s.workers[name]
     for name, (wl, i) in wanted.items():
         w = s.workers.get(name)
         if w is None:
             s.workers[name] = WorkerState(name=name, workload=wl.name, replica=i, spawn_at=now, spec=wl.spec_key())
             continue
-        keep = {r.key for r in _worker_rule_list(wl)}
-        w = s.workers[name] = replace(w, rules={k: v for k, v in w.rules.items() if k in keep})
+        if w.stop is not None and w.stop.then == "remove":
+            # Removed by an earlier reload, back before it finished stopping: it stays
+            # (restarts with the new spec) instead of disappearing with its exit.
+            w = s.update(w, stop=replace(w.stop, then="restart"))
+        keep = {r.key for r in worker_rules(wl)}
+        w = s.update(w, rules={k: v for k, v in w.rules.items() if k in keep})
         if reason == "reload" and (w.phase == Phase.FAILED or (w.phase == Phase.STOPPED and w.spec != wl.spec_key())):
             # A failed worker gets a fresh start (the reload is the operator saying "try again"); a stopped
             # one only if what it runs changed: one that finished its work stays finished.
@@ -171,83 +203,75 @@ def reconcile(state: CoreState, policy: DaemonPolicy, now: float, reason: str = 
                         severity=ActionKind.RESTART.severity)
         elif w.phase == Phase.PENDING:
             s.workers[name] = replace(w, spec=wl.spec_key())
-    _admission(s)
-    _start_due(s)
-    return s.freeze(), s.actions
 
 
-def begin_shutdown(state: CoreState, policy: DaemonPolicy, now: float) -> tuple[CoreState, list[Action]]:
+def _begin_shutdown(s: _Step) -> None:
     """Stop every worker for good: stop signal now, SIGKILL after each workload's grace."""
-    s = _Step(state, policy, now)
     s.shutting_down = True
     for name in sorted(s.workers):
         w = s.workers[name]
         if w.phase == Phase.RUNNING:
             _begin_stop(s, w, event="stop", reason="shutdown", then="stay", severity=ActionKind.TERMINATE.severity)
         elif w.phase == Phase.STOPPING and w.stop is not None:
-            s.workers[name] = replace(w, stop=replace(w.stop, then="stay"))
+            s.update(w, stop=replace(w.stop, then="stay"))
         elif w.phase == Phase.PENDING:
             s.set(w, phase=Phase.STOPPED, last_exit="never started (shutdown)")
-    return s.freeze(), s.actions
 
 
-def all_stopped(state: CoreState) -> bool:
-    return not any(w.phase in _ALIVE for w in state.workers.values())
-
-
-def operator_start(state: CoreState, policy: DaemonPolicy, worker: str, now: float) -> tuple[CoreState, list[Action]]:
-    s = _Step(state, policy, now)
+def _operator(s: _Step, op: str, worker: str) -> None:
+    """An administrator's ``stop``, ``start`` or ``restart`` of one worker (unknown names are ignored)."""
     w = s.workers.get(worker)
-    if w is not None and w.phase in (Phase.STOPPED, Phase.FAILED):
-        s.set(w, phase=Phase.PENDING, spawn_at=now, restarts=(), backoff_s=0.0)
-        _start_due(s)
-    return s.freeze(), s.actions
-
-
-def operator_stop(state: CoreState, policy: DaemonPolicy, worker: str, now: float) -> tuple[CoreState, list[Action]]:
-    s = _Step(state, policy, now)
-    w = s.workers.get(worker)
-    if w is not None:
+    if w is None or s.shutting_down:
+        return
+    if op == "start":
+        if w.phase in (Phase.STOPPED, Phase.FAILED):
+            s.set(w, phase=Phase.PENDING, spawn_at=s.now, restarts=(), backoff_s=0.0)
+    elif op == "stop":
         if w.phase == Phase.RUNNING:
             _begin_stop(s, w, event="stop", reason="operator", then="stay", severity=ActionKind.TERMINATE.severity)
         elif w.phase == Phase.PENDING:
             s.set(w, phase=Phase.STOPPED, last_exit="stopped by the operator")
+        elif w.phase == Phase.STARTING:
+            _begin_stop(s, w, event="stop", reason="operator", then="stay", severity=ActionKind.TERMINATE.severity)
         elif w.phase == Phase.STOPPING and w.stop is not None:
-            s.workers[worker] = replace(w, stop=replace(w.stop, then="stay"))
-    return s.freeze(), s.actions
-
-
-def operator_restart(state: CoreState, policy: DaemonPolicy, worker: str, now: float) -> tuple[CoreState, list[Action]]:
-    s = _Step(state, policy, now)
-    w = s.workers.get(worker)
-    if w is not None:
+            s.update(w, stop=replace(w.stop, then="stay"))
+    elif op == "restart":
         if w.phase == Phase.RUNNING:
             _begin_stop(s, w, event="restart", reason="operator", then="restart", severity=ActionKind.RESTART.severity)
         elif w.phase in (Phase.STOPPED, Phase.FAILED, Phase.PENDING):
-            s.set(w, phase=Phase.PENDING, spawn_at=now, restarts=(), backoff_s=0.0)
-            _start_due(s)
-    return s.freeze(), s.actions
+            s.set(w, phase=Phase.PENDING, spawn_at=s.now, restarts=(), backoff_s=0.0)
 
 
 # ---------------------------------------------------------------------------
-# 1. Events from the actor
+# 3. Events from the actor
 
 
 def _apply_events(s: _Step, obs: Observation) -> None:
     for ev in obs.events:
+        if isinstance(ev, NotDone) and ev.worker is None:
+            ps = s.process_stop
+            if ps is not None and ps.pid == ev.pid:
+                s.process_stop = None
+                s.delay_until = ev.at + s.policy.post_action_delay_s
+            continue
+        if not isinstance(ev, (Spawned, SpawnFailed, Exited, TrialEvent, NotDone)):
+            continue  # commands were applied first
         w = s.workers.get(ev.worker)
         if w is None or ev.incarnation != w.incarnation:
             continue  # about a slot or an incarnation that no longer exists
         if isinstance(ev, Spawned):
             if w.phase != Phase.STARTING:
                 continue
-            w = s.set(w, phase=Phase.RUNNING, pid=ev.pid, started_at=ev.at, rules={}, memory=UNKNOWN,
-                      sample=None, admission_open=True, trials=0, trial_started_at=None, trial_name=None,
-                      last_heartbeat=None, refusals=0, blocked_since=None, history=(), draining_since=None,
-                      drain_explain=None)
-            if s.shutting_down or w.stop is not None:
-                _begin_stop(s, w, event="stop", reason="shutdown" if s.shutting_down else "operator",
-                            then="stay", severity=ActionKind.TERMINATE.severity)
+            w = s.set(w, phase=Phase.RUNNING, inc=replace(w.inc, pid=ev.pid, started_at=ev.at))
+            pending = w.stop
+            if s.shutting_down:
+                _begin_stop(s, w, event="stop", reason="shutdown", then="stay",
+                            severity=ActionKind.TERMINATE.severity)
+            elif pending is not None:
+                # A stop asked for while it was starting (operator, reload): carried out now it has a pid.
+                _begin_stop(s, w, event=pending.event, reason=pending.reason, then=pending.then,
+                            severity=pending.severity, rule=pending.rule, explain=pending.explain,
+                            system=pending.system, rule_key=pending.rule_key)
         elif isinstance(ev, SpawnFailed):
             if w.phase != Phase.STARTING:
                 continue
@@ -262,23 +286,38 @@ def _apply_events(s: _Step, obs: Observation) -> None:
             if w.phase not in (Phase.RUNNING, Phase.STOPPING):
                 continue
             _on_trial(s, w, ev)
+        elif isinstance(ev, NotDone):
+            _not_done(s, w, ev)
+
+
+def _not_done(s: _Step, w: WorkerState, ev: NotDone) -> None:
+    """The stop was not carried out: the worker runs on; the rule that asked waits before acting again."""
+    stop = w.stop
+    if w.phase != Phase.STOPPING or stop is None or ev.pid != w.pid or stop.reason in _LIFECYCLE_REASONS:
+        return
+    quiet = ev.at + s.policy.post_action_delay_s
+    rules = dict(w.rules)
+    if stop.rule_key is not None:
+        rules[stop.rule_key] = replace(rules.get(stop.rule_key, RuleState()), quiet_until=quiet, pending_since=None)
+    s.set(w, phase=Phase.RUNNING, inc=replace(w.inc, stop=None, rules=rules))
+    if s.victim == (w.name, w.incarnation):
+        s.delay_until = quiet
 
 
 def _on_trial(s: _Step, w: WorkerState, ev: TrialEvent) -> None:
     if ev.kind == "start":
-        s.workers[w.name] = replace(w, trial_started_at=ev.at, trial_name=ev.name, last_heartbeat=ev.at, refusals=0)
+        s.update(w, trial_started_at=ev.at, trial_name=ev.name, last_heartbeat=ev.at, refusals=0)
     elif ev.kind == "end":
         ran = ev.at - w.trial_started_at if w.trial_started_at is not None else None
-        s.workers[w.name] = replace(w, trial_started_at=None, trial_name=None, last_heartbeat=ev.at,
-                                    trials=w.trials + 1)
+        s.update(w, trial_started_at=None, trial_name=None, last_heartbeat=ev.at, trials=w.trials + 1)
         if ev.ok is False:
             s.emit(Notice("trial_failed", level="warning", worker=w.name, workload=w.workload, pid=w.pid,
                           reason=f"trial {ev.name or w.trials + 1} failed" + (f": {ev.detail}" if ev.detail else ""),
                           fields={"trial": ev.name, "ran_for_s": round(ran, 3) if ran is not None else None}))
     elif ev.kind == "heartbeat":
-        s.workers[w.name] = replace(w, last_heartbeat=ev.at)
+        s.update(w, last_heartbeat=ev.at)
     elif ev.kind == "refused":
-        s.workers[w.name] = replace(w, refusals=w.refusals + 1)
+        s.update(w, refusals=w.refusals + 1)
     elif ev.kind == "reclaimed":
         s.emit(Notice("reclaimed", worker=w.name, workload=w.workload, pid=w.pid,
                       reason="the worker ran its reclaim callbacks" + (f": {ev.detail}" if ev.detail else "")))
@@ -310,6 +349,13 @@ def _on_exit(s: _Step, w: WorkerState, ev: Exited) -> None:
         detail = "killed by the kernel OOM killer" + (
             f" {ev.oom_detail}" if ev.oom_detail else "" if ev.kernel_oom else " (the scope's OOM kill counter rose)")
         clean = False
+    elif ev.signal is None and ev.returncode == 0:
+        # The exit code decides whether it failed; an OOM it printed and recovered from is information.
+        kind = "exited"
+        detail = "exited 0" + (f" (after {diagnosis.describe()}, recovered)" if diagnosis is not None else "")
+        clean = True
+        if diagnosis is not None:
+            fields["recovered"] = True
     elif diagnosis is not None:
         kind = diagnosis.kind
         detail = f"{diagnosis.describe()}: {diagnosis.line!r}"
@@ -318,10 +364,6 @@ def _on_exit(s: _Step, w: WorkerState, ev: Exited) -> None:
         kind = "signal"
         detail = f"killed by {signal_name(ev.signal)} (not sent by memguard)"
         clean = False
-    elif ev.returncode == 0:
-        kind = "exited"
-        detail = "exited 0"
-        clean = True
     else:
         kind = "failed"
         detail = f"exited {ev.returncode}"
@@ -331,7 +373,7 @@ def _on_exit(s: _Step, w: WorkerState, ev: Exited) -> None:
         fields["leftovers_killed"] = ev.leftovers
     if not clean and ev.last_lines:
         fields["last_lines"] = list(ev.last_lines[-5:])
-    level = "warning" if kind in ("kernel_oom", "signal", "failed", "gpu_oom", "host_oom_python") else "info"
+    level = "info" if clean else "warning"
     s.emit(Notice("exit", level=level, worker=w.name, workload=w.workload, pid=ev.pid, reason=detail,
                   explain=stop.explain if stop else None, fields=fields))
     if s.victim == (w.name, w.incarnation):
@@ -343,7 +385,8 @@ def _after_exit(s: _Step, w: WorkerState, *, ran_for: float, kind: str, detail: 
     """Decide what follows an exit: stay stopped, restart now, restart after backoff, or fail."""
     wl = s.workload(w)
     stop = w.stop
-    base = dict(pid=None, stop=None, sample=None, memory=UNKNOWN, rules={}, last_exit=detail)
+    # The incarnation ended: its record is replaced whole (nothing of it survives into the next start).
+    base = dict(inc=Incarnation(number=w.incarnation), last_exit=detail)
     if stop is not None and stop.then == "remove":
         del s.workers[w.name]
         return
@@ -384,7 +427,7 @@ def _after_exit(s: _Step, w: WorkerState, *, ran_for: float, kind: str, detail: 
 
 
 # ---------------------------------------------------------------------------
-# 2-3. Kernel OOM counter, samples, grace expiry
+# 2, 4, 5. Kernel OOM counter, samples, grace expiry
 
 
 def _note_kernel_oom(s: _Step, obs: Observation) -> None:
@@ -411,7 +454,7 @@ def _take_samples(s: _Step, obs: Observation) -> None:
                 window = s.workload(w).growth_window_s
                 history = tuple(p for p in history if obs.at - p[0] <= window) + (
                     (obs.at, float(sample.memory_bytes)),)
-            s.workers[name] = replace(w, sample=sample, memory=sample.memory_bytes, history=history)
+            s.update(w, sample=sample, memory=sample.memory_bytes, history=history)
 
 
 def _expire_grace(s: _Step) -> None:
@@ -422,96 +465,16 @@ def _expire_grace(s: _Step) -> None:
             continue
         if w.sample is not None and w.sample.protected:
             continue
-        s.workers[name] = replace(w, stop=replace(stop, kill_at=None))
+        s.update(w, stop=replace(stop, kill_at=None))
         s.emit(Signal(worker=w.name, workload=w.workload, pid=w.pid or 0, incarnation=w.incarnation,
                       signum=SIGKILL, event="escalate",
                       reason=(f"still running {format_duration(s.now - stop.requested_at)} after the stop "
                               f"signal; grace period over, SIGKILL"),
-                      explain=stop.explain))
+                      explain=stop.explain, lifecycle=stop.reason in _LIFECYCLE_REASONS))
 
 
 # ---------------------------------------------------------------------------
-# 4. Worker rules
-
-
-def runtime_rule(wl: WorkloadPolicy) -> Rule | None:
-    """``limits.runtime`` as a rule, so it is explained like any other."""
-    if wl.limits.runtime_s is None:
-        return None
-    text = f"worker.age > {wl.limits.runtime_s:g}s"
-    return Rule(name="limits.runtime", when=parse_expr(text, "worker"), when_text=text,
-                action=ActionKind.RESTART, scope="worker", source=wl.source)
-
-
-def _worker_rule_list(wl: WorkloadPolicy) -> list[Rule]:
-    rules = list(wl.rules)
-    rt = runtime_rule(wl)
-    if rt is not None:
-        rules.append(rt)
-    return rules
-
-
-def _system_values(obs: Observation) -> dict[str, object]:
-    sc, pr = obs.scope, obs.pressure
-    total, avail = sc.total_bytes, sc.available_bytes
-    used = (float(total) - float(avail)) if is_known(total) and is_known(avail) else UNKNOWN
-    swap_total, swap_free = sc.swap_total_bytes, sc.swap_free_bytes
-    if is_known(swap_total) and is_known(swap_free):
-        swap_used: object = float(swap_total) - float(swap_free)
-    else:
-        swap_used = UNKNOWN
-    return {
-        "memory.available": avail,
-        "memory.used": used,
-        "swap.used": swap_used,
-        "swap.free": swap_free,
-        "psi.some_avg10": pr.some_avg10,
-        "psi.some_avg60": pr.some_avg60,
-        "psi.full_avg10": pr.full_avg10,
-        "psi.full_avg60": pr.full_avg60,
-    }
-
-
-def _system_context(obs: Observation) -> Context:
-    gpus = {g.index: {"gpu.used": g.used_bytes, "gpu.free": g.free_bytes, "gpu.total": g.total_bytes}
-            for g in obs.gpus}
-    return Context(values=_system_values(obs),
-                   bases={"memory.total": obs.scope.total_bytes, "swap.total": obs.scope.swap_total_bytes},
-                   gpus=gpus)
-
-
-def worker_context(w: WorkerState, wl: WorkloadPolicy, system: Context, now: float) -> Context:
-    values = dict(system.values)
-    values["worker.memory"] = w.memory
-    values["worker.gpu_memory"] = w.sample.gpu_memory_bytes if w.sample is not None else UNKNOWN
-    values["worker.age"] = (now - w.started_at) if w.started_at is not None else UNKNOWN
-    values["worker.processes"] = w.sample.processes if w.sample is not None else UNKNOWN
-    window = wl.restart.budget_window_s
-    values["worker.restarts"] = float(sum(1 for t in w.restarts if now - t < window))
-    values["worker.trials"] = float(w.trials)
-    values["worker.trial_age"] = (now - w.trial_started_at) if w.trial_started_at is not None else Unknown(
-        "no trial running")
-    values["worker.blocked_for"] = (now - w.blocked_since) if w.blocked_since is not None else 0.0
-    values["worker.refusals"] = float(w.refusals)
-    values["worker.growth"] = growth_rate(w.history, wl.growth_window_s)
-    bases = dict(system.bases)
-    bases["limits.memory"] = wl.limits.memory_bytes if wl.limits.memory_bytes else Unknown("no limits.memory")
-    bases["limits.gpu_memory"] = (wl.limits.gpu_memory_bytes if wl.limits.gpu_memory_bytes
-                                  else Unknown("no limits.gpu_memory"))
-    return Context(values=values, bases=bases, gpus=system.gpus)
-
-
-def growth_rate(history: tuple[tuple[float, float], ...], window_s: float) -> object:
-    """Least-squares slope of memory over time, bytes per second; Unknown until half a window is seen."""
-    if len(history) < 3 or history[-1][0] - history[0][0] < window_s / 2:
-        return Unknown("not enough samples for a growth rate yet")
-    n = len(history)
-    mt = sum(t for t, _ in history) / n
-    mm = sum(m for _, m in history) / n
-    var = sum((t - mt) ** 2 for t, _ in history)
-    if var <= 0:
-        return Unknown("samples at one instant")
-    return sum((t - mt) * (m - mm) for t, m in history) / var
+# 7. Worker rules
 
 
 def _track(rs: RuleState, holds: bool | None, rule: Rule, now: float) -> tuple[RuleState, bool]:
@@ -539,7 +502,7 @@ def _worker_rules(s: _Step, w: WorkerState, system: Context, obs: Observation) -
     wl = s.workload(w)
     ctx = worker_context(w, wl, system, s.now)
     states = dict(w.rules)
-    for rule in _worker_rule_list(wl):
+    for rule in worker_rules(wl):
         rs = states.get(rule.key, RuleState())
         holds = evaluate(rule.when, ctx)
         if rs.active:
@@ -556,24 +519,24 @@ def _worker_rules(s: _Step, w: WorkerState, system: Context, obs: Observation) -
         ex = explain(rule.name, rule.when_text, rule.when, ctx, rule.source)
         current = s.workers[w.name]
         if rule.action.is_level:
-            states[rule.key] = RuleState(active=True, fired_at=s.now, explain=ex)
+            states[rule.key] = RuleState(active=True, explain=ex)
             if rule.action == ActionKind.WARN:
                 s.emit(Notice("warn", level="warning", worker=w.name, workload=w.workload, pid=w.pid,
                               reason=f"rule {rule.name}: {ex.display}", explain=ex))
             continue
         if rule.action == ActionKind.RECLAIM:
-            states[rule.key] = RuleState(fired_at=s.now, quiet_until=s.now + wl.reclaim_interval_s, explain=ex)
+            states[rule.key] = RuleState(quiet_until=s.now + wl.reclaim_interval_s, explain=ex)
             if w.phase == Phase.RUNNING and w.pid is not None:
                 s.emit(Reclaim(worker=w.name, workload=w.workload, pid=w.pid, incarnation=w.incarnation,
                                reason=f"rule {rule.name}: asking the worker to give memory back", explain=ex))
             continue
         # A stop action: reset the timer (a new incarnation starts clean anyway).
-        states[rule.key] = RuleState(fired_at=s.now, explain=ex)
-        s.workers[w.name] = replace(current, rules=dict(states))
+        states[rule.key] = RuleState(explain=ex)
+        s.update(current, rules=dict(states))
         _stop_for_rule(s, s.workers[w.name], rule, ex, system_rule=False)
         states = dict(s.workers[w.name].rules) if w.name in s.workers else states
     if w.name in s.workers:
-        s.workers[w.name] = replace(s.workers[w.name], rules=states)
+        s.update(s.workers[w.name], rules=states)
         _trial_checks(s, s.workers[w.name], wl, ctx)
 
 
@@ -668,7 +631,7 @@ def _trial_checks(s: _Step, w: WorkerState, wl: WorkloadPolicy, ctx: Context) ->
                           f"(less {rc.jitter:.0%} jitter: {format_duration(limit)})", wl.source)
     if ex is not None:
         # Close the gate first, so no new trial starts; restart once the boundary is certain.
-        s.workers[w.name] = replace(w, draining_since=now, drain_explain=ex)
+        s.update(w, draining_since=now, drain_explain=ex)
 
 
 def _own_block(w: WorkerState, wl: WorkloadPolicy) -> bool:
@@ -692,8 +655,7 @@ def _stop_for_rule(s: _Step, w: WorkerState, rule: Rule, ex: Explanation, *, sys
         if stop is None or action.severity <= stop.severity or stop.kill_at is None:
             return False
         if action == ActionKind.KILL:
-            s.workers[w.name] = replace(w, stop=replace(stop, kill_at=None, severity=action.severity,
-                                                         rule=rule.name, explain=ex))
+            s.update(w, stop=replace(stop, kill_at=None, severity=action.severity, rule=rule.name, explain=ex))
             s.emit(Signal(worker=w.name, workload=w.workload, pid=w.pid or 0, incarnation=w.incarnation,
                           signum=SIGKILL, event="kill", reason=f"harder rule {rule.name} fired during the grace period",
                           explain=ex))
@@ -703,27 +665,28 @@ def _stop_for_rule(s: _Step, w: WorkerState, rule: Rule, ex: Explanation, *, sys
         return False
     then = "restart" if action == ActionKind.RESTART else "policy"
     _begin_stop(s, w, event=action.value, reason="rule", then=then, severity=action.severity,
-                rule=rule.name, explain=ex, grace_s=rule.grace_s, system=system_rule)
+                rule=rule.name, explain=ex, grace_s=rule.grace_s, system=system_rule,
+                rule_key=None if system_rule else rule.key)
     return True
 
 
 def _begin_stop(s: _Step, w: WorkerState, *, event: str, reason: str, then: str, severity: int,
                 rule: str | None = None, explain: Explanation | None = None, grace_s: float | None = None,
-                system: bool = False) -> None:
+                system: bool = False, rule_key: RuleKey | None = None) -> None:
     wl = s.workload(w)
     grace = wl.grace_s if grace_s is None else grace_s
     if w.phase == Phase.STARTING:
         # No pid yet: remember the wish; the Spawned event turns it into a stop.
-        s.workers[w.name] = replace(w, stop=StopState(event=event, reason=reason, then=then, requested_at=s.now,
-                                                      kill_at=s.now + grace, severity=severity, rule=rule,
-                                                      explain=explain, system=system))
+        s.update(w, stop=StopState(event=event, reason=reason, then=then, requested_at=s.now,
+                                   kill_at=s.now + grace, severity=severity, rule=rule, explain=explain,
+                                   system=system, rule_key=rule_key))
         return
     protected = w.sample is not None and w.sample.protected
     kill_now = event == "kill"
     stop = StopState(event=event, reason=reason, then=then, requested_at=s.now,
                      kill_at=None if kill_now else s.now + grace, severity=severity, rule=rule,
-                     explain=explain, system=system)
-    s.set(w, phase=Phase.STOPPING, stop=stop)
+                     explain=explain, system=system, rule_key=rule_key)
+    s.set(w, phase=Phase.STOPPING, inc=replace(w.inc, stop=stop))
     if protected:
         s.emit(Notice("refused", level="warning", worker=w.name, workload=w.workload, pid=w.pid,
                       reason=f"{event} ({reason}) of a protected process; never signalled", explain=explain))
@@ -737,11 +700,11 @@ def _begin_stop(s: _Step, w: WorkerState, *, event: str, reason: str, then: str,
     if then == "restart":
         why += "; restarts at once"
     s.emit(Signal(worker=w.name, workload=w.workload, pid=w.pid or 0, incarnation=w.incarnation, signum=signum,
-                  event=event, reason=why, explain=explain))
+                  event=event, reason=why, explain=explain, lifecycle=reason in _LIFECYCLE_REASONS))
 
 
 # ---------------------------------------------------------------------------
-# 5. System rules and victim choice
+# 6, 8. Unmanaged victims, system rules and victim choice
 
 
 def _follow_process_stop(s: _Step, obs: Observation) -> None:
@@ -813,7 +776,7 @@ def _system_rules(s: _Step, ctx: Context, obs: Observation) -> None:
             continue
         ex = explain(rule.name, rule.when_text, rule.when, ctx, rule.source)
         if rule.action.is_level:
-            s.system_rules[rule.key] = RuleState(active=True, fired_at=s.now, explain=ex)
+            s.system_rules[rule.key] = RuleState(active=True, explain=ex)
             if rule.action == ActionKind.WARN:
                 s.emit(Notice("warn", level="warning", reason=f"rule {rule.name}: {ex.display}", explain=ex))
             continue
@@ -829,7 +792,7 @@ def _system_stop(s: _Step, rule: Rule, rs: RuleState, ex: Explanation, obs: Obse
         if ps is not None and rule.action == ActionKind.KILL and ps.kill_at is not None:
             s.process_stop = replace(ps, kill_at=None, severity=severity)
             s.victim_severity = severity
-            s.system_rules[rule.key] = RuleState(fired_at=s.now, explain=ex)
+            s.system_rules[rule.key] = RuleState(explain=ex)
             s.emit(SignalProcess(pid=ps.pid, start=ps.start, name=ps.name, signum=SIGKILL, event="kill",
                                  reason=f"harder rule {rule.name} fired during the grace period", explain=ex))
             return
@@ -839,13 +802,9 @@ def _system_stop(s: _Step, rule: Rule, rs: RuleState, ex: Explanation, obs: Obse
             if w is not None and w.phase == Phase.STOPPING and w.incarnation == s.victim[1]:
                 if _stop_for_rule(s, w, rule, ex, system_rule=True):
                     s.victim_severity = severity
-                    s.system_rules[rule.key] = RuleState(fired_at=s.now, explain=ex)
+                    s.system_rules[rule.key] = RuleState(explain=ex)
                     return
-    gpu_device = None
-    if ex.signal.startswith("gpu["):
-        gpu_device = ex.signal[4:ex.signal.index("]")]
-    elif ex.signal.startswith("gpu."):
-        gpu_device = "*"
+    gpu_device = ex.gpu_device
     candidates = _rank(s, gpu_device)
     procs = [] if gpu_device is not None else sorted((p for p in obs.unmanaged if is_known(p.memory_bytes)),
                    key=lambda p: (p.priority, -float(p.memory_bytes), p.pid))
@@ -856,7 +815,7 @@ def _system_stop(s: _Step, rule: Rule, rs: RuleState, ex: Explanation, obs: Obse
         _stop_process(s, best_proc, rule, ex, len(candidates) + len(procs))
         return
     if not candidates:
-        s.system_rules[rule.key] = RuleState(fired_at=s.now, quiet_until=s.now + s.policy.post_action_delay_s,
+        s.system_rules[rule.key] = RuleState(quiet_until=s.now + s.policy.post_action_delay_s,
                                              explain=ex)
         s.emit(Notice("no_victim", level="error",
                       reason=f"rule {rule.name} fired ({ex.display}) but no running, unprotected worker is left to "
@@ -878,7 +837,7 @@ def _system_stop(s: _Step, rule: Rule, rs: RuleState, ex: Explanation, obs: Obse
     s.victim = (victim.name, victim.incarnation)
     s.victim_severity = severity
     s.delay_until = math.inf  # set to exit time + delay when the victim is reaped
-    s.system_rules[rule.key] = RuleState(fired_at=s.now, explain=ex)
+    s.system_rules[rule.key] = RuleState(explain=ex)
 
 
 def _stop_process(s: _Step, p: ProcessSample, rule: Rule, ex: Explanation, n: int) -> None:
@@ -894,7 +853,7 @@ def _stop_process(s: _Step, p: ProcessSample, rule: Rule, ex: Explanation, n: in
     s.victim = None
     s.victim_severity = rule.action.severity
     s.delay_until = math.inf
-    s.system_rules[rule.key] = RuleState(fired_at=s.now, explain=ex)
+    s.system_rules[rule.key] = RuleState(explain=ex)
     s.emit(SignalProcess(pid=p.pid, start=p.start, name=p.name, signum=SIGKILL if kill_now else SIGTERM,
                          event=rule.action.value if rule.action != ActionKind.RESTART else "terminate",
                          reason=(f"rule {rule.name}: SIGKILL at once" if kill_now else
@@ -903,7 +862,7 @@ def _stop_process(s: _Step, p: ProcessSample, rule: Rule, ex: Explanation, n: in
 
 
 # ---------------------------------------------------------------------------
-# 6-7. Admission and starts
+# 9-10. Admission and starts
 
 
 def _admission(s: _Step) -> None:
@@ -914,13 +873,13 @@ def _admission(s: _Step) -> None:
         if w.phase not in (Phase.RUNNING, Phase.STARTING):
             continue
         wl = s.workload(w)
-        blocking = [rs for r in _worker_rule_list(wl)
+        blocking = [rs for r in worker_rules(wl)
                     if r.action == ActionKind.BLOCK and (rs := w.rules.get(r.key)) is not None and rs.active]
         blocking = blocking + system_block
         want_open = not blocking and w.draining_since is None
         if want_open == w.admission_open:
             continue
-        s.workers[name] = replace(w, admission_open=want_open, blocked_since=None if want_open else s.now)
+        s.update(w, admission_open=want_open, blocked_since=None if want_open else s.now)
         if want_open:
             s.emit(SetAdmission(worker=name, workload=w.workload, open=True, event="release",
                                 reason="every block rule released; admission open"))
@@ -946,19 +905,6 @@ def _start_due(s: _Step) -> None:
         if wl is None:
             continue
         first = w.incarnation == 0
-        w = s.set(w, phase=Phase.STARTING, incarnation=w.incarnation + 1, spec=wl.spec_key())
-        s.emit(Spawn(worker=name, workload=w.workload, incarnation=w.incarnation,
+        w = s.set(w, phase=Phase.STARTING, inc=Incarnation(number=w.incarnation + 1), spec=wl.spec_key())
+        s.emit(Spawn(worker=name, workload=w.workload, incarnation=w.incarnation, restart=not first,
                      reason="start" if first else f"restart #{len(w.restarts)} (after: {w.last_exit})"))
-
-
-def timers(state: CoreState) -> Iterable[float]:
-    """Moments at which the core has something due without a new reading."""
-    for w in state.workers.values():
-        if w.phase == Phase.PENDING:
-            yield w.spawn_at
-        if w.phase == Phase.STOPPING and w.stop is not None and w.stop.kill_at is not None:
-            yield w.stop.kill_at
-    if state.delay_until != math.inf and state.delay_until > 0:
-        yield state.delay_until
-    if state.process_stop is not None and state.process_stop.kill_at is not None:
-        yield state.process_stop.kill_at

@@ -148,7 +148,10 @@ def explain(rule_name: str, when_text: str, expr: Expr, ctx: Context, source: st
                     f" ({float(v):.1f}% of {format_size(float(total))})" if c.unit == "percent" else "")
                 threshold_abs = (c.threshold / 100.0 * float(total)) if c.unit == "percent" else c.threshold
                 display = f"{name} {shown} {c.op} {c.describe_threshold()}"
-                return Explanation(rule_name, when_text, name, float(raw_b), threshold_abs, "bytes", display, source)
+                return Explanation(rule_name, when_text, name, float(raw_b), threshold_abs, "bytes", display, source,
+                                   gpu_device=index)
+        return Explanation(rule_name, when_text, c.signal, None, None, "bytes", f"{when_text}", source,
+                           gpu_device=c.device or "*")
     raw = ctx.values.get(c.signal)
     value = float(raw) if raw is not None and is_known(raw) else None
     base = ctx.base_bytes(c)

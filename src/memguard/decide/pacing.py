@@ -16,9 +16,9 @@ Two clocks run in the daemon:
 from __future__ import annotations
 
 from ..model import Observation, is_known
-from ..policy import DaemonPolicy
-from .core import _system_context, _worker_rule_list, timers, worker_context
+from ..policy import DaemonPolicy, RuleKind
 from .evaluate import distance_to_fire, headroom_bytes
+from .rules import system_context, timers, worker_context, worker_rules
 from .state import CoreState, Phase
 
 __all__ = ["next_full_tick", "fast_path_interval", "NEAR"]
@@ -33,7 +33,7 @@ def _busy(state: CoreState, obs: Observation, policy: DaemonPolicy, now: float) 
         return True
     if any(rs.pending_since is not None or rs.active for rs in state.system_rules.values()):
         return True
-    ctx = _system_context(obs)
+    ctx = system_context(obs)
     for rule in policy.rules:
         d = distance_to_fire(rule.when, ctx)
         if d is not None and d <= NEAR:
@@ -47,8 +47,8 @@ def _busy(state: CoreState, obs: Observation, policy: DaemonPolicy, now: float) 
         if wl is None:
             continue
         wctx = worker_context(w, wl, ctx, now)
-        for rule in _worker_rule_list(wl):
-            if rule.action.value == "restart" and rule.name == "limits.runtime":
+        for rule in worker_rules(wl):
+            if rule.kind == RuleKind.RUNTIME:
                 continue  # an age limit is a timer, not a reading to watch closely
             d = distance_to_fire(rule.when, wctx)
             if d is not None and d <= NEAR:
@@ -66,7 +66,7 @@ def next_full_tick(state: CoreState, obs: Observation, policy: DaemonPolicy, now
         wl = policy.workload(w.workload)
         if wl is None or w.phase != Phase.RUNNING:
             continue
-        for r in _worker_rule_list(wl):
+        for r in worker_rules(wl):
             rs = w.rules.get(r.key)
             if rs is not None and rs.pending_since is not None:
                 due.append(rs.pending_since + r.for_s - now)
@@ -86,7 +86,7 @@ def fast_path_interval(state: CoreState, obs: Observation, policy: DaemonPolicy)
     total = obs.scope.total_bytes
     if not is_known(total):
         return None
-    ctx = _system_context(obs)
+    ctx = system_context(obs)
     rooms: list[float] = []
     for rule in policy.rules:
         rs = state.system_rules.get(rule.key)

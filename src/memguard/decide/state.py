@@ -16,6 +16,10 @@ code path cannot invent one silently.
        |             spawn_failed            exited             exited
        |                  v                    v                  v
        +-----backoff---- (restart policy and budget) --> stopped | failed
+
+A stop the actor could not carry out (dry run; a process found protected
+at the last moment) comes back as ``NotDone`` and returns the worker from
+``stopping`` to ``running``: nothing waits for an exit that will not come.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from enum import Enum
 from typing import Mapping
 
 from ..model import Explanation, Reading, UNKNOWN, WorkerSample
+from ..policy import RuleKey
 
 __all__ = [
     "Phase",
@@ -32,6 +37,7 @@ __all__ = [
     "check_transition",
     "RuleState",
     "StopState",
+    "Incarnation",
     "WorkerState",
     "CoreState",
     "ProcessStop",
@@ -61,6 +67,7 @@ TRANSITIONS: dict[tuple[Phase, Phase], str] = {
     (Phase.RUNNING, Phase.STOPPED): "exited on its own; the restart policy does not restart it",
     (Phase.RUNNING, Phase.FAILED): "exited on its own past the restart budget",
     (Phase.STOPPING, Phase.PENDING): "stopped by memguard; restart (at once or after backoff)",
+    (Phase.STOPPING, Phase.RUNNING): "the stop was not carried out (dry run, or protected at the last moment)",
     (Phase.STOPPING, Phase.STOPPED): "stopped for good (shutdown, operator, removed from config)",
     (Phase.STOPPING, Phase.FAILED): "stopped by memguard past the restart budget",
     (Phase.STOPPED, Phase.PENDING): "operator start or reload",
@@ -79,12 +86,12 @@ class RuleState:
 
     ``pending_since``: when the condition was first seen true (for ``for:``).
     ``active``: a level action (block, warn) is in force until release.
-    ``quiet_until``: no re-fire before then (a stop rule that found no victim).
+    ``quiet_until``: no re-fire before then (a stop rule that found no victim,
+    a reclaim waiting for its interval).
     """
 
     pending_since: float | None = None
     active: bool = False
-    fired_at: float | None = None
     quiet_until: float = 0.0
     explain: Explanation | None = None
 
@@ -94,7 +101,7 @@ class StopState:
     """A stop in progress: why, what to do after the exit, when to SIGKILL."""
 
     event: str  # terminate | kill | restart | stop
-    reason: str  # rule | runtime | shutdown | operator | reload | removed
+    reason: str  # rule | runtime | shutdown | operator | reload | removed | stuck | brake | recycle
     then: str  # "restart" (at once) | "policy" (restart policy) | "stay" | "remove"
     requested_at: float
     kill_at: float | None  # when SIGKILL is due; None once it was sent
@@ -102,28 +109,26 @@ class StopState:
     rule: str | None = None
     explain: Explanation | None = None
     system: bool = False  # chosen as a victim by a system rule
+    rule_key: RuleKey | None = None  # the worker rule that asked for it (quieted if it was not carried out)
 
 
 @dataclass(frozen=True)
-class WorkerState:
-    name: str
-    workload: str
-    replica: int
-    phase: Phase = Phase.PENDING
-    incarnation: int = 0
+class Incarnation:
+    """Everything that belongs to one start of a worker slot, replaced whole at the next start.
+
+    A new field added here is reset at every restart by construction: no
+    code path has to remember to clear it.
+    """
+
+    number: int = 0
     pid: int | None = None
     started_at: float | None = None
-    spawn_at: float = 0.0
-    backoff_s: float = 0.0  # the next backoff; 0 = the policy minimum
-    restarts: tuple[float, ...] = ()  # when each restart was decided (budget window)
     stop: StopState | None = None
     admission_open: bool = True
-    rules: Mapping[str, RuleState] = field(default_factory=dict)
+    rules: Mapping[RuleKey, RuleState] = field(default_factory=dict)
     memory: Reading = UNKNOWN
     sample: WorkerSample | None = None
-    spec: tuple = ()  # WorkloadPolicy.spec_key() this incarnation was started with
-    last_exit: str = ""
-    # Trials, as the worker's client reports them (this incarnation).
+    # Trials, as the worker's client reports them.
     trials: int = 0
     trial_started_at: float | None = None  # None: no trial running
     trial_name: str | None = None
@@ -133,6 +138,47 @@ class WorkerState:
     history: tuple[tuple[float, float], ...] = ()  # (time, memory bytes) within the growth window
     draining_since: float | None = None  # gate closed for a restart at the next trial boundary
     drain_explain: Explanation | None = None
+
+
+@dataclass(frozen=True)
+class WorkerState:
+    """One worker slot: its phase, restart bookkeeping, and the current :class:`Incarnation`.
+
+    The incarnation's fields read through (``w.pid``, ``w.memory``...);
+    they change only by replacing ``inc``.
+    """
+
+    name: str
+    workload: str
+    replica: int
+    phase: Phase = Phase.PENDING
+    spawn_at: float = 0.0
+    backoff_s: float = 0.0  # the next backoff; 0 = the policy minimum
+    restarts: tuple[float, ...] = ()  # when each restart was decided (budget window)
+    spec: tuple = ()  # WorkloadPolicy.spec_key() the current incarnation was started with
+    last_exit: str = ""
+    inc: Incarnation = field(default_factory=Incarnation)
+
+    @property
+    def incarnation(self) -> int:
+        return self.inc.number
+
+    pid = property(lambda self: self.inc.pid)
+    started_at = property(lambda self: self.inc.started_at)
+    stop = property(lambda self: self.inc.stop)
+    admission_open = property(lambda self: self.inc.admission_open)
+    rules = property(lambda self: self.inc.rules)
+    memory = property(lambda self: self.inc.memory)
+    sample = property(lambda self: self.inc.sample)
+    trials = property(lambda self: self.inc.trials)
+    trial_started_at = property(lambda self: self.inc.trial_started_at)
+    trial_name = property(lambda self: self.inc.trial_name)
+    last_heartbeat = property(lambda self: self.inc.last_heartbeat)
+    refusals = property(lambda self: self.inc.refusals)
+    blocked_since = property(lambda self: self.inc.blocked_since)
+    history = property(lambda self: self.inc.history)
+    draining_since = property(lambda self: self.inc.draining_since)
+    drain_explain = property(lambda self: self.inc.drain_explain)
 
 
 @dataclass(frozen=True)
@@ -151,7 +197,7 @@ class ProcessStop:
 @dataclass(frozen=True)
 class CoreState:
     workers: Mapping[str, WorkerState] = field(default_factory=dict)
-    system_rules: Mapping[str, RuleState] = field(default_factory=dict)
+    system_rules: Mapping[RuleKey, RuleState] = field(default_factory=dict)
     # The last victim of a system rule and the post-action delay (invariant 3).
     victim: tuple[str, int] | None = None
     victim_severity: int = -1

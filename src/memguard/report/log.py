@@ -153,7 +153,8 @@ def action_event(action: Action, *, dry_run: bool = False) -> tuple[str, str, di
         fields.update(rule=explain.rule, when=explain.when, signal=explain.signal, value=explain.value,
                       threshold=explain.threshold, unit=explain.unit, source=explain.source)
         message += f" [{explain.display}]"
-    if dry_run and isinstance(action, (Signal, SignalProcess, SetAdmission, Reclaim)):
+    if dry_run and isinstance(action, (Signal, SignalProcess, SetAdmission, Reclaim)) and not (
+            isinstance(action, Signal) and action.lifecycle):
         fields["dry_run"] = True
         message = "DRY RUN, not done: " + message
     fields["message"] = message

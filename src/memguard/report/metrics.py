@@ -13,7 +13,7 @@ import os
 from collections import Counter
 from typing import Iterable, Mapping
 
-from ..model import Action, Observation, Reclaim, SetAdmission, Signal, SignalProcess, is_known
+from ..model import Action, Observation, Reclaim, SetAdmission, Signal, SignalProcess, Spawn, is_known
 
 __all__ = ["Metrics"]
 
@@ -42,8 +42,8 @@ class Metrics:
                 self.actions[(a.workload, a.event)] += 1
             elif isinstance(a, SignalProcess):
                 self.actions[("(unmanaged)", a.event)] += 1
-            elif getattr(a, "event", "") == "spawn" and "restart" in getattr(a, "reason", ""):
-                self.restarts[(a.workload, a.worker)] += 1  # type: ignore[union-attr]
+            elif isinstance(a, Spawn) and a.restart:
+                self.restarts[(a.workload, a.worker)] += 1
 
     def render(self, obs: Observation | None, workers: Mapping[str, object]) -> str:
         lines: list[str] = []
@@ -99,9 +99,17 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
     def write(self, obs: Observation | None, workers: Mapping[str, object]) -> None:
+        """Replace the file atomically (temp file + rename); a failed write leaves no temp file behind."""
         text = self.render(obs, workers)
         tmp = f"{self.path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, self.path)
+        try:
+            with open(tmp, "w") as f:
+                f.write(text)
+            os.replace(tmp, self.path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
 

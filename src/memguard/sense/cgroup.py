@@ -28,13 +28,12 @@ Readers (:meth:`MemoryCgroup.snapshot`, ``limit_bytes`` ... and
 re-read with one ``pread`` each (see :class:`~memguard.sense.host.PinnedFile`),
 so :func:`cgroup_scope` costs a handful of syscalls.
 
-The helpers that change things (:func:`create_child`, ``set_limit``,
-``add_pid``, ``remove``) raise :class:`OSError` / :class:`CgroupError`.
+Nothing here changes a cgroup: creating, limiting, moving into and
+removing cgroups is the actor's (:mod:`memguard.act.cgroups`).
 """
 
 from __future__ import annotations
 
-import errno
 import os
 import posixpath
 from dataclasses import dataclass
@@ -55,7 +54,6 @@ __all__ = [
     "locate_memory_cgroup",
     "cgroup_scope",
     "choose_scope",
-    "create_child",
     "UNLIMITED_THRESHOLD",
 ]
 
@@ -378,81 +376,9 @@ class MemoryCgroup:
             u = _why(full, e)
             return Pressure(u, u, u, u)
 
-    # -- helpers that change things (raise) -------------------------------
-
-    def set_limit(self, limit_bytes: int | None) -> None:
-        """Set the memory limit (None: no limit). Raises OSError."""
-        if limit_bytes is not None and limit_bytes < 0:
-            raise ValueError(f"a memory limit cannot be negative ({limit_bytes})")
-        if self.version == 2:
-            value = "max" if limit_bytes is None else str(int(limit_bytes))
-            _write(self.path + "/memory.max", value)
-        else:
-            value = "-1" if limit_bytes is None else str(int(limit_bytes))
-            _write(self.path + "/memory.limit_in_bytes", value)
-
-    def add_pid(self, pid: int) -> None:
-        """Move process ``pid`` (all its threads) into this cgroup. Raises OSError."""
-        _write(self.path + "/cgroup.procs", str(int(pid)))
-
     def pids(self) -> list[int]:
         """The processes in this cgroup (not its children), sorted. Raises OSError."""
         return sorted(int(x) for x in read_once(self.path + "/cgroup.procs").split())
-
-    def remove(self) -> None:
-        """Remove the (empty) cgroup directory. Kills nothing: raises CgroupError if processes remain."""
-        self.close()
-        try:
-            left = self.pids()
-        except FileNotFoundError:
-            raise CgroupError(f"cannot remove {self.path}: it does not exist") from None
-        if left:
-            raise CgroupError(f"cannot remove {self.path}: it still holds processes {left}")
-        try:
-            os.rmdir(self.path)
-        except OSError as e:
-            if e.errno == errno.EBUSY:
-                raise CgroupError(
-                    f"cannot remove {self.path}: busy (processes or child cgroups remain)"
-                ) from e
-            raise
-
-
-def _write(path: str, value: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        os.write(fd, value.encode())
-    finally:
-        os.close(fd)
-
-
-def create_child(parent: MemoryCgroup, name: str, *, exist_ok: bool = False) -> MemoryCgroup:
-    """Create the cgroup ``parent/name`` (same version) and return it. Raises OSError / CgroupError.
-
-    On v2 the parent must hand the memory controller down; if its
-    ``cgroup.subtree_control`` lacks ``memory`` this tries to add it,
-    which the kernel refuses when the parent itself holds processes
-    (the "no internal processes" rule).
-    """
-    if not name or "/" in name or name in (".", ".."):
-        raise ValueError(f"invalid cgroup name {name!r}")
-    if parent.version == 2:
-        control = parent.path + "/cgroup.subtree_control"
-        if b"memory" not in read_once(control).split():
-            try:
-                _write(control, "+memory")
-            except OSError as e:
-                raise CgroupError(
-                    f"cannot enable the memory controller for children of {parent.path}: {e.strerror}"
-                    " (a cgroup2 parent that holds processes cannot delegate controllers)"
-                ) from e
-    path = parent.path + "/" + name
-    try:
-        os.mkdir(path)
-    except FileExistsError:
-        if not exist_ok:
-            raise
-    return MemoryCgroup(parent.version, path)
 
 
 # ---------------------------------------------------------------------------

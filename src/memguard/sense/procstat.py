@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import NamedTuple
 
-__all__ = ["ProcStat", "read_stat", "same_process", "DEAD_STATES"]
+__all__ = ["ProcStat", "read_stat", "read_comm", "same_process", "DEAD_STATES"]
 
 DEAD_STATES = ("Z", "X", "x")
 
@@ -58,3 +58,17 @@ def same_process(pid: int, start: int) -> bool:
     """Is ``pid`` still the live process that started at ``start``?"""
     st = read_stat(pid)
     return st is not None and st.start == start and not st.dead
+
+
+def read_comm(pid: int) -> str | None:
+    """The command name of ``pid`` (``/proc/<pid>/comm``); None if gone or unreadable."""
+    try:
+        fd = os.open(f"/proc/{pid}/comm", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, 64).rstrip(b"\n").decode("utf-8", "replace")
+    except OSError:
+        return None
+    finally:
+        os.close(fd)

@@ -1,0 +1,409 @@
+"""The effects port: carries the core's decisions out and hands back what happened, as events.
+
+:class:`Effects` is the only place where an action becomes a system call:
+spawning a worker (in a cgroup of its own where possible, registered with
+the sentinel), signalling it (by identity: :mod:`memguard.act.process`),
+opening and closing its admission gate, pushing a reclaim request. What the
+machine does in return comes back to the daemon through the :class:`Inbox`
+it was started with, as values for the next tick: ``Spawned``,
+``SpawnFailed``, ``Exited`` (enriched here: a kernel OOM kill counted by
+the worker's own cgroup, the limit it hit, leftovers killed), trial reports
+from the control socket, and administrators' requests.
+
+In dry run it spawns (memguard owns its workers either way) but sends no
+signal, closes no gate and pushes no reclaim for what a rule or limit
+decided (invariant 7); stops someone asked for (shutdown, an operator, a
+reload) are still carried out, or a dry-run daemon could never stop.
+
+The admission gate of a worker is a small file,
+``<runtime_dir>/admission/<worker>``, holding ``open`` or ``closed: why``;
+its path is in the worker's environment as ``MEMGUARD_ADMISSION_FILE``.
+Any language can read it between two units of work; ``memguard.client``
+wraps it.
+
+:meth:`Effects.snapshot` gives ``sense/`` an immutable view of what is
+alive (pids, start times, recorded tree members, cgroups), taken on the
+loop, so reader threads never touch the supervisor's records.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from typing import Any, Awaitable, Callable, Iterable, Mapping, Protocol
+
+from ..model import (SIGKILL, Action, Exited, LiveSnapshot, LiveWorker, NotDone, Notice, Observation, Reclaim,
+                     SetAdmission, Signal, SignalProcess, Spawn)
+from ..policy import DaemonPolicy, WorkloadPolicy
+from ..sense.procstat import read_comm
+from ..threads import LoopOwned, on_owner_thread
+from ..units import format_size
+from .cgroups import CgroupLimits, WorkerCgroups, format_limits, setup_worker_cgroups
+from .children import ChildSupervisor, SpawnError
+from .control import ControlError, ControlServer, pid_in_tree
+from .process import Outcome, signal_process
+
+__all__ = ["Effects", "Inbox", "StartError", "worker_environment", "DROP_FROM_WORKER_ENV"]
+
+# Variables that belong to memguard's own service, never to its workers:
+# a library in a worker must not be able to send READY=1 or watchdog pings
+# on the daemon's behalf.
+DROP_FROM_WORKER_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID",
+                        "LISTEN_FDNAMES", "MEMGUARD_SOCKET", "MEMGUARD_TOKEN")
+
+
+class StartError(Exception):
+    """The effects port cannot start (the control socket is taken, the cgroups it must have...)."""
+
+
+class Inbox(Protocol):
+    """Where what happens goes: the daemon's queue for the next tick."""
+
+    def post(self, item: Any) -> None:
+        """Queue an event (Spawned, Exited, TrialEvent...) for the next tick."""
+
+    def admin(self, request: dict[str, Any]) -> Awaitable[Mapping[str, Any]]:
+        """Queue an administrator's request; the reply comes after the tick that handles it."""
+
+    def output(self, worker: str, stream: str, line: str) -> None:
+        """A line a worker wrote (reported, not decided on)."""
+
+
+def worker_environment(base: Mapping[str, str], wl: WorkloadPolicy, worker: str, replica: int,
+                       incarnation: int, admission_file: str) -> dict[str, str]:
+    env = {k: v for k, v in base.items() if k not in DROP_FROM_WORKER_ENV}
+    env.update(dict(wl.environment))
+    env.update({
+        "MEMGUARD_WORKER": worker,
+        "MEMGUARD_WORKLOAD": wl.name,
+        "MEMGUARD_REPLICA": str(replica),
+        "MEMGUARD_INCARNATION": str(incarnation),
+        "MEMGUARD_ADMISSION_FILE": admission_file,
+    })
+    if wl.limits.memory_bytes:
+        env["MEMGUARD_MEMORY_LIMIT"] = str(wl.limits.memory_bytes)
+    if wl.limits.gpu_memory_bytes:
+        env["MEMGUARD_GPU_MEMORY_LIMIT"] = str(wl.limits.gpu_memory_bytes)
+    if wl.gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(wl.gpus)
+    return env
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _mlockall() -> str | None:
+    """Lock current and future pages (on fault, so nothing is touched needlessly). None on success."""
+    import ctypes
+    import errno as _errno
+
+    MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) != 0:
+        err = ctypes.get_errno()
+        return _errno.errorcode.get(err, str(err))
+    return None
+
+
+class Effects(LoopOwned):
+    """The real effects port: child processes, worker cgroups, admission gates, the control socket."""
+
+    def __init__(self, *, runtime_dir: str, worker_cgroups: str = "auto", base_env: Mapping[str, str] | None = None,
+                 control_socket: str | None = None, sentinel: bool = True, oom_score_adj: int | None = None,
+                 mlock: bool = False, clock: Callable[[], float] | None = None) -> None:
+        import time
+
+        self._claim_thread()
+        self.oom_score_adj = oom_score_adj  # memguard's own, only ever lowered
+        self.mlock = mlock
+        self.runtime_dir = runtime_dir
+        self.worker_cgroups_mode = worker_cgroups
+        self.base_env = dict(os.environ if base_env is None else base_env)
+        self.control_socket = control_socket or os.path.join(runtime_dir, "control.sock")
+        self.admission_dir = os.path.join(runtime_dir, "admission")
+        self._clock = clock or time.monotonic
+        self._use_sentinel = sentinel
+        self._inbox: Inbox | None = None
+        self.children: ChildSupervisor | None = None
+        self.cgroups: WorkerCgroups | None = None
+        self.control: ControlServer | None = None
+        self._gates: dict[str, bool] = {}  # what each gate file says now (True: open)
+
+    # ------------------------------------------------------------------ life
+
+    @on_owner_thread
+    async def start(self, inbox: Inbox) -> list[Notice]:
+        """Serve the control socket, set up worker cgroups, start the child supervisor. Raises StartError."""
+        self._inbox = inbox
+        os.makedirs(self.admission_dir, mode=0o755, exist_ok=True)
+        self.control = ControlServer(self.control_socket, inbox.post, inbox.admin, self._identify,
+                                     self._incarnation_of, clock=self._clock, on_notice=self._control_notice)
+        try:
+            await self.control.start()
+        except (ControlError, OSError) as e:
+            self.control = None
+            raise StartError(f"cannot serve the control socket: {e}") from e
+        from .cgroups import CgroupError
+
+        try:
+            self.cgroups, note = setup_worker_cgroups(self.worker_cgroups_mode)
+        except CgroupError as e:
+            await self.control.close()
+            self.control = None
+            raise StartError(str(e)) from e
+        self.children = ChildSupervisor(self._on_child_event, inbox.output, clock=self._clock,
+                                        sentinel=self._use_sentinel)
+        await self.children.start()
+        return self._protect_self() + [Notice("cgroups", reason=note)]
+
+    def describe(self) -> dict[str, str]:
+        """Where the runtime files are, for the start-up line."""
+        return {"runtime_dir": self.runtime_dir, "socket": self.control_socket}
+
+    def _protect_self(self) -> list[Notice]:
+        """memguard's own OOM score, and its pages locked in RAM (it must stay responsive)."""
+        notes = []
+        if self.oom_score_adj is not None:
+            try:
+                with open("/proc/self/oom_score_adj") as f:
+                    current = int(f.read())
+                # Only ever lower it: under systemd the unit's OOMScoreAdjust may already be lower.
+                if self.oom_score_adj < current:
+                    with open("/proc/self/oom_score_adj", "w") as f:
+                        f.write(str(self.oom_score_adj))
+            except (OSError, ValueError) as e:
+                try:
+                    with open("/proc/self/oom_score_adj") as f:
+                        shown = f.read().strip()
+                except OSError:
+                    shown = "?"
+                notes.append(Notice("self_protection", reason=(
+                    f"memguard's oom_score_adj stays {shown}: lowering it to {self.oom_score_adj} needs "
+                    f"CAP_SYS_RESOURCE ({getattr(e, 'strerror', e)}); workers still run higher, so the kernel "
+                    f"picks them first")))
+        if self.mlock:
+            err = _mlockall()
+            if err:
+                notes.append(Notice("self_protection", level="warning", reason=(
+                    f"mlockall failed ({err}); memguard's pages may be swapped out under pressure "
+                    f"(set mlock: false to silence)")))
+        return notes
+
+    @on_owner_thread
+    async def close(self) -> None:
+        if self.control is not None:
+            await self.control.close()
+        if self.children is not None:
+            await self.children.close()
+        if self.cgroups is not None:
+            self.cgroups.close()
+
+    # ------------------------------------------------------------------ what is alive
+
+    @on_owner_thread
+    def snapshot(self) -> LiveSnapshot:
+        if self.children is None:
+            return LiveSnapshot()
+        cg = self.cgroups
+        workers = {name: LiveWorker(name, inc, pid, start, members, cg.path(name) if cg is not None else None)
+                   for name, (pid, start, inc, members) in self.children.live_records().items()}
+        own = frozenset(p for p in (self.children.sentinel_pid,) if p)
+        return LiveSnapshot(workers=workers, own=own)
+
+    @property
+    def socket_path(self) -> str:
+        return self.control_socket
+
+    def admission_file(self, worker: str) -> str:
+        return os.path.join(self.admission_dir, worker)
+
+    # ------------------------------------------------------------------ actions
+
+    @on_owner_thread
+    def execute(self, actions: Iterable[Action], policy: DaemonPolicy, obs: Observation | None = None) -> list[Notice]:
+        """Carry out one tick's actions; returns what needs reporting besides them (refusals, errors).
+
+        On a full tick the tree members the observation found are recorded
+        first, so a SIGKILL of this very tick reaches them too.
+        """
+        notes: list[Notice] = []
+        if obs is not None and obs.full and self.children is not None:
+            live = self.children.live()
+            for name, sample in obs.workers.items():
+                if sample.members and name in live and live[name][0] == sample.pid:
+                    self.children.add_members(name, sample.members[1:])
+        for action in actions:
+            if isinstance(action, Spawn):
+                self._spawn(action, policy, notes)
+            elif policy.dry_run and not (isinstance(action, Signal) and action.lifecycle):
+                # Decided and reported; nothing is done (invariant 7). The core learns it was not done.
+                if isinstance(action, (Signal, SignalProcess)):
+                    self._not_done(action, "dry run")
+            elif isinstance(action, Signal):
+                self._signal(action, policy, notes)
+            elif isinstance(action, SetAdmission):
+                self._gate(action.worker, action.open, action.reason, notes)
+            elif isinstance(action, SignalProcess):
+                self._signal_process(action, policy, notes)
+            elif isinstance(action, Reclaim):
+                reached = self.control.send_reclaim(action.worker, action.reason) if self.control else 0
+                if not reached:
+                    notes.append(Notice("reclaim_unheard", level="warning", worker=action.worker,
+                                        workload=action.workload, pid=action.pid,
+                                        reason="no memguard.client connection of this worker listens for "
+                                               "reclaim requests"))
+        return notes
+
+    def _spawn(self, action: Spawn, policy: DaemonPolicy, notes: list[Notice]) -> None:
+        wl = policy.workload(action.workload)
+        if wl is None or self.children is None:
+            return
+        replica = int(action.worker.rsplit("-", 1)[1]) if "-" in action.worker else 0
+        gate = self.admission_file(action.worker)
+        self._gate(action.worker, True, "started", notes)
+        env = worker_environment(self.base_env, wl, action.worker, replica, action.incarnation, gate)
+        if self.control is not None:
+            env.update(self.control.worker_env(action.worker, action.incarnation))
+        procs = None
+        if self.cgroups is not None:
+            # Dry run measures through the cgroup but enforces nothing: no kernel limits.
+            limits = CgroupLimits() if policy.dry_run else CgroupLimits(
+                memory_max=wl.limits.memory_bytes, memory_high=wl.limits.memory_high_bytes,
+                swap_max=wl.limits.swap_bytes, cpu=wl.limits.cpu)
+            try:
+                cg = self.cgroups.prepare(action.worker, action.incarnation, limits)
+                procs = cg.path + "/cgroup.procs"
+                self.children.watch_cgroup(cg.path)
+                notes.append(Notice("cgroup", level="debug", worker=action.worker, workload=action.workload,
+                                    reason=f"in cgroup {cg.path} ({format_limits(limits)})"))
+            except OSError as e:
+                notes.append(Notice("cgroup_error", level="error", worker=action.worker, workload=action.workload,
+                                    reason=f"cannot create the worker's cgroup, starting it without: {e}"))
+        try:
+            self.children.spawn(action.worker, action.incarnation, list(wl.command), env, wl.working_dir,
+                                wl.user, wl.group, wl.oom_score_adj, procs)
+        except SpawnError:
+            pass  # reported to the core as SpawnFailed by the supervisor
+
+    def _protected(self, pid: int, policy: DaemonPolicy) -> bool:
+        return bool(policy.protect) and read_comm(pid) in policy.protect
+
+    def _signal(self, action: Signal, policy: DaemonPolicy, notes: list[Notice]) -> None:
+        if self.children is None or action.pid <= 1 or action.pid == os.getpid():
+            return
+        if self._protected(action.pid, policy):
+            notes.append(Notice("refused", level="warning", worker=action.worker, workload=action.workload,
+                                pid=action.pid, reason="the process matches protect: at the moment of signalling; "
+                                                       "not signalled"))
+            if not action.lifecycle:
+                self._not_done(action, "protected")
+            return
+        self.children.signal(action.worker, action.pid, action.incarnation, action.signum)
+        if action.signum == SIGKILL and self.cgroups is not None:
+            self.cgroups.kill(action.worker)  # the whole cgroup: escaped descendants too
+
+    def _signal_process(self, action: SignalProcess, policy: DaemonPolicy, notes: list[Notice]) -> None:
+        """Signal an unmanaged victim, only if it is still the process that was chosen."""
+        if self._protected(action.pid, policy):
+            self._not_done(action, "protected")
+            return
+        outcome = signal_process(action.pid, action.start, action.signum)
+        if outcome in (Outcome.REPLACED, Outcome.DENIED):
+            notes.append(Notice("refused", level="warning", pid=action.pid,
+                                reason=f"unmanaged process {action.name} (pid {action.pid}) not signalled: "
+                                       + ("the pid now belongs to another process" if outcome is Outcome.REPLACED
+                                          else "permission denied")))
+            self._not_done(action, outcome.value)
+
+    def _not_done(self, action: Signal | SignalProcess, reason: str) -> None:
+        assert self._inbox is not None
+        if isinstance(action, Signal):
+            self._inbox.post(NotDone(action.worker, action.incarnation, action.pid, reason, self._clock()))
+        else:
+            self._inbox.post(NotDone(None, 0, action.pid, reason, self._clock()))
+
+    def _gate(self, worker: str, is_open: bool, reason: str, notes: list[Notice]) -> None:
+        try:
+            _write_atomic(self.admission_file(worker), "open\n" if is_open else f"closed: {reason}\n")
+            self._gates[worker] = is_open
+        except OSError as e:
+            notes.append(Notice("admission_error", level="error", worker=worker,
+                                reason=f"cannot write the admission file: {e}"))
+
+    @on_owner_thread
+    def forget(self, workers: Iterable[str]) -> None:
+        """Workers removed from the configuration: delete their admission files."""
+        for w in workers:
+            self._gates.pop(w, None)
+            try:
+                os.unlink(self.admission_file(w))
+            except FileNotFoundError:
+                pass
+            except OSError:
+                pass
+
+    # ------------------------------------------------------------------ what happened
+
+    def _on_child_event(self, ev: Any) -> None:
+        if isinstance(ev, Exited):
+            if self.control is not None:
+                self.control.revoke(ev.worker)
+            ev = self._exit_from_cgroup(ev)
+        assert self._inbox is not None
+        self._inbox.post(ev)
+
+    def _exit_from_cgroup(self, ev: Exited) -> Exited:
+        """Attribute an exit through the worker's cgroup: kernel OOM kill at its limit, leftovers killed."""
+        cg = self.cgroups
+        if cg is None or cg.get(ev.worker) is None or self.children is None:
+            return ev
+        mc = cg.get(ev.worker)
+        assert mc is not None
+        ooms = mc.oom_kills()
+        limit = cg.limits.get(ev.worker)
+        leftovers = cg.kill(ev.worker)
+        self.children.unwatch_cgroup(mc.path)
+        cg.release(ev.worker)
+        changes: dict[str, Any] = {"leftovers": max(ev.leftovers, leftovers)}
+        if isinstance(ooms, int):
+            changes["kernel_oom"] = ooms > 0
+            if ooms > 0 and limit is not None and limit.memory_max is not None:
+                changes["oom_detail"] = f"at its cgroup limit {format_size(limit.memory_max)} (limits.memory)"
+            elif ooms > 0:
+                changes["oom_detail"] = "inside its cgroup"
+        return replace(ev, **changes)
+
+    # -- the control socket's questions (on the loop) ---------------------------------
+
+    def _incarnation_of(self, worker: str) -> int | None:
+        assert self.children is not None
+        live = self.children.live().get(worker)
+        return live[1] if live is not None else None
+
+    def _identify(self, worker: str, pid: int) -> bool:
+        """Is ``pid`` in ``worker``'s process tree (its main process, a descendant, or a recorded member)?"""
+        assert self.children is not None
+        live = self.children.live().get(worker)
+        if live is None:
+            return False
+        # Its session or parent chain, else a member recorded earlier (a setsid()'d orphan).
+        return pid_in_tree(pid, live[0]) or self.children.is_member(worker, pid)
+
+    def _control_notice(self, event: str, fields: dict[str, Any]) -> None:
+        details = ", ".join(f"{k} {v}" for k, v in fields.items())
+        assert self._inbox is not None
+        self._inbox.post(Notice(event, level="warning",
+                                fields={k: v for k, v in fields.items() if k not in ("event", "message")},
+                                reason=f"control socket: {event.replace('_', ' ')} ({details})"))
+

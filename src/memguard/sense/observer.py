@@ -1,0 +1,241 @@
+"""The observer port: builds every :class:`~memguard.model.Observation` the daemon steps on.
+
+Two kinds of tick read the machine:
+
+* a **full** tick measures what is slow to measure: each worker's whole
+  process tree (or its cgroup), the opt-in unmanaged processes, the GPUs
+  and who uses them. :meth:`Observer.sample` does that work off the event
+  loop, from an immutable :class:`~memguard.model.LiveSnapshot` taken on
+  the loop: the tree walks and cgroup reads run in one dedicated reader
+  thread (which owns the caches they use), NVML calls in the GPU sensor's
+  own thread. The values come back to the loop, where :meth:`Observer.full`
+  adds the scope's memory and PSI, read last so the decision sees the
+  freshest figure;
+* a **fast** tick (:meth:`Observer.fast`) re-reads only what can change
+  fast between full ticks: the scope's memory usage. Limits, swap and the
+  OOM counter come from the last full reading, except when a worker exit
+  is waiting: its OOM counter tells a kernel kill from another SIGKILL.
+
+Nothing here changes the machine, and nothing logs: GPU problems travel in
+the sample for the reporter to tell once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Mapping, Sequence
+
+from ..model import (Exited, Event, GpuDeviceReading, LiveSnapshot, Observation, Pressure, ProcessSample, Reading,
+                     ScopeMemory, Unknown, WorkerSample, is_known)
+from ..policy import DaemonPolicy
+from ..threads import CHECK, LoopOwned, OwnershipError, on_owner_thread
+from .cgroup import MemoryCgroup, ScopeReader, choose_scope
+from .gpu import GpuProblem, GpuReading, GpuSensor, GpuStart, attribute_all, host_pid_map
+from .host import host_scope
+from .procs import NameCache, children_reader, sample_tree
+from .psi import read_pressure
+from .unmanaged import scan_unmanaged
+
+__all__ = ["Observer", "Sample", "measure_workers", "gpu_observation"]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """What a full tick measured off the loop: workers, unmanaged processes, GPUs (and their problems)."""
+
+    workers: Mapping[str, WorkerSample] = field(default_factory=dict)
+    unmanaged: tuple[ProcessSample, ...] = ()
+    gpus: tuple[GpuDeviceReading, ...] = ()
+    gpu_problems: tuple[GpuProblem, ...] = ()
+
+
+class _ReaderCache:
+    """State the reader thread keeps between samples: open cgroup files, process names.
+
+    Owned by the reader thread alone (checked like loop-owned objects).
+    """
+
+    def __init__(self) -> None:
+        self.owner: int | None = None
+        self.cgroups: dict[str, MemoryCgroup] = {}
+        self.names: NameCache = {}
+
+    def claim(self) -> None:
+        here = threading.get_ident()
+        if self.owner is None:
+            self.owner = here
+        elif CHECK and self.owner != here:
+            raise OwnershipError("the observer's reader cache was used outside its reader thread")
+
+    def cgroup(self, path: str) -> MemoryCgroup:
+        cg = self.cgroups.get(path)
+        if cg is None:
+            cg = self.cgroups[path] = MemoryCgroup.from_path(path)
+        return cg
+
+    def keep(self, paths: set[str], live: set[tuple[int, int]]) -> None:
+        """Drop what no longer exists: cgroups not in ``paths``, names of processes not in ``live``."""
+        for path in [p for p in self.cgroups if p not in paths]:
+            self.cgroups.pop(path).close()
+        if len(self.names) > 4 * max(len(live), 256):
+            self.names = {k: v for k, v in self.names.items() if k in live}
+
+
+def measure_workers(snapshot: LiveSnapshot, protect: Sequence[str], cache: _ReaderCache | None = None,
+                    use_children_files: bool | None = None) -> dict[str, WorkerSample]:
+    """Each live worker measured: its tree walked (from the recorded members too), its memory read
+    from its own cgroup where it has one (exact, cheap) or summed over the tree (PSS) otherwise.
+    Reads ``/proc`` and cgroup files only; meant for the reader thread."""
+    cache = cache or _ReaderCache()
+    children = children_reader(use_children_files)
+    protect_set = frozenset(protect)
+    out: dict[str, WorkerSample] = {}
+    seen: set[tuple[int, int]] = set()
+    for name, lw in snapshot.workers.items():
+        s = sample_tree(name, lw.pid, lw.start, lw.members, protect_set, children=children,
+                        measure=lw.cgroup is None, names=cache.names)
+        seen.update(s.members)
+        if lw.cgroup is not None:
+            memory: Reading
+            processes = s.processes
+            try:
+                cg = cache.cgroup(lw.cgroup)
+                memory = cg.working_set_bytes()
+                processes = max(processes, len(cg.pids()))
+            except (OSError, RuntimeError) as e:
+                memory = Unknown(f"the worker's cgroup {lw.cgroup} is unreadable: {e}")
+            s = replace(s, memory_bytes=memory, processes=processes, source="cgroup")
+        out[name] = s
+    cache.keep({lw.cgroup for lw in snapshot.workers.values() if lw.cgroup}, seen)
+    return out
+
+
+def gpu_observation(reading: GpuReading, samples: Mapping[str, WorkerSample],
+                    pid_map: Any = None) -> tuple[tuple[GpuDeviceReading, ...], dict[str, WorkerSample]]:
+    """Turn an NVML reading into the model's values: device figures, and each worker's GPU memory
+    (its whole tree's, from the members each sample found)."""
+    devices = tuple(GpuDeviceReading(d.index, d.total_bytes, d.used_bytes, d.free_bytes,
+                                     d.name if isinstance(d.name, str) else "") for d in reading.devices)
+    out = dict(samples)
+    if not reading.devices:
+        return devices, out
+    trees = {name: [pid for pid, _ in s.members] or [s.pid] for name, s in samples.items()}
+    att = attribute_all(reading, trees, pid_map)
+    for name, sample in samples.items():
+        wg = att.workers.get(name)
+        if wg is not None:
+            out[name] = replace(sample, gpu_memory_bytes=wg.total_bytes, gpu_per_device=dict(wg.per_device))
+    return devices, out
+
+
+class Observer(LoopOwned):
+    """The real observer: the scope (host or cgroup), PSI, process trees, cgroups, GPUs, unmanaged."""
+
+    def __init__(self, policy: DaemonPolicy, *, gpu: GpuSensor | None = None,
+                 scope: ScopeReader | None = None, clock: Callable[[], float] | None = None) -> None:
+        self._claim_thread()
+        self.policy = policy
+        self.scope: ScopeReader = scope or choose_scope(policy.scope)
+        self.gpu = gpu if gpu is not None else (GpuSensor() if policy.gpu != "off" else None)
+        self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="memguard-reader")
+        self._cache = _ReaderCache()
+        self._last_full_scope: ScopeMemory | None = None
+        self._pressure = Pressure()
+        self._last: Sample = Sample()
+
+    @on_owner_thread
+    def configure(self, policy: DaemonPolicy) -> str | None:
+        """Take a reloaded policy; returns a sentence when the scope changed (for the log)."""
+        old, self.policy = self.policy, policy
+        if policy.scope != old.scope:
+            self.scope = choose_scope(policy.scope)
+            self._last_full_scope = None
+            return f"now guarding {self.scope.description}"
+        return None
+
+    def describe(self) -> dict[str, str]:
+        """What is guarded, for the start-up line."""
+        return {"kind": self.scope.kind, "description": self.scope.description}
+
+    @on_owner_thread
+    async def start(self) -> GpuStart | None:
+        """Start GPU sensing (off the loop: NVML start-up can take seconds); None when the policy turned it off."""
+        if self.gpu is None:
+            return None
+        return await asyncio.get_running_loop().run_in_executor(None, self.gpu.start)
+
+    @on_owner_thread
+    def close(self) -> None:
+        self._reader.shutdown(wait=False, cancel_futures=True)
+        if self.gpu is not None:
+            self.gpu.close()
+
+    # ------------------------------------------------------------------ full ticks
+
+    @on_owner_thread
+    async def sample(self, snapshot: LiveSnapshot) -> Sample:
+        """The slow part of a full tick, off the loop; the loop keeps ticking while it runs."""
+        loop = asyncio.get_running_loop()
+        policy = self.policy
+        cache = self._cache
+
+        def read() -> tuple[dict[str, WorkerSample], tuple[ProcessSample, ...]]:
+            cache.claim()
+            workers = measure_workers(snapshot, policy.protect, cache)
+            unmanaged: tuple[ProcessSample, ...] = ()
+            if policy.unmanaged:
+                exclude = {pid for s in workers.values() for pid, _ in s.members} | set(snapshot.own)
+                unmanaged = scan_unmanaged(policy.unmanaged, exclude, policy.protect)
+            return workers, unmanaged
+
+        trees = loop.run_in_executor(self._reader, read)
+        reading = None
+        if self.gpu is not None and self.gpu.enabled:
+            reading = await self.gpu.read_async()
+        workers, unmanaged = await trees
+        gpus: tuple[GpuDeviceReading, ...] = ()
+        problems: tuple[GpuProblem, ...] = ()
+        if reading is not None:
+            pids = [pid for s in workers.values() for pid, _ in s.members]
+            gpus, workers = gpu_observation(reading, workers, host_pid_map(pids))
+            problems = tuple(reading.problems)
+        return Sample(workers, unmanaged, gpus, problems)
+
+    @on_owner_thread
+    def full(self, sample: Sample, events: tuple[Event, ...], now: float) -> Observation:
+        """A full tick's observation: ``sample`` plus the scope and PSI, read now."""
+        self._last = sample
+        cg = self.scope.cgroup
+        path = cg.pressure_path() if self.scope.kind == "cgroup" and cg is not None else None
+        self._pressure = read_pressure(path) if path else read_pressure()
+        scope = self.scope()
+        self._last_full_scope = scope
+        return Observation(at=now, scope=scope, pressure=self._pressure, workers=sample.workers,
+                           events=events, full=True, unmanaged=sample.unmanaged, gpus=sample.gpus)
+
+    # ------------------------------------------------------------------ fast ticks
+
+    @on_owner_thread
+    def fast(self, events: tuple[Event, ...], now: float) -> Observation:
+        """A fast tick's observation: the scope's memory re-read, everything else from the last full tick."""
+        exits = any(isinstance(ev, Exited) for ev in events)
+        scope = self.scope() if exits or self._last_full_scope is None else self._fast_scope(self._last_full_scope)
+        last = self._last
+        return Observation(at=now, scope=scope, pressure=self._pressure, workers=last.workers,
+                           events=events, full=False, unmanaged=last.unmanaged, gpus=last.gpus)
+
+    def _fast_scope(self, last: ScopeMemory) -> ScopeMemory:
+        """Only what moves fast (usage, working set); the host's /proc/vmstat is skipped (two thirds of a
+        host read's cost)."""
+        if self.scope.kind == "host":
+            return host_scope(oom_kills=False)
+        cg = self.scope.cgroup
+        total = last.total_bytes
+        if cg is None or last.kind != "cgroup" or not is_known(total):
+            return self.scope()
+        ws = cg.working_set_bytes()
+        avail = (total - ws if total > ws else 0) if is_known(ws) else ws
+        return replace(last, available_bytes=avail)

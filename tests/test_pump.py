@@ -1,0 +1,254 @@
+"""The whole daemon in-process, over fake ports in virtual time: no root, no processes, no real clock.
+
+What runs is the production pump (memguard.daemon.Daemon): pacing, the fast
+path, the inbox, admin replies, reload and shutdown. Only the ports at its
+edges are fakes (memguard.testing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+
+from memguard.config import ConfigError, ConfigIssue
+from memguard.daemon import Daemon
+from memguard.model import Signal, Spawn
+from memguard.policy import DaemonPolicy
+from memguard.report.reporter import Reporter
+from memguard.testing import FakeEffects, FakeObserver, GiB, MiB, RecordingLog, VirtualClock
+
+from corekit import rule, workload
+
+
+class Rig:
+    """A daemon over fakes, running as a task; tests move virtual time with ``advance``."""
+
+    def __init__(self, policy: DaemonPolicy, *, load=None, capture_signals: bool = False) -> None:
+        self.clock = VirtualClock()
+        self.observer = FakeObserver()
+        self.effects = FakeEffects(clock=self.clock.now)
+        self.log = RecordingLog()
+        self.daemon = Daemon(policy, self.observer, self.effects, Reporter(log=self.log), self.clock,
+                             load_config=load, capture_signals=capture_signals)
+        self.task: asyncio.Task | None = None
+
+    async def start(self) -> "Rig":
+        self.task = asyncio.ensure_future(self.daemon.run())
+        await self.clock.advance(0.0)
+        return self
+
+    async def advance(self, seconds: float) -> None:
+        await self.clock.advance(seconds)
+        if self.task is not None and self.task.done() and self.task.exception() is not None:
+            raise self.task.exception()
+
+    def phase(self, worker: str) -> str:
+        return self.daemon.state.workers[worker].phase.value
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+def policy(*wls, rules=(), **kw) -> DaemonPolicy:
+    return DaemonPolicy(workloads=tuple(wls), rules=tuple(rules), **kw)
+
+
+def test_workers_start_and_are_measured_on_full_ticks():
+    """At start the daemon spawns one process per replica, they become running, and full ticks measure
+    them at the relaxed pace (about one sample per poll interval far from every threshold)."""
+    async def main():
+        rig = await Rig(policy(workload("w", replicas=2))).start()
+        await rig.advance(0.5)
+        assert sorted(a.worker for a in rig.effects.actions if isinstance(a, Spawn)) == ["w-0", "w-1"]
+        assert rig.phase("w-0") == "running" and rig.phase("w-1") == "running"
+        before = rig.observer.samples
+        await rig.advance(10.0)
+        assert 8 <= rig.observer.samples - before <= 12
+        assert rig.daemon.state.workers["w-0"].memory == 100 * MiB
+    run(main())
+
+
+def test_fast_path_acts_between_full_ticks():
+    """With 2 GiB to a kill threshold the fast path re-reads the scope every few hundred ms; a crossing
+    is acted on (SIGKILL of the largest worker) by a fast tick, before the next full tick runs."""
+    async def main():
+        pol = policy(workload("w", replicas=2), rules=[rule("memory.available < 2GiB", "kill", "system")])
+        rig = await Rig(pol).start()
+        rig.observer.memory = {"w-0": 300 * MiB, "w-1": 900 * MiB}
+        await rig.advance(2.0)  # measured: the victim ranking has its sizes
+        assert not rig.effects.signals
+        rig.observer.available = 4 * GiB
+        await rig.advance(1.0)
+        samples = rig.observer.samples
+        fast = rig.observer.fast_reads
+        rig.observer.available = int(1.5 * GiB)  # a hog crossed the threshold between two full ticks
+        await rig.advance(0.4)
+        kills = [s for s in rig.effects.signals if s.signum == signal.SIGKILL]
+        assert [k.worker for k in kills] == ["w-1"], rig.effects.signals
+        assert rig.observer.fast_reads > fast
+        assert rig.observer.samples == samples, "the kill waited for a full tick"
+    run(main())
+
+
+def test_exit_is_enriched_and_reported():
+    """An exit the effects port reports as a kernel OOM kill at the worker's cgroup limit is explained in
+    the log (cause, limit, last lines) and the worker is restarted after its backoff."""
+    async def main():
+        rig = await Rig(policy(workload("w"))).start()
+        await rig.advance(1.0)
+        rig.effects.exit("w-0", signal=signal.SIGKILL, kernel_oom=True,
+                         oom_detail="at its cgroup limit 256MiB (limits.memory)", last_lines=("allocating",))
+        await rig.advance(0.01)
+        exits = rig.log.named("exit", worker="w-0")
+        assert len(exits) == 1 and exits[0]["cause"] == "kernel_oom"
+        assert "killed by the kernel OOM killer at its cgroup limit 256MiB" in exits[0]["message"]
+        assert exits[0]["last_lines"] == ["allocating"] and exits[0]["level"] == "warning"
+        assert rig.phase("w-0") == "pending"
+        await rig.advance(1.5)
+        assert [a.incarnation for a in rig.effects.actions if isinstance(a, Spawn)] == [1, 2]
+        assert rig.daemon.reporter.kernel_oom_kills == 1
+    run(main())
+
+
+def test_exit_zero_after_a_printed_oom_is_not_a_failure():
+    """A worker that printed a CUDA OOM, recovered and exited 0 has finished its work: it is not
+    restarted (restart: on-failure) and the OOM line is kept as information."""
+    async def main():
+        rig = await Rig(policy(workload("w"))).start()
+        await rig.advance(1.0)
+        rig.effects.exit("w-0", returncode=0, last_lines=(
+            "torch.cuda.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", "retrying with batch 8",
+            "done"))
+        await rig.advance(10.0)
+        exit_ev = rig.log.named("exit", worker="w-0")[0]
+        assert exit_ev["cause"] == "exited" and exit_ev.get("recovered") is True
+        assert rig.phase("w-0") == "stopped"
+        assert [a for a in rig.effects.actions if isinstance(a, Spawn)][-1].incarnation == 1
+    run(main())
+
+
+def test_admin_restart_is_answered_after_the_tick_that_acted():
+    """An operator's restart over the control socket becomes an event of the next tick; its reply comes
+    after that tick, when the stop signal has been sent, and says the worker is stopping."""
+    async def main():
+        rig = await Rig(policy(workload("w"))).start()
+        await rig.advance(1.0)
+        rig.effects.dies_on = set()  # it takes its time to exit
+        reply = rig.daemon.admin({"op": "restart", "worker": "w-0"})
+        assert not reply.done() and not rig.effects.signals
+        await rig.advance(0.0)
+        assert reply.done() and reply.result() == {"ok": True, "phase": "stopping"}
+        assert [(s.worker, s.event, s.signum) for s in rig.effects.signals] == [("w-0", "restart", signal.SIGTERM)]
+        unknown = rig.daemon.admin({"op": "stop", "worker": "nope"})
+        status = rig.daemon.admin({"op": "status"})
+        await rig.advance(0.0)
+        assert unknown.result() == {"ok": False, "error": "no worker named 'nope'"}
+        assert status.result()["workers"]["w-0"]["phase"] == "stopping"
+    run(main())
+
+
+def test_reload_with_a_broken_file_keeps_the_running_policy():
+    """A reload whose file does not parse is refused with every error reported (and returned to
+    `ctl reload`); the running policy and its workers stay. A good reload then applies the new one."""
+    good = policy(workload("w"))
+    state = {"next": None}
+
+    def load():
+        if state["next"] is None:
+            raise ConfigError([ConfigIssue("/etc/memguard/memguard.yaml", 3, "limits.memory", "a size, e.g. 2GiB")])
+        return state["next"]
+
+    async def main():
+        rig = await Rig(good, load=load).start()
+        await rig.advance(1.0)
+        reply = rig.daemon.admin({"op": "reload"})
+        await rig.advance(0.1)
+        assert reply.done() and reply.result()["ok"] is False
+        assert "limits.memory" in reply.result()["errors"][0]
+        assert rig.daemon.policy is good and rig.phase("w-0") == "running"
+        assert rig.log.named("reload_failed") and rig.log.named("config_error", key="limits.memory")
+        state["next"] = policy(workload("w"), workload("extra"))
+        reply = rig.daemon.admin({"op": "reload"})
+        await rig.advance(0.5)
+        assert reply.result() == {"ok": True}
+        assert rig.phase("extra-0") == "running" and rig.phase("w-0") == "running"
+        assert rig.log.named("reloaded")
+    run(main())
+
+
+def test_sigterm_stops_every_worker_and_the_daemon_exits_restoring_handlers():
+    """SIGTERM to the daemon stops every worker (stop signal, then SIGKILL after the grace for one that
+    ignores it), run() returns 0 once all are stopped, and the original signal handlers are back."""
+    async def main():
+        original = signal.getsignal(signal.SIGTERM)
+        rig = await Rig(policy(workload("w", replicas=2, grace_s=3.0)), capture_signals=True).start()
+        await rig.advance(1.0)
+        rig.effects.dies_on = {signal.SIGKILL}  # both ignore SIGTERM
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.sleep(0.05)  # the real signal is delivered to the loop's handler
+        await rig.advance(0.01)
+        assert sorted((s.worker, s.signum) for s in rig.effects.signals) == [("w-0", signal.SIGTERM),
+                                                                             ("w-1", signal.SIGTERM)]
+        await rig.advance(3.1)
+        assert sorted(s.worker for s in rig.effects.signals if s.signum == signal.SIGKILL) == ["w-0", "w-1"]
+        await rig.advance(0.1)
+        assert rig.task.done() and rig.task.result() == 0
+        assert rig.effects.closed and rig.log.named("stopped")
+        assert signal.getsignal(signal.SIGTERM) is original
+    run(main())
+
+
+def test_dry_run_decides_but_still_stops_when_asked():
+    """In dry run a rule's kill is decided and logged as not done, nothing is signalled, and the worker is
+    seen running on (the decision is repeated after the post-action delay, not every tick); a stop the
+    operator asks for is still carried out (a dry-run daemon must stop when systemd asks)."""
+    async def main():
+        pol = policy(workload("w", rules=(rule("worker.memory > 100%", "kill"),)), dry_run=True)
+        rig = await Rig(pol).start()
+        rig.observer.memory = {"w-0": 2 * GiB}
+        await rig.advance(2.0)
+        kills = rig.log.named("kill", worker="w-0")
+        assert kills and kills[0]["dry_run"] is True and kills[0]["message"].startswith("DRY RUN")
+        assert not rig.effects.signals
+        assert rig.phase("w-0") == "running"
+        await rig.advance(8.0)  # 10 s in: decided again once per post-action delay (5 s), no more
+        assert 2 <= len(rig.log.named("kill", worker="w-0")) <= 3
+        reply = rig.daemon.admin({"op": "stop", "worker": "w-0"})
+        await rig.advance(0.1)
+        assert reply.result()["ok"] is True
+        assert [(s.event, s.lifecycle) for s in rig.effects.signals] == [("stop", True)]
+        assert rig.phase("w-0") == "stopped"
+    run(main())
+
+
+@pytest.mark.parametrize("bad", ["log", "metrics"])
+def test_a_failing_sink_never_stops_guarding(bad, tmp_path):
+    """A log whose writes raise, or a metrics file that cannot be written, is counted and said once; the
+    daemon keeps deciding and acting (a worker over its limit is still killed)."""
+    class Broken(RecordingLog):
+        def _log(self, level, event, **fields):
+            raise OSError(28, "No space left on device")
+
+    async def main():
+        from memguard.report.metrics import Metrics
+
+        pol = policy(workload("w", rules=(rule("worker.memory > 100%", "kill"),)))
+        rig = Rig(pol)
+        if bad == "log":
+            rig.daemon.reporter = Reporter(log=Broken())
+        else:
+            rig.daemon.reporter = Reporter(log=rig.log, metrics=Metrics(str(tmp_path / "no" / "such" / "dir.prom"),
+                                                                       "test"))
+        await rig.start()
+        await rig.advance(1.0)
+        rig.observer.memory = {"w-0": 2 * GiB}
+        await rig.advance(1.5)
+        assert [s.event for s in rig.effects.signals] == ["kill"]
+        assert rig.daemon.reporter.sink_failures.get(bad, 0) >= 1
+        if bad == "metrics":
+            assert len(rig.log.named("sink_error", sink="metrics")) == 1
+    run(main())

@@ -33,6 +33,7 @@ from memguard.sense.gpu import (
     attribute_all,
     host_pid_map,
     in_initial_pid_namespace,
+    new_problems,
     nspid_map,
     parse_nspid,
 )
@@ -379,7 +380,10 @@ def test_a_hung_call_times_out_without_a_second_stuck_call_and_recovers(started)
     t0 = time.monotonic()
     again = sensor.read()
     assert time.monotonic() - t0 < timeout_s  # answers at once while the call is stuck
-    assert again.problems[0].kind == "timeout" and "has not returned" in again.problems[0].message
+    # The same problem, not a new one per tick: the message carries no elapsed time (elapsed_s does).
+    assert again.problems == reading.problems and again.problems[0].key == reading.problems[0].key
+    assert again.problems[0].elapsed_s >= reading.problems[0].elapsed_s
+    assert new_problems(again.problems, reading.problems) == ()
     assert fake.count("nvmlDeviceGetMemoryInfo") == calls  # no second call queued behind the stuck one
     fake.release()
     assert sensor.wait_idle(DEADLINE_S)

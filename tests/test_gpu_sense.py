@@ -363,10 +363,13 @@ def test_a_process_in_a_nested_namespace_shows_our_pid_first():
 
 
 def test_a_hung_call_times_out_without_a_second_stuck_call_and_recovers(started):
-    """A blocked NVML call: read() returns in timeout_s with 'timeout', makes no new call, then recovers."""
+    """A blocked NVML call: read() returns in timeout_s with 'timeout', makes no new call, then recovers.
+    Minutes later (virtual clock) the problem is still the same one: only elapsed_s changes."""
     fake = FakeNvml.scenario("hang")
     timeout_s = 0.3
     sensor = started(fake, timeout_s)
+    virtual = [1000.0]
+    sensor.clock = lambda: virtual[0]
     t0 = time.monotonic()
     reading = sensor.read()
     took = time.monotonic() - t0
@@ -377,12 +380,13 @@ def test_a_hung_call_times_out_without_a_second_stuck_call_and_recovers(started)
     assert isinstance(dev.used_bytes, Unknown)
     assert [(p.device, p.kind) for p in reading.problems] == [(None, "timeout")]
     calls = fake.count("nvmlDeviceGetMemoryInfo")
+    virtual[0] += 125.0
     t0 = time.monotonic()
     again = sensor.read()
     assert time.monotonic() - t0 < timeout_s  # answers at once while the call is stuck
     # The same problem, not a new one per tick: the message carries no elapsed time (elapsed_s does).
     assert again.problems == reading.problems and again.problems[0].key == reading.problems[0].key
-    assert again.problems[0].elapsed_s >= reading.problems[0].elapsed_s
+    assert again.problems[0].elapsed_s == reading.problems[0].elapsed_s + 125.0
     assert new_problems(again.problems, reading.problems) == ()
     assert fake.count("nvmlDeviceGetMemoryInfo") == calls  # no second call queued behind the stuck one
     fake.release()

@@ -461,13 +461,15 @@ class ThreadedSensor:
     :meth:`_shutdown_in_thread`; this class provides the interface the
     daemon uses: :meth:`start`, :meth:`read`, :meth:`read_async`,
     :meth:`close`, :attr:`enabled`. ``source`` names what is read in the
-    messages ("NVML", "NvMap").
+    messages ("NVML", "NvMap"). ``clock`` (monotonic seconds) only measures
+    how long a stuck call has been stuck (:attr:`GpuProblem.elapsed_s`).
     """
 
     source = "the GPU sensor"
 
     def __init__(self, timeout_s: float = DEFAULT_TIMEOUT_S, start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
-                 thread_name: str = "memguard-gpu") -> None:
+                 thread_name: str = "memguard-gpu", clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
         self.timeout_s = float(timeout_s)
         self.start_timeout_s = float(start_timeout_s)
         self._thread_name = thread_name
@@ -523,7 +525,7 @@ class ThreadedSensor:
             started = fut.result(timeout=self.start_timeout_s)
         except concurrent.futures.TimeoutError:
             self._abandoned = True  # if start-up finishes after all, it shuts down again
-            self._pending, self._pending_since = fut, time.monotonic()
+            self._pending, self._pending_since = fut, self.clock()
             started = GpuStart(False, f"{self.source} did not answer within {self.start_timeout_s:g} s at "
                                       "start-up (the first device sweep hung); GPU sensing is off")
         except Exception as e:  # a binding that is broken beyond its own errors
@@ -608,14 +610,14 @@ class ThreadedSensor:
             if pending is not None and not pending.done():
                 return self._timed_out()
             fut = self._thread.submit(self._read_in_thread)
-            self._pending, self._pending_since = fut, time.monotonic()
+            self._pending, self._pending_since = fut, self.clock()
             return fut
 
     def _timed_out(self) -> GpuReading:
         # The same message on every tick while the call stays stuck: one problem, not one per tick.
         msg = (f"{self.source} did not answer within {self.timeout_s:g} s; no new call is made until the "
                "stuck one returns")
-        waited = round(time.monotonic() - self._pending_since, 1)
+        waited = round(self.clock() - self._pending_since, 1)
         return GpuReading(self._all_unknown(msg), (GpuProblem(None, "timeout", msg, elapsed_s=waited),))
 
     def _failed(self, e: BaseException) -> GpuReading:
@@ -633,16 +635,18 @@ class GpuSensor(ThreadedSensor):
     ``pynvml`` module of nvidia-ml-py) when :meth:`start` runs.
     ``timeout_s`` bounds each :meth:`read`; ``start_timeout_s`` bounds
     :meth:`start`. ``tegra_release_path`` is the file whose presence marks
-    a Jetson. Call :meth:`start` once, then :meth:`read` (or
-    :meth:`read_async`) each tick, and :meth:`close` at the end.
+    a Jetson. ``clock`` is as for :class:`ThreadedSensor`. Call
+    :meth:`start` once, then :meth:`read` (or :meth:`read_async`) each
+    tick, and :meth:`close` at the end.
     """
 
     source = "NVML"
 
     def __init__(self, binding: NvmlBinding | None = None, timeout_s: float = DEFAULT_TIMEOUT_S, *,
                  start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
-                 tegra_release_path: str = TEGRA_RELEASE_PATH, module: str = "pynvml") -> None:
-        super().__init__(timeout_s, start_timeout_s, "memguard-nvml")
+                 tegra_release_path: str = TEGRA_RELEASE_PATH, module: str = "pynvml",
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(timeout_s, start_timeout_s, "memguard-nvml", clock)
         self._binding: Any = binding
         self.tegra_release_path = tegra_release_path
         self.module = module

@@ -31,6 +31,7 @@ from memguard.sense.gpu import (
     GpuSensor,
     attribute,
     attribute_all,
+    cuda_env,
     host_pid_map,
     in_initial_pid_namespace,
     new_problems,
@@ -531,3 +532,42 @@ def test_close_is_idempotent_and_reads_after_close_are_empty():
     sensor.close()
     assert fake.initialised == 0 and fake.count("nvmlShutdown") == 1
     assert sensor.read() == GpuReading()
+
+
+# ---------------------------------------------------------------------------
+# CUDA_VISIBLE_DEVICES by UUID
+
+
+def test_cuda_env_names_devices_by_uuid_in_nvml_order(started):
+    """Indexes become the UUIDs NVML gave, in the configured order, with CUDA_DEVICE_ORDER=PCI_BUS_ID;
+    UUIDs pass through; no gpus, no variables."""
+    devices = started(FakeNvml.scenario("two_devices")).read().devices
+    u0, u1 = devices[0].uuid, devices[1].uuid
+    assert cuda_env(["1", "0"], devices) == {"CUDA_VISIBLE_DEVICES": f"{u1},{u0}", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+    assert cuda_env(["GPU-abc", "0"], devices)["CUDA_VISIBLE_DEVICES"] == f"GPU-abc,{u0}"
+    assert cuda_env([], devices) == {}
+
+
+def test_cuda_env_maps_a_mig_index_to_its_mig_uuid(started):
+    """"0:1" (MIG device 1 of GPU 0) becomes that MIG device's UUID; the parent's index alone cannot be mapped
+    (MIG replaces it in the reading), so the entries stay as written."""
+    devices = started(FakeNvml.scenario("mig")).read().devices
+    env = cuda_env(["0:1"], devices)
+    assert env["CUDA_VISIBLE_DEVICES"] == devices[1].uuid and env["CUDA_VISIBLE_DEVICES"].startswith("MIG-")
+    assert cuda_env(["0"], devices)["CUDA_VISIBLE_DEVICES"] == "0"
+
+
+def test_cuda_env_without_a_reading_keeps_indexes_with_pci_bus_order(started):
+    """Sensing off (no devices) or an index NVML does not list: every entry as written, and PCI_BUS_ID order
+    so CUDA's index N is NVML's index N."""
+    assert cuda_env([0, "1"], ()) == {"CUDA_VISIBLE_DEVICES": "0,1", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+    devices = started(FakeNvml.scenario("two_devices")).read().devices
+    assert cuda_env(["0", "5"], devices)["CUDA_VISIBLE_DEVICES"] == "0,5"
+    # GPU 1 lost before memguard ever read its UUID:
+    fresh = FakeNvml.scenario("two_devices")
+    fresh.lose(1)
+    s = GpuSensor(fresh, tegra_release_path=NO_TEGRA)
+    devices = s.start().devices
+    assert isinstance(devices[1].uuid, Unknown)
+    assert cuda_env(["1"], devices)["CUDA_VISIBLE_DEVICES"] == "1"
+    s.close()

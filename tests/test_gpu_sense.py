@@ -571,3 +571,58 @@ def test_cuda_env_without_a_reading_keeps_indexes_with_pci_bus_order(started):
     assert isinstance(devices[1].uuid, Unknown)
     assert cuda_env(["1"], devices)["CUDA_VISIBLE_DEVICES"] == "1"
     s.close()
+
+
+# ---------------------------------------------------------------------------
+# Driver generations in the Python fake (the C stand-in covers them over the real pynvml)
+
+
+@pytest.mark.parametrize("driver, expected, problem", [
+    ("r535", {1001: 6 * GiB, 1003: 1 * GiB}, None),
+    ("r495", {1001: 6 * GiB, 1003: 1 * GiB}, None),
+    ("r470", {1001: 6 * GiB}, None),  # no MPS _v2: the MPS list is absent, not an error
+    ("r440", None, "before R450"),
+])
+def test_each_driver_generation_through_the_current_binding(started, driver, expected, problem):
+    """What memguard reads per driver generation with nvidia-ml-py >= 12.550.52: per-process memory where the
+    driver has a versioned list, otherwise Unknown with one 'mismatch' problem naming the generation."""
+    reading = started(FakeNvml.scenario("driver_generation", driver=driver)).read()
+    [dev] = reading.devices
+    assert dev.used_bytes == 8 * GiB  # total - free: the reserved 512 MiB counts as used
+    if expected is None:
+        assert isinstance(dev.processes, Unknown)
+        [p] = reading.problems
+        assert p.kind == "mismatch" and problem in p.message
+    else:
+        assert reading.problems == ()
+        assert {k: v for k, v in dev.processes.items() if is_known(v)} == expected
+        assert isinstance(dev.processes[1002], Unknown)
+
+
+def test_an_old_binding_on_an_old_driver_asks_for_the_floor(started):
+    """nvidia-ml-py before 12.550.52 on a driver without _v3: per-process memory Unknown, and the problem
+    names the nvidia-ml-py version to install."""
+    from memguard.sense.gpu import MIN_BINDING_VERSION
+
+    reading = started(FakeNvml.scenario("driver_generation", driver="r470", binding="12.535")).read()
+    [p] = reading.problems
+    assert p.kind == "mismatch" and f"nvidia-ml-py >= {MIN_BINDING_VERSION}" in p.message
+    ok = started(FakeNvml.scenario("driver_generation", driver="r535", binding="12.535")).read()
+    assert ok.problems == ()
+
+
+def test_the_fake_models_memory_info_v1_and_v2():
+    """v1 used includes reserved memory; v2 keeps it apart; drivers before R510 have no v2 call."""
+    fake = FakeNvml.scenario("driver_generation", driver="r535")
+    fake.nvmlInit()
+    h = fake.nvmlDeviceGetHandleByIndex(0)
+    v1 = fake.nvmlDeviceGetMemoryInfo(h)
+    v2 = fake.nvmlDeviceGetMemoryInfo(h, version=pynvml.nvmlMemory_v2)
+    assert (v1.used, v1.free) == (8 * GiB, 24 * GiB)
+    assert (v2.used, v2.reserved, v2.free) == (8 * GiB - 512 * MiB, 512 * MiB, 24 * GiB)
+    old = FakeNvml.scenario("driver_generation", driver="r470")
+    old.nvmlInit()
+    with pytest.raises(pynvml.NVMLError_FunctionNotFound):
+        old.nvmlDeviceGetMemoryInfo(old.nvmlDeviceGetHandleByIndex(0), version=pynvml.nvmlMemory_v2)
+    with pytest.raises(ValueError, match="unknown driver generation"):
+        FakeNvml([], driver="r999")

@@ -2,7 +2,9 @@
 
 - :func:`build_standin` compiles tests/nvml_standin/libnvidia-ml.c with the
   system C compiler (``cc``) into ``<dir>/<generation>/libnvidia-ml.so.1``,
-  leaving out the symbols that driver generation lacks (:data:`GENERATIONS`).
+  leaving out the symbols that driver generation lacks (:data:`GENERATIONS`);
+  :func:`build_libcuda` compiles the libcuda.so.1 stand-in, whose
+  allocations the NVML stand-in then reports.
 - :class:`Machine` writes the stand-in's behaviour file: GPUs, MIG devices,
   processes, failing and hanging calls. The stand-in rereads it at every
   call, so a test changes the machine between two reads.
@@ -66,6 +68,17 @@ def build_standin(out: Path, generation: str) -> Path:
                     "-o", str(target / "libnvidia-ml.so.1"), str(SOURCE)], check=True, capture_output=True,
                    timeout=120)
     return target
+
+
+def build_libcuda(out: Path) -> Path:
+    """Compile the libcuda.so.1 stand-in (tests/nvml_standin/libcuda.c) into ``out``; returns ``out``."""
+    cc = compiler()
+    assert cc is not None
+    out.mkdir(parents=True, exist_ok=True)
+    subprocess.run([cc, "-shared", "-fPIC", "-O1", "-Wall", "-Werror", "-Wl,-soname,libcuda.so.1", "-o",
+                    str(out / "libcuda.so.1"), str(HERE / "nvml_standin" / "libcuda.c")], check=True,
+                   capture_output=True, timeout=120)
+    return out
 
 
 def binding_dir(out: Path, version: str) -> Path | str:

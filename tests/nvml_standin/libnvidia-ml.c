@@ -31,7 +31,8 @@
  *   proc <dev> compute|graphics|mps <pid> <bytes>|na [live]
  *                                       a process on <dev>; entries of one pid add up;
  *                                       "na" is NVML_VALUE_NOT_AVAILABLE; "live" lists
- *                                       it only while /proc/<pid> exists
+ *                                       it only while /proc/<pid> exists, and takes its
+ *                                       bytes from the device's free memory
  *   fail <function> <dev>|* <code> [<from call>]
  *                                       <function> returns <code> for <dev>
  *   hang <function> <dev>|* <nth call> <fifo>
@@ -276,6 +277,24 @@ static const device_t *device_of(const handle_t *h) {
     return &cfg.mig[h->gpu][h->slot];
 }
 
+static int alive(unsigned int pid) {
+    char path[32];
+    snprintf(path, sizeof path, "/proc/%u", pid);
+    return access(path, F_OK) == 0;
+}
+
+/* Memory held by "live" processes (the libcuda stand-in's allocations) is no longer free. */
+static unsigned long long free_of(const handle_t *h, const device_t *d) {
+    char dev[16];
+    unsigned long long held = 0;
+    dev_name(h, dev, sizeof dev);
+    for (int i = 0; i < cfg.nprocs; i++)
+        if (cfg.procs[i].live && strcmp(cfg.procs[i].dev, dev) == 0 && cfg.procs[i].bytes != NA_BYTES
+                && alive(cfg.procs[i].pid))
+            held += cfg.procs[i].bytes;
+    return d->free > held ? d->free - held : 0;
+}
+
 #define ENTER(fn, h)                                    \
     do {                                                \
         nvmlReturn_t r_ = enter(fn, h);                 \
@@ -379,8 +398,8 @@ nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t device, nvmlMemory_t *memory) 
         return NVML_ERROR_INVALID_ARGUMENT;
     /* v1: used counts reserved memory in (R525 and later): used = total - free. */
     memory->total = d->total;
-    memory->free = d->free;
-    memory->used = d->total - d->free;
+    memory->free = free_of(device, d);
+    memory->used = d->total - memory->free;
     return NVML_SUCCESS;
 }
 
@@ -395,8 +414,8 @@ nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t device, nvmlMemory_v2_t *me
     /* v2: reserved memory is accounted separately from used. */
     memory->total = d->total;
     memory->reserved = d->reserved;
-    memory->free = d->free;
-    memory->used = d->total - d->free - d->reserved;
+    memory->free = free_of(device, d);
+    memory->used = d->total - memory->free - d->reserved;
     return NVML_SUCCESS;
 }
 #endif
@@ -441,12 +460,6 @@ nvmlReturn_t nvmlDeviceGetMigDeviceHandleByIndex(nvmlDevice_t device, unsigned i
 }
 
 /* -- process lists --------------------------------------------------------- */
-
-static int alive(unsigned int pid) {
-    char path[32];
-    snprintf(path, sizeof path, "/proc/%u", pid);
-    return access(path, F_OK) == 0;
-}
 
 /* The processes of one kind on a device, one entry per pid (entries of one pid add up). */
 static int collect(const handle_t *h, int kind, nvmlProcessInfo_v2_t *out) {

@@ -23,7 +23,7 @@ import pytest
 
 from memguard.sense.gpu import MIN_BINDING_VERSION, GpuProblem, new_problems
 
-from nvmlkit import GiB, MiB, Machine, Probe, binding_dir, build_standin, compiler, two_a100s, unknown
+from nvmlkit import GiB, Machine, Probe, binding_dir, build_standin, compiler, two_a100s, unknown
 
 pytest.importorskip("pynvml")
 

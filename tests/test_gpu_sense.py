@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from memguard.model import Unknown, is_known
+from memguard.act.effects import cuda_env
 from memguard.sense.gpu import (
     UNATTRIBUTED,
     GpuReading,
@@ -33,6 +34,7 @@ from memguard.sense.gpu import (
     attribute_all,
     host_pid_map,
     in_initial_pid_namespace,
+    new_problems,
     nspid_map,
     parse_nspid,
 )
@@ -360,10 +362,13 @@ def test_a_process_in_a_nested_namespace_shows_our_pid_first():
 
 
 def test_a_hung_call_times_out_without_a_second_stuck_call_and_recovers(started):
-    """A blocked NVML call: read() returns in timeout_s with 'timeout', makes no new call, then recovers."""
+    """A blocked NVML call: read() returns in timeout_s with 'timeout', makes no new call, then recovers.
+    Minutes later (virtual clock) the problem is still the same one: only elapsed_s changes."""
     fake = FakeNvml.scenario("hang")
     timeout_s = 0.3
     sensor = started(fake, timeout_s)
+    virtual = [1000.0]
+    sensor.clock = lambda: virtual[0]
     t0 = time.monotonic()
     reading = sensor.read()
     took = time.monotonic() - t0
@@ -374,10 +379,14 @@ def test_a_hung_call_times_out_without_a_second_stuck_call_and_recovers(started)
     assert isinstance(dev.used_bytes, Unknown)
     assert [(p.device, p.kind) for p in reading.problems] == [(None, "timeout")]
     calls = fake.count("nvmlDeviceGetMemoryInfo")
+    virtual[0] += 125.0
     t0 = time.monotonic()
     again = sensor.read()
     assert time.monotonic() - t0 < timeout_s  # answers at once while the call is stuck
-    assert again.problems[0].kind == "timeout" and "has not returned" in again.problems[0].message
+    # The same problem, not a new one per tick: the message carries no elapsed time (elapsed_s does).
+    assert again.problems == reading.problems and again.problems[0].key == reading.problems[0].key
+    assert again.problems[0].elapsed_s == reading.problems[0].elapsed_s + 125.0
+    assert new_problems(again.problems, reading.problems) == ()
     assert fake.count("nvmlDeviceGetMemoryInfo") == calls  # no second call queued behind the stuck one
     fake.release()
     assert sensor.wait_idle(DEADLINE_S)
@@ -521,3 +530,97 @@ def test_close_is_idempotent_and_reads_after_close_are_empty():
     sensor.close()
     assert fake.initialised == 0 and fake.count("nvmlShutdown") == 1
     assert sensor.read() == GpuReading()
+
+
+# ---------------------------------------------------------------------------
+# CUDA_VISIBLE_DEVICES by UUID
+
+
+def test_cuda_env_names_devices_by_uuid_in_nvml_order(started):
+    """Indexes become the UUIDs NVML gave, in the configured order, with CUDA_DEVICE_ORDER=PCI_BUS_ID;
+    UUIDs pass through; no gpus, no variables."""
+    devices = started(FakeNvml.scenario("two_devices")).read().devices
+    u0, u1 = devices[0].uuid, devices[1].uuid
+    assert cuda_env(["1", "0"], devices) == {"CUDA_VISIBLE_DEVICES": f"{u1},{u0}", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+    assert cuda_env(["GPU-abc", "0"], devices)["CUDA_VISIBLE_DEVICES"] == f"GPU-abc,{u0}"
+    assert cuda_env([], devices) == {}
+
+
+def test_cuda_env_maps_a_mig_index_to_its_mig_uuid(started):
+    """"0:1" (MIG device 1 of GPU 0) becomes that MIG device's UUID; the parent's index alone cannot be mapped
+    (MIG replaces it in the reading), so the entries stay as written."""
+    devices = started(FakeNvml.scenario("mig")).read().devices
+    env = cuda_env(["0:1"], devices)
+    assert env["CUDA_VISIBLE_DEVICES"] == devices[1].uuid and env["CUDA_VISIBLE_DEVICES"].startswith("MIG-")
+    assert cuda_env(["0"], devices)["CUDA_VISIBLE_DEVICES"] == "0"
+
+
+def test_cuda_env_without_a_reading_keeps_indexes_with_pci_bus_order(started):
+    """Sensing off (no devices) or an index NVML does not list: every entry as written, and PCI_BUS_ID order
+    so CUDA's index N is NVML's index N."""
+    assert cuda_env([0, "1"], ()) == {"CUDA_VISIBLE_DEVICES": "0,1", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+    devices = started(FakeNvml.scenario("two_devices")).read().devices
+    assert cuda_env(["0", "5"], devices)["CUDA_VISIBLE_DEVICES"] == "0,5"
+    # GPU 1 lost before memguard ever read its UUID:
+    fresh = FakeNvml.scenario("two_devices")
+    fresh.lose(1)
+    s = GpuSensor(fresh, tegra_release_path=NO_TEGRA)
+    devices = s.start().devices
+    assert isinstance(devices[1].uuid, Unknown)
+    assert cuda_env(["1"], devices)["CUDA_VISIBLE_DEVICES"] == "1"
+    s.close()
+
+
+# ---------------------------------------------------------------------------
+# Driver generations in the Python fake (the C stand-in covers them over the real pynvml)
+
+
+@pytest.mark.parametrize("driver, expected, problem", [
+    ("r535", {1001: 6 * GiB, 1003: 1 * GiB}, None),
+    ("r495", {1001: 6 * GiB, 1003: 1 * GiB}, None),
+    ("r470", {1001: 6 * GiB}, None),  # no MPS _v2: the MPS list is absent, not an error
+    ("r440", None, "before R450"),
+])
+def test_each_driver_generation_through_the_current_binding(started, driver, expected, problem):
+    """What memguard reads per driver generation with nvidia-ml-py >= 12.550.52: per-process memory where the
+    driver has a versioned list, otherwise Unknown with one 'mismatch' problem naming the generation."""
+    reading = started(FakeNvml.scenario("driver_generation", driver=driver)).read()
+    [dev] = reading.devices
+    assert dev.used_bytes == 8 * GiB  # total - free: the reserved 512 MiB counts as used
+    if expected is None:
+        assert isinstance(dev.processes, Unknown)
+        [p] = reading.problems
+        assert p.kind == "mismatch" and problem in p.message
+    else:
+        assert reading.problems == ()
+        assert {k: v for k, v in dev.processes.items() if is_known(v)} == expected
+        assert isinstance(dev.processes[1002], Unknown)
+
+
+def test_an_old_binding_on_an_old_driver_asks_for_the_floor(started):
+    """nvidia-ml-py before 12.550.52 on a driver without _v3: per-process memory Unknown, and the problem
+    names the nvidia-ml-py version to install."""
+    from memguard.sense.gpu import MIN_BINDING_VERSION
+
+    reading = started(FakeNvml.scenario("driver_generation", driver="r470", binding="12.535")).read()
+    [p] = reading.problems
+    assert p.kind == "mismatch" and f"nvidia-ml-py >= {MIN_BINDING_VERSION}" in p.message
+    ok = started(FakeNvml.scenario("driver_generation", driver="r535", binding="12.535")).read()
+    assert ok.problems == ()
+
+
+def test_the_fake_models_memory_info_v1_and_v2():
+    """v1 used includes reserved memory; v2 keeps it apart; drivers before R510 have no v2 call."""
+    fake = FakeNvml.scenario("driver_generation", driver="r535")
+    fake.nvmlInit()
+    h = fake.nvmlDeviceGetHandleByIndex(0)
+    v1 = fake.nvmlDeviceGetMemoryInfo(h)
+    v2 = fake.nvmlDeviceGetMemoryInfo(h, version=pynvml.nvmlMemory_v2)
+    assert (v1.used, v1.free) == (8 * GiB, 24 * GiB)
+    assert (v2.used, v2.reserved, v2.free) == (8 * GiB - 512 * MiB, 512 * MiB, 24 * GiB)
+    old = FakeNvml.scenario("driver_generation", driver="r470")
+    old.nvmlInit()
+    with pytest.raises(pynvml.NVMLError_FunctionNotFound):
+        old.nvmlDeviceGetMemoryInfo(old.nvmlDeviceGetHandleByIndex(0), version=pynvml.nvmlMemory_v2)
+    with pytest.raises(ValueError, match="unknown driver generation"):
+        FakeNvml([], driver="r999")

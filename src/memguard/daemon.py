@@ -156,6 +156,8 @@ class Daemon:
                                                       "this tick uses the last one", level="error")
                 sampling = None
             now = self.clock.now()
+            if sample is not None:
+                self.reporter.gpu_problems(sample.gpu_problems)
             obs = self.observer.full(sample, events, now) if sample is not None else self.observer.fast(events, now)
             full = obs.full
             before = self.state

@@ -65,6 +65,14 @@ _GPU_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
         ("tensorflow", r"\bOOM when allocating tensor\b(?!.*device:CPU)"),
         # Apple's backend, for completeness: "MPS backend out of memory"
         ("mps", r"\bMPS backend out of memory\b"),
+        # NVIDIA Jetson (unified memory): NvMap refusing an allocation with ENOMEM (12), as the CUDA driver logs
+        # it: "NvMapMemAllocInternalTagged: 1075072515 error 12", "NvMapMemHandleAlloc: error 12".
+        ("jetson", r"\bNvMapMemAllocInternalTagged: \d+ error 12\b"),
+        ("jetson", r"\bNvMapMemHandleAlloc: error 12\b"),
+        # PyTorch on Jetson: a failed cudaMalloc leads its out-of-memory report to NVML, whose memory queries are
+        # Not Supported there, and an assertion fires in place of OutOfMemoryError:
+        # 'RuntimeError: NVML_SUCCESS == r INTERNAL ASSERT FAILED at "../c10/cuda/CUDACachingAllocator.cpp":995'
+        ("pytorch", r"\bNVML_SUCCESS == r INTERNAL ASSERT FAILED at \"[^\"]*CUDACachingAllocator\.cpp\""),
     )
 )
 

@@ -187,6 +187,7 @@ class GpuDeviceReading:
     used_bytes: Reading
     free_bytes: Reading
     name: str = ""
+    uuid: str = ""  # "GPU-..." / "MIG-..."; "" when NVML gave none
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
-from typing import Any, Awaitable, Callable, Iterable, Mapping, Protocol
+from typing import Any, Awaitable, Callable, Iterable, Mapping, Protocol, Sequence
 
 from ..model import (SIGKILL, Action, Exited, LiveSnapshot, LiveWorker, NotDone, Notice, Observation, Reclaim,
                      SetAdmission, Signal, SignalProcess, Spawn)
@@ -43,7 +43,7 @@ from .children import ChildSupervisor, SpawnError
 from .control import ControlError, ControlServer, pid_in_tree
 from .process import Outcome, signal_process
 
-__all__ = ["Effects", "Inbox", "StartError", "worker_environment", "DROP_FROM_WORKER_ENV"]
+__all__ = ["Effects", "Inbox", "StartError", "worker_environment", "cuda_env", "DROP_FROM_WORKER_ENV"]
 
 # Variables that belong to memguard's own service, never to its workers:
 # a library in a worker must not be able to send READY=1 or watchdog pings
@@ -70,7 +70,7 @@ class Inbox(Protocol):
 
 
 def worker_environment(base: Mapping[str, str], wl: WorkloadPolicy, worker: str, replica: int,
-                       incarnation: int, admission_file: str) -> dict[str, str]:
+                       incarnation: int, admission_file: str, gpus: Iterable[Any] = ()) -> dict[str, str]:
     env = {k: v for k, v in base.items() if k not in DROP_FROM_WORKER_ENV}
     env.update(dict(wl.environment))
     env.update({
@@ -84,9 +84,43 @@ def worker_environment(base: Mapping[str, str], wl: WorkloadPolicy, worker: str,
         env["MEMGUARD_MEMORY_LIMIT"] = str(wl.limits.memory_bytes)
     if wl.limits.gpu_memory_bytes:
         env["MEMGUARD_GPU_MEMORY_LIMIT"] = str(wl.limits.gpu_memory_bytes)
-    if wl.gpus:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(wl.gpus)
+    env.update(cuda_env(wl.gpus, gpus))
     return env
+
+
+def cuda_env(gpus: Sequence[str], devices: Iterable[Any]) -> dict[str, str]:
+    """The environment that shows a worker the GPUs of its ``gpus:`` and no others.
+
+    ``gpus`` are the workload's entries as configured: NVML indexes
+    (``"0"``), MIG device indexes (``"0:1"``) or UUIDs (``"GPU-..."``,
+    ``"MIG-..."``). ``devices`` are those of the last reading (anything with ``index`` and
+    ``uuid``: :class:`~memguard.model.GpuDeviceReading`, or the sensor's own devices). Each index is replaced by the UUID NVML
+    gave for it, so ``CUDA_VISIBLE_DEVICES`` names exactly the devices
+    memguard watches, whatever order CUDA enumerates them in; UUIDs pass
+    through. ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` is set too, so a worker that
+    enumerates devices itself sees them in NVML's order.
+
+    When some index has no known UUID (sensing off, the GPU lost, a GPU in
+    MIG mode named by its parent index), the entries are passed as written:
+    with ``PCI_BUS_ID`` order CUDA's index N is NVML's index N on the same
+    machine. Mixing UUIDs with indexes is left to CUDA only when the
+    configuration itself mixes them. No ``gpus`` gives an empty mapping:
+    the worker inherits the environment as it is.
+    """
+    wanted = [str(g).strip() for g in gpus]
+    if not wanted:
+        return {}
+    by_index = {d.index: d.uuid for d in devices if isinstance(d.uuid, str) and d.uuid}
+    mapped: list[str] = []
+    for g in wanted:
+        if g.startswith(("GPU-", "MIG-")):
+            mapped.append(g)
+        elif g in by_index:
+            mapped.append(by_index[g])  # type: ignore[arg-type]
+        else:
+            mapped = wanted  # some index has no UUID: keep every entry as written
+            break
+    return {"CUDA_VISIBLE_DEVICES": ",".join(mapped), "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
 
 
 def _write_atomic(path: str, text: str) -> None:
@@ -139,6 +173,7 @@ class Effects(LoopOwned):
         self.cgroups: WorkerCgroups | None = None
         self.control: ControlServer | None = None
         self._gates: dict[str, bool] = {}  # what each gate file says now (True: open)
+        self._gpus: tuple = ()  # the last GPU reading's devices (index -> UUID for CUDA_VISIBLE_DEVICES)
 
     # ------------------------------------------------------------------ life
 
@@ -243,6 +278,8 @@ class Effects(LoopOwned):
             for name, sample in obs.workers.items():
                 if sample.members and name in live and live[name][0] == sample.pid:
                     self.children.add_members(name, sample.members[1:])
+        if obs is not None and obs.gpus:
+            self._gpus = obs.gpus
         for action in actions:
             if isinstance(action, Spawn):
                 self._spawn(action, policy, notes)
@@ -272,7 +309,7 @@ class Effects(LoopOwned):
         replica = int(action.worker.rsplit("-", 1)[1]) if "-" in action.worker else 0
         gate = self.admission_file(action.worker)
         self._gate(action.worker, True, "started", notes)
-        env = worker_environment(self.base_env, wl, action.worker, replica, action.incarnation, gate)
+        env = worker_environment(self.base_env, wl, action.worker, replica, action.incarnation, gate, self._gpus)
         if self.control is not None:
             env.update(self.control.worker_env(action.worker, action.incarnation))
         procs = None

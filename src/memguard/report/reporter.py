@@ -99,10 +99,10 @@ class Reporter(LoopOwned):
                 names = ", ".join(f"{d.index}: {d.name} "
                                   f"{format_size(d.total_bytes) if is_known(d.total_bytes) else '?'}"
                                   for d in gpu.devices)
-                self.event("info", "gpu", devices=len(gpu.devices), message=f"GPU sensing on: {names}")
+                self.event("info", "gpu", devices=len(gpu.devices), jetson=gpu.jetson,
+                           message=f"GPU sensing on: {names}" + (f"; {gpu.reason}" if gpu.reason else ""))
             else:
-                self.event("info", "gpu", jetson=gpu.jetson, message=f"GPU sensing off: {gpu.reason}" + (
-                    " GPU memory is system RAM here: the RAM rules cover it." if gpu.jetson else ""))
+                self.event("info", "gpu", jetson=gpu.jetson, message=f"GPU sensing off: {gpu.reason}")
 
     @on_owner_thread
     def note(self, event: str, message: str, level: str = "info", **fields: Any) -> None:

@@ -17,7 +17,24 @@ once. Everything after that is a value: :meth:`GpuSensor.read` never
 raises. A device that fell off the bus, a driver/library mismatch or a
 call that does not return in time makes that device's figures
 :class:`~memguard.model.Unknown` for that tick and adds a
-:class:`GpuProblem` to the reading, so the daemon can report it.
+:class:`GpuProblem` to the reading, so the daemon can report it. A
+problem's :attr:`~GpuProblem.key` stays the same from tick to tick while
+the cause lasts (no elapsed time in it), so "report each problem once"
+is a comparison of keys (:func:`new_problems`).
+
+Driver generations
+------------------
+The unversioned process-list wrappers of nvidia-ml-py call the ``_v3``
+symbols, which drivers before R510 do not export; the binding then raises
+``NVMLLibraryMismatchError`` (nvidia-ml-py >= 12.550.52) or
+``NVMLError_FunctionNotFound`` (older). The sensor then uses the ``_v2``
+wrappers (R450 and later) and remembers that choice. A list the driver
+lacks in every version (the MPS list before R495, graphics or MPS lists
+on some devices) is simply absent; only a compute list that cannot be read
+at all makes per-process memory unknown, with a ``mismatch`` problem that
+names the driver generation. Error 999 ("Unknown Error") on a device
+handle is how a GPU that fell off the bus usually shows up: it is
+reported as ``lost``, like ``NVML_ERROR_GPU_IS_LOST``.
 
 Never blocking the tick
 -----------------------
@@ -28,19 +45,22 @@ reading is all-unknown with a ``"timeout"`` problem, and later reads
 return at once with the same verdict, without queueing a second call
 behind the stuck one, until the stuck call returns; the next read after
 that starts afresh. :meth:`GpuSensor.read_async` is the same for asyncio
-callers and does not block the event loop at all.
+callers and does not block the event loop at all. The same machinery
+(:class:`ThreadedSensor`) serves the Jetson sensor
+(:mod:`memguard.sense.jetson`).
 
 Figures
 -------
 ``total``/``free`` come from ``nvmlDeviceGetMemoryInfo`` (the v1 struct);
 ``used`` is ``total - free``, which holds whichever way a driver accounts
-reserved memory. Per-process memory is the union of the compute,
-graphics and MPS process lists: a pid listed in more than one takes the
-largest figure (the same memory shows up in each list, so summing would
-count it twice); ``usedGpuMemory`` of ``None`` (NVML_VALUE_NOT_AVAILABLE)
-is Unknown for that pid. With MIG enabled, each MIG device is listed as a
-device of its own (index ``"0:1"`` for MIG device 1 of GPU 0) in place of
-its parent, with its own memory and processes.
+reserved memory (v1's ``used`` includes it from R525 on, v2 keeps it
+apart). Per-process memory is the union of the compute, graphics and MPS
+process lists: a pid listed in more than one takes the largest figure
+(the same memory shows up in each list, so summing would count it twice);
+``usedGpuMemory`` of ``None`` (NVML_VALUE_NOT_AVAILABLE) is Unknown for
+that pid. With MIG enabled, each MIG device is listed as a device of its
+own (index ``"0:1"`` for MIG device 1 of GPU 0) in place of its parent,
+with its own memory and processes.
 
 Attribution
 -----------
@@ -48,6 +68,13 @@ Attribution
 tree holds the pid. NVML reports host PIDs, also inside containers. In the
 host's PID namespace those are the PIDs ``/proc`` shows and the map is the
 identity; :func:`host_pid_map` says which case applies.
+
+Choosing devices for a worker
+-----------------------------
+:func:`cuda_env` turns a workload's ``gpus:`` (NVML indexes, MIG indexes,
+UUIDs) into ``CUDA_VISIBLE_DEVICES`` by UUID, with
+``CUDA_DEVICE_ORDER=PCI_BUS_ID``, so CUDA's device 0 is the GPU memguard
+calls ``gpu[0]``.
 """
 
 from __future__ import annotations
@@ -67,6 +94,7 @@ from memguard.model import Reading, Unknown, is_known
 __all__ = [
     "DEFAULT_TIMEOUT_S",
     "DEFAULT_START_TIMEOUT_S",
+    "MIN_BINDING_VERSION",
     "TEGRA_RELEASE_PATH",
     "UNATTRIBUTED",
     "NvmlBinding",
@@ -76,12 +104,14 @@ __all__ = [
     "GpuStart",
     "WorkerGpu",
     "GpuAttribution",
+    "ThreadedSensor",
     "GpuSensor",
     "NO_GPU",
     "attribute",
     "attribute_all",
     "host_pid_map",
     "in_initial_pid_namespace",
+    "new_problems",
     "nspid_map",
     "parse_nspid",
 ]
@@ -95,6 +125,12 @@ tick or two of GPU figures, never the RAM rules."""
 DEFAULT_START_TIMEOUT_S = 30.0
 """How long start-up may take. Without persistence mode the driver sets each
 GPU up when NVML first opens it, which can take seconds per GPU."""
+
+MIN_BINDING_VERSION = "12.550.52"
+"""The oldest nvidia-ml-py memguard supports: the first with the ``_v2``
+process-list wrappers that drivers before R510 need, and with
+``NVMLLibraryMismatchError``. With an older one, per-process memory on such
+a driver is unknown, and the problem says to upgrade."""
 
 TEGRA_RELEASE_PATH = "/etc/nv_tegra_release"
 """Present on NVIDIA Jetson (L4T) systems."""
@@ -114,6 +150,7 @@ _FUNCTION_NOT_FOUND = 13
 _GPU_IS_LOST = 15
 _RESET_REQUIRED = 16
 _LIB_RM_VERSION_MISMATCH = 18
+_UNKNOWN = 999
 _MIG_ENABLE = 1
 
 _PROC_INIT_PID_NS_INO = 0xEFFFFFFC  # PROC_PID_INIT_INO: the inode of the initial PID namespace
@@ -161,19 +198,43 @@ class NvmlBinding(Protocol):
 
 @dataclass(frozen=True)
 class GpuProblem:
-    """Something went wrong with NVML this tick.
+    """Something went wrong reading the GPU this tick.
 
     ``device`` is the device index (``"1"``, ``"0:2"``), or None when it
     concerns every device (a timeout). ``kind`` is one of ``"lost"`` (the
     GPU fell off the bus or needs a reset), ``"mismatch"`` (driver and
-    library versions differ, e.g. a driver upgraded without a reboot),
-    ``"timeout"`` (NVML did not answer in time) or ``"error"`` (anything
-    else).
+    library versions differ, e.g. a driver upgraded without a reboot, or
+    the driver lacks a function memguard needs), ``"timeout"`` (NVML did
+    not answer in time) or ``"error"`` (anything else). ``message`` is
+    stable while the cause lasts; ``elapsed_s`` (how long a stuck call has
+    been stuck) changes every tick and is left out of comparisons.
     """
 
     device: str | None
     kind: str
     message: str
+    elapsed_s: float | None = field(default=None, compare=False)
+
+    @property
+    def key(self) -> tuple[str | None, str, str]:
+        """What identifies the problem from one tick to the next: (device, kind, message)."""
+        return (self.device, self.kind, self.message)
+
+
+def new_problems(current: Iterable[GpuProblem], previous: Iterable[GpuProblem]) -> tuple[GpuProblem, ...]:
+    """The problems of ``current`` whose :attr:`~GpuProblem.key` is not among ``previous``'s.
+
+    Log these each tick, with ``previous`` the last tick's problems: one
+    line when a problem starts, none while it lasts, one again if it comes
+    back after a tick without it.
+    """
+    seen = {p.key for p in previous}
+    out: list[GpuProblem] = []
+    for p in current:
+        if p.key not in seen:
+            seen.add(p.key)
+            out.append(p)
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -232,10 +293,11 @@ NO_GPU = GpuReading()
 class GpuStart:
     """The start-up decision: does GPU sensing run, and if not, why.
 
-    ``reason`` is one sentence, empty when enabled. ``devices`` is the
-    first reading's devices when enabled. ``jetson`` is True when the
-    machine was recognised as a unified-memory Jetson, where GPU
-    allocations come out of system RAM and the RAM rules cover them.
+    ``reason`` is one sentence, empty when enabled (the Jetson sensor puts
+    a note on what it can read there). ``devices`` is the first reading's
+    devices when enabled. ``jetson`` is True when the machine was
+    recognised as a unified-memory Jetson, where GPU allocations come out
+    of system RAM.
     """
 
     enabled: bool
@@ -308,6 +370,30 @@ def _classify(binding: Any, exc: BaseException) -> str:
     return "error"
 
 
+def _handle_failed(binding: Any, index: str, exc: BaseException) -> _DeviceFailed:
+    """A failure to get a device handle. Unknown Error (999) there means a GPU gone from the bus."""
+    if _code(exc) == _UNKNOWN:
+        return _DeviceFailed("lost", f"GPU {index}: NVML answers Unknown Error for the device handle, which is "
+                                     "how a GPU that fell off the bus usually shows (the kernel log says "
+                                     "'NVRM: Xid 79'); it needs a reset or a reboot")
+    return _DeviceFailed(_classify(binding, exc), f"GPU {index}: {_text(exc)}")
+
+
+def _missing_symbol(binding: Any, exc: BaseException) -> bool:
+    """True when ``exc`` says the driver lacks the symbol the binding called."""
+    mismatch = getattr(binding, "NVMLLibraryMismatchError", None)
+    return (isinstance(mismatch, type) and isinstance(exc, mismatch)) or _code(exc) == _FUNCTION_NOT_FOUND
+
+
+def _binding_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("nvidia-ml-py")
+    except Exception:
+        return "installed"
+
+
 class _DeviceFailed(Exception):
     """Internal: a call on a device failed; carries the problem."""
 
@@ -329,7 +415,7 @@ def _unknown_device(index: str, identity: tuple[Union[str, Unknown], Union[str, 
 
 
 class _CallThread:
-    """One daemon thread that runs NVML calls one at a time.
+    """One daemon thread that runs calls one at a time.
 
     A daemon thread, so a call stuck forever in the driver cannot keep the
     process from exiting (a ThreadPoolExecutor's threads are joined at exit).
@@ -363,39 +449,55 @@ class _CallThread:
 
 
 # ---------------------------------------------------------------------------
-# The sensor
+# Sensors: a start-up decision and deadline-bounded reads in one thread
 
 
-class GpuSensor:
-    """Reads NVML devices and per-process GPU memory, one dedicated thread, deadlines.
+class ThreadedSensor:
+    """A GPU sensor whose calls run in one dedicated thread, each bounded by a deadline.
 
-    ``binding`` is an :class:`NvmlBinding`; None imports ``module`` (the
-    ``pynvml`` module of nvidia-ml-py) when :meth:`start` runs.
-    ``timeout_s`` bounds each :meth:`read`; ``start_timeout_s`` bounds
-    :meth:`start`. ``tegra_release_path`` is the file whose presence marks
-    a Jetson. Call :meth:`start` once, then :meth:`read` (or
-    :meth:`read_async`) each tick, and :meth:`close` at the end.
+    Subclasses provide :meth:`_start_in_thread` (the start-up decision and
+    first reading), :meth:`_read_in_thread` (one reading) and
+    :meth:`_shutdown_in_thread`; this class provides the interface the
+    daemon uses: :meth:`start`, :meth:`read`, :meth:`read_async`,
+    :meth:`close`, :attr:`enabled`. ``source`` names what is read in the
+    messages ("NVML", "NvMap"). ``clock`` (monotonic seconds) only measures
+    how long a stuck call has been stuck (:attr:`GpuProblem.elapsed_s`).
     """
 
-    def __init__(self, binding: NvmlBinding | None = None, timeout_s: float = DEFAULT_TIMEOUT_S, *,
-                 start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
-                 tegra_release_path: str = TEGRA_RELEASE_PATH, module: str = "pynvml") -> None:
-        self._binding: Any = binding
+    source = "the GPU sensor"
+
+    def __init__(self, timeout_s: float = DEFAULT_TIMEOUT_S, start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
+                 thread_name: str = "memguard-gpu", clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
         self.timeout_s = float(timeout_s)
         self.start_timeout_s = float(start_timeout_s)
-        self.tegra_release_path = tegra_release_path
-        self.module = module
+        self._thread_name = thread_name
         self._thread: _CallThread | None = None
         self._lock = threading.Lock()
         self._pending: concurrent.futures.Future | None = None
         self._pending_since = 0.0
         self._started: GpuStart | None = None
-        self._initialised = False
+        self._abandoned = False
         self._identity: dict[str, tuple[Union[str, Unknown], Union[str, Unknown]]] = {}
         self._indices: tuple[tuple[str, bool], ...] = ()  # (index, mig) of each device of the last sweep
-        self._proc_fn_names: dict[str, str] = {}  # list kind -> the function that works (v2 fallback)
-        self._count = 0
-        self._abandoned = False
+
+    # -- to provide ---------------------------------------------------------
+
+    def _prepare(self) -> GpuStart | None:
+        """A decision taken before any thread starts (e.g. no binding), or None to go on."""
+        return None
+
+    def _start_in_thread(self) -> GpuStart:
+        raise NotImplementedError
+
+    def _read_in_thread(self) -> GpuReading:
+        raise NotImplementedError
+
+    def _shutdown_in_thread(self) -> None:
+        pass
+
+    def _classify(self, exc: BaseException) -> str:
+        return "error"
 
     # -- start-up ---------------------------------------------------------
 
@@ -412,87 +514,25 @@ class GpuSensor:
         """Decide whether GPU sensing runs; never raises. Idempotent."""
         if self._started is not None:
             return self._started
-        if self._binding is None:
-            try:
-                import importlib
-
-                self._binding = importlib.import_module(self.module)
-            except ImportError as e:
-                why = (f"the NVML Python binding is not installed (no module {self.module!r}; "
-                       f"install the nvidia-ml-py package): {e}")
-                return self._decide(self._off_reason(why))
-        self._thread = _CallThread("memguard-nvml")
+        early = self._prepare()
+        if early is not None:
+            self._started = early
+            return early
+        self._thread = _CallThread(self._thread_name)
         fut = self._thread.submit(self._start_in_thread)
         try:
             started = fut.result(timeout=self.start_timeout_s)
         except concurrent.futures.TimeoutError:
-            self._abandoned = True  # if start-up finishes after all, it shuts NVML down again
-            self._pending, self._pending_since = fut, time.monotonic()
-            started = GpuStart(False, f"NVML did not answer within {self.start_timeout_s:g} s at start-up "
-                                      "(nvmlInit or the first device sweep hung); GPU sensing is off")
-        except Exception as e:  # a binding that is broken beyond NVMLError
-            started = GpuStart(False, f"NVML start-up failed: {_text(e)}")
+            self._abandoned = True  # if start-up finishes after all, it shuts down again
+            self._pending, self._pending_since = fut, self.clock()
+            started = GpuStart(False, f"{self.source} did not answer within {self.start_timeout_s:g} s at "
+                                      "start-up (the first device sweep hung); GPU sensing is off")
+        except Exception as e:  # a binding that is broken beyond its own errors
+            started = GpuStart(False, f"{self.source} start-up failed: {_text(e)}")
         if not started.enabled:
             self._stop_thread()
-        return self._decide(started)
-
-    def _decide(self, started: GpuStart) -> GpuStart:
         self._started = started
         return started
-
-    def _is_jetson(self) -> bool:
-        return bool(self.tegra_release_path) and os.path.exists(self.tegra_release_path)
-
-    def _off_reason(self, why: str) -> GpuStart:
-        if self._is_jetson():
-            return GpuStart(False, _jetson_reason(f"NVML is not usable here ({why})"), jetson=True)
-        return GpuStart(False, why)
-
-    def _start_in_thread(self) -> GpuStart:
-        b = self._binding
-        try:
-            b.nvmlInit()
-        except Exception as e:
-            code = _code(e)
-            if code == _LIBRARY_NOT_FOUND:
-                why = "the NVML library (libnvidia-ml.so.1) was not found: no NVIDIA driver is installed"
-            elif code == _DRIVER_NOT_LOADED:
-                why = "the NVIDIA driver is not loaded (NVML: Driver Not Loaded)"
-            elif code == _LIB_RM_VERSION_MISMATCH or _classify(b, e) == "mismatch":
-                why = ("the NVML library and the loaded NVIDIA kernel driver are different versions "
-                       "(a driver upgraded without a reboot?)")
-            elif code == _NO_PERMISSION:
-                why = "no permission to use NVML (the NVIDIA device files are not accessible)"
-            else:
-                why = f"NVML failed to initialise: {_text(e)}"
-            return self._off_reason(why)
-        self._initialised = True
-        try:
-            count = int(b.nvmlDeviceGetCount())
-        except Exception as e:
-            self._shutdown_in_thread()
-            return self._off_reason(f"NVML could not count the GPUs: {_text(e)}")
-        if count == 0:
-            self._shutdown_in_thread()
-            return self._off_reason("NVML found no NVIDIA GPU")
-        reading, memory_unsupported = self._sweep(count)
-        if memory_unsupported == count:
-            self._shutdown_in_thread()
-            return GpuStart(False, _jetson_reason("NVML reports no memory figures for any GPU here "
-                                                  "(nvmlDeviceGetMemoryInfo: Not Supported)"), jetson=True)
-        if self._abandoned:
-            self._shutdown_in_thread()
-            return GpuStart(False, "start-up finished after its deadline; GPU sensing stays off")
-        self._count = count
-        return GpuStart(True, "", reading.devices, jetson=False)
-
-    def _shutdown_in_thread(self) -> None:
-        if self._initialised:
-            self._initialised = False
-            try:
-                self._binding.nvmlShutdown()
-            except Exception:
-                pass
 
     # -- reading ----------------------------------------------------------
 
@@ -512,7 +552,7 @@ class GpuSensor:
             return self._failed(e)
 
     async def read_async(self) -> GpuReading:
-        """:meth:`read` for asyncio: the loop keeps running while NVML answers."""
+        """:meth:`read` for asyncio: the loop keeps running while the call is under way."""
         fut = self._submit()
         if isinstance(fut, GpuReading):
             return fut
@@ -526,12 +566,12 @@ class GpuSensor:
             return self._failed(e)
 
     def busy(self) -> bool:
-        """True while a call from an earlier read (or start) is still inside NVML."""
+        """True while a call from an earlier read (or start) is still under way."""
         with self._lock:
             return self._pending is not None and not self._pending.done()
 
     def wait_idle(self, timeout: float | None = None) -> bool:
-        """Wait until no NVML call is running; True if idle within ``timeout`` seconds."""
+        """Wait until no call is running; True if idle within ``timeout`` seconds."""
         with self._lock:
             fut = self._pending
         if fut is None:
@@ -545,7 +585,7 @@ class GpuSensor:
         return True
 
     def close(self) -> None:
-        """Shut NVML down (unless a call is stuck in it) and end the thread. Idempotent."""
+        """Shut down (unless a call is stuck) and end the thread. Idempotent."""
         if self._thread is None:
             return
         if not self.busy():
@@ -567,25 +607,129 @@ class GpuSensor:
         with self._lock:
             pending = self._pending
             if pending is not None and not pending.done():
-                return self._timed_out(still=True)
+                return self._timed_out()
             fut = self._thread.submit(self._read_in_thread)
-            self._pending, self._pending_since = fut, time.monotonic()
+            self._pending, self._pending_since = fut, self.clock()
             return fut
 
-    def _timed_out(self, still: bool = False) -> GpuReading:
-        waited = time.monotonic() - self._pending_since
-        if still:
-            msg = (f"an NVML call has not returned for {waited:.1f} s; no new call is made until it does")
-        else:
-            msg = f"NVML did not answer within {self.timeout_s:g} s"
-        return GpuReading(self._all_unknown(msg), (GpuProblem(None, "timeout", msg),))
+    def _timed_out(self) -> GpuReading:
+        # The same message on every tick while the call stays stuck: one problem, not one per tick.
+        msg = (f"{self.source} did not answer within {self.timeout_s:g} s; no new call is made until the "
+               "stuck one returns")
+        waited = round(self.clock() - self._pending_since, 1)
+        return GpuReading(self._all_unknown(msg), (GpuProblem(None, "timeout", msg, elapsed_s=waited),))
 
     def _failed(self, e: BaseException) -> GpuReading:
-        msg = f"NVML read failed: {_text(e)}"
-        return GpuReading(self._all_unknown(msg), (GpuProblem(None, _classify(self._binding, e), msg),))
+        msg = f"{self.source} read failed: {_text(e)}"
+        return GpuReading(self._all_unknown(msg), (GpuProblem(None, self._classify(e), msg),))
 
     def _all_unknown(self, why: str) -> tuple[GpuDevice, ...]:
         return tuple(_unknown_device(i, self._identity.get(i), why, mig) for i, mig in self._indices)
+
+
+class GpuSensor(ThreadedSensor):
+    """Reads NVML devices and per-process GPU memory, one dedicated thread, deadlines.
+
+    ``binding`` is an :class:`NvmlBinding`; None imports ``module`` (the
+    ``pynvml`` module of nvidia-ml-py) when :meth:`start` runs.
+    ``timeout_s`` bounds each :meth:`read`; ``start_timeout_s`` bounds
+    :meth:`start`. ``tegra_release_path`` is the file whose presence marks
+    a Jetson. ``clock`` is as for :class:`ThreadedSensor`. Call
+    :meth:`start` once, then :meth:`read` (or :meth:`read_async`) each
+    tick, and :meth:`close` at the end.
+    """
+
+    source = "NVML"
+
+    def __init__(self, binding: NvmlBinding | None = None, timeout_s: float = DEFAULT_TIMEOUT_S, *,
+                 start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
+                 tegra_release_path: str = TEGRA_RELEASE_PATH, module: str = "pynvml",
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(timeout_s, start_timeout_s, "memguard-nvml", clock)
+        self._binding: Any = binding
+        self.tegra_release_path = tegra_release_path
+        self.module = module
+        self._initialised = False
+        # list kind -> the function that works ("..._v2" after a mismatch), or None: the driver has no such list
+        self._proc_fn_names: dict[str, str | None] = {}
+        self._no_compute_list: str | None = None  # why the compute list cannot be read on this driver
+        self._count = 0
+
+    # -- start-up ---------------------------------------------------------
+
+    def _prepare(self) -> GpuStart | None:
+        if self._binding is not None:
+            return None
+        try:
+            import importlib
+
+            self._binding = importlib.import_module(self.module)
+        except ImportError as e:
+            why = (f"the NVML Python binding is not installed (no module {self.module!r}; "
+                   f"install the nvidia-ml-py package): {e}")
+            return self._off_reason(why)
+        return None
+
+    def _classify(self, exc: BaseException) -> str:
+        return _classify(self._binding, exc)
+
+    def _is_jetson(self) -> bool:
+        return bool(self.tegra_release_path) and os.path.exists(self.tegra_release_path)
+
+    def _off_reason(self, why: str, jetson_why: str | None = None) -> GpuStart:
+        if self._is_jetson():
+            return GpuStart(False, _jetson_reason(jetson_why or f"NVML is not usable here ({why})"), jetson=True)
+        return GpuStart(False, why)
+
+    def _start_in_thread(self) -> GpuStart:
+        b = self._binding
+        try:
+            b.nvmlInit()
+        except Exception as e:
+            code = _code(e)
+            jetson_why = None
+            if code == _LIBRARY_NOT_FOUND:
+                why = "the NVML library (libnvidia-ml.so.1) was not found: no NVIDIA driver is installed"
+                jetson_why = "this Jetson has no NVML library (libnvidia-ml.so.1), as on JetPack 5 and older"
+            elif code == _DRIVER_NOT_LOADED:
+                why = "the NVIDIA driver is not loaded (NVML: Driver Not Loaded)"
+            elif code == _LIB_RM_VERSION_MISMATCH or _classify(b, e) == "mismatch":
+                why = ("the NVML library and the loaded NVIDIA kernel driver are different versions "
+                       "(a driver upgraded without a reboot?)")
+            elif code == _NO_PERMISSION:
+                why = "no permission to use NVML (the NVIDIA device files are not accessible)"
+            else:
+                why = f"NVML failed to initialise: {_text(e)}"
+            return self._off_reason(why, jetson_why)
+        self._initialised = True
+        try:
+            count = int(b.nvmlDeviceGetCount())
+        except Exception as e:
+            self._shutdown_in_thread()
+            return self._off_reason(f"NVML could not count the GPUs: {_text(e)}")
+        if count == 0:
+            self._shutdown_in_thread()
+            return self._off_reason("NVML found no NVIDIA GPU")
+        reading, memory_unsupported = self._sweep(count)
+        if memory_unsupported == count:
+            self._shutdown_in_thread()
+            names = ", ".join(sorted({d.name for d in reading.devices if isinstance(d.name, str)})) or "?"
+            return GpuStart(False, _jetson_reason(f"NVML lists the GPU ({names}) but reports no memory "
+                                                  "figures for it (nvmlDeviceGetMemoryInfo: Not Supported), "
+                                                  "as on JetPack 6 and later"), jetson=True)
+        if self._abandoned:
+            self._shutdown_in_thread()
+            return GpuStart(False, "start-up finished after its deadline; GPU sensing stays off")
+        self._count = count
+        return GpuStart(True, "", reading.devices, jetson=False)
+
+    def _shutdown_in_thread(self) -> None:
+        if self._initialised:
+            self._initialised = False
+            try:
+                self._binding.nvmlShutdown()
+            except Exception:
+                pass
 
     def _read_in_thread(self) -> GpuReading:
         return self._sweep(self._count)[0]
@@ -615,7 +759,10 @@ class GpuSensor:
         b = self._binding
         index = str(i)
         try:
-            handle = self._call(index, b.nvmlDeviceGetHandleByIndex, i)
+            try:
+                handle = b.nvmlDeviceGetHandleByIndex(i)
+            except Exception as e:
+                raise _handle_failed(b, index, e) from e
             mig = self._mig_enabled(index, handle)
         except _DeviceFailed as f:
             return ([self._failed_device(index, f)], [GpuProblem(index, f.kind, f.message)], False)
@@ -636,10 +783,9 @@ class GpuSensor:
             except Exception as e:
                 if _code(e) == _NOT_FOUND:
                     continue  # an empty MIG slot
-                kind = _classify(b, e)
-                devices.append(self._failed_device(mindex, _DeviceFailed(kind, f"GPU {mindex}: {_text(e)}"),
-                                                   mig=True))
-                problems.append(GpuProblem(mindex, kind, f"GPU {mindex}: {_text(e)}"))
+                f = _handle_failed(b, mindex, e)
+                devices.append(self._failed_device(mindex, f, mig=True))
+                problems.append(GpuProblem(mindex, f.kind, f.message))
                 no_memory = False
                 continue
             dev, probs, unsupported = self._read_device(mindex, mhandle, mig=True)
@@ -703,33 +849,58 @@ class GpuSensor:
         return GpuDevice(index, uuid, name, total_r, used, free_r, processes, mig), problems, unsupported
 
     def _list(self, kind: str, index: str, handle: Any) -> list[Any] | None:
-        """One process list; None when this binding or device has no such list."""
+        """One process list; None when this binding, driver or device has no such list."""
         b = self._binding
         base = f"nvmlDeviceGet{kind}RunningProcesses"
+        if kind == "Compute" and self._no_compute_list is not None:
+            raise _DeviceFailed("mismatch", f"GPU {index}: {self._no_compute_list}")
         name = self._proc_fn_names.get(kind, base)
+        if name is None:
+            return None  # found out earlier: this driver has no such list
         fn = getattr(b, name, None)
         if fn is None:
-            return None
+            return None  # an old binding without this list (MPS)
         try:
             return list(fn(handle))
         except Exception as e:
-            mismatch = getattr(b, "NVMLLibraryMismatchError", None)
-            if isinstance(mismatch, type) and isinstance(e, mismatch) and name == base:
-                # The unversioned wrapper wants a newer symbol than this driver has: try _v2.
-                v2 = getattr(b, base + "_v2", None)
-                if v2 is not None:
-                    try:
-                        procs = list(v2(handle))
-                    except Exception as e2:
-                        raise _DeviceFailed(_classify(b, e2), f"GPU {index}: {_text(e2)}") from e2
-                    self._proc_fn_names[kind] = base + "_v2"
-                    return procs
-            code = _code(e)
-            if kind != "Compute" and code in (_NOT_SUPPORTED, _FUNCTION_NOT_FOUND):
-                return None  # no graphics or MPS list on this device or driver
-            if code == _NOT_SUPPORTED:
-                raise _DeviceFailed("unsupported", f"GPU {index}: NVML gives no process list (Not Supported)") from e
-            raise _DeviceFailed(_classify(b, e), f"GPU {index}: {_text(e)}") from e
+            if name == base and _missing_symbol(b, e):
+                # The unversioned wrapper calls a _v3 symbol this driver lacks (drivers before R510).
+                return self._list_v2(kind, base, index, handle)
+            return self._list_failed(kind, index, e)
+
+    def _list_v2(self, kind: str, base: str, index: str, handle: Any) -> list[Any] | None:
+        b = self._binding
+        v2 = getattr(b, base + "_v2", None)
+        if v2 is None:
+            return self._no_list(kind, index, f"this NVIDIA driver has no {base}_v3 (drivers before R510) and "
+                                              f"nvidia-ml-py {_binding_version()} has no _v2 fallback: install "
+                                              f"nvidia-ml-py >= {MIN_BINDING_VERSION}; per-process GPU memory "
+                                              "is unknown")
+        try:
+            procs = list(v2(handle))
+        except Exception as e:
+            if _code(e) == _FUNCTION_NOT_FOUND:
+                return self._no_list(kind, index, f"this NVIDIA driver has neither {base}_v3 nor _v2 (a driver "
+                                                  "before R450): per-process GPU memory is unknown")
+            return self._list_failed(kind, index, e)
+        self._proc_fn_names[kind] = base + "_v2"
+        return procs
+
+    def _no_list(self, kind: str, index: str, why: str) -> None:
+        """The driver has no version of this list memguard can call: absent, or for compute, a problem."""
+        if kind != "Compute":
+            self._proc_fn_names[kind] = None  # e.g. the MPS list before R495: nothing to read
+            return None
+        self._no_compute_list = why
+        raise _DeviceFailed("mismatch", f"GPU {index}: {why}")
+
+    def _list_failed(self, kind: str, index: str, e: BaseException) -> None:
+        code = _code(e)
+        if kind != "Compute" and code in (_NOT_SUPPORTED, _FUNCTION_NOT_FOUND):
+            return None  # no graphics or MPS list on this device or driver
+        if code == _NOT_SUPPORTED:
+            raise _DeviceFailed("unsupported", f"GPU {index}: NVML gives no process list (Not Supported)") from e
+        raise _DeviceFailed(_classify(self._binding, e), f"GPU {index}: {_text(e)}") from e
 
     def _processes(self, index: str, handle: Any) -> Mapping[int, Reading]:
         known: dict[int, int] = {}
@@ -755,9 +926,9 @@ def _as_str(value: Any) -> str:
 
 
 def _jetson_reason(detail: str) -> str:
-    return (f"{detail}. This looks like an NVIDIA Jetson or another unified-memory GPU: GPU allocations "
-            "come out of system RAM, so the RAM rules (memory.available, worker.memory, PSI) watch them; "
-            "GPU memory sensing is off")
+    return (f"{detail}. This is an NVIDIA Jetson or another unified-memory GPU: GPU allocations come out of "
+            "system RAM, which the RAM rules (memory.available, PSI) watch, and NVML cannot measure them; GPU "
+            "memory sensing through NVML is off (the Jetson sensor reads them from NvMap instead)")
 
 
 # ---------------------------------------------------------------------------
@@ -930,4 +1101,3 @@ def _total(values: Iterable[Reading]) -> Reading:
     for v in values:
         total = _add(total, v)
     return total
-

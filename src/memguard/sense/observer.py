@@ -33,8 +33,9 @@ from ..model import (Exited, Event, GpuDeviceReading, LiveSnapshot, Observation,
 from ..policy import DaemonPolicy
 from ..threads import CHECK, LoopOwned, OwnershipError, on_owner_thread
 from .cgroup import MemoryCgroup, ScopeReader, choose_scope
-from .gpu import GpuProblem, GpuReading, GpuSensor, GpuStart, attribute_all, host_pid_map
+from .gpu import GpuProblem, GpuReading, GpuStart, ThreadedSensor, attribute_all, host_pid_map
 from .host import host_scope
+from .jetson import make_gpu_sensor
 from .procs import NameCache, children_reader, sample_tree
 from .psi import read_pressure
 from .unmanaged import scan_unmanaged
@@ -118,7 +119,8 @@ def gpu_observation(reading: GpuReading, samples: Mapping[str, WorkerSample],
     """Turn an NVML reading into the model's values: device figures, and each worker's GPU memory
     (its whole tree's, from the members each sample found)."""
     devices = tuple(GpuDeviceReading(d.index, d.total_bytes, d.used_bytes, d.free_bytes,
-                                     d.name if isinstance(d.name, str) else "") for d in reading.devices)
+                                     d.name if isinstance(d.name, str) else "",
+                                     d.uuid if isinstance(d.uuid, str) else "") for d in reading.devices)
     out = dict(samples)
     if not reading.devices:
         return devices, out
@@ -134,12 +136,12 @@ def gpu_observation(reading: GpuReading, samples: Mapping[str, WorkerSample],
 class Observer(LoopOwned):
     """The real observer: the scope (host or cgroup), PSI, process trees, cgroups, GPUs, unmanaged."""
 
-    def __init__(self, policy: DaemonPolicy, *, gpu: GpuSensor | None = None,
+    def __init__(self, policy: DaemonPolicy, *, gpu: ThreadedSensor | None = None,
                  scope: ScopeReader | None = None, clock: Callable[[], float] | None = None) -> None:
         self._claim_thread()
         self.policy = policy
         self.scope: ScopeReader = scope or choose_scope(policy.scope)
-        self.gpu = gpu if gpu is not None else (GpuSensor() if policy.gpu != "off" else None)
+        self.gpu = gpu if gpu is not None else make_gpu_sensor(policy.gpu)
         self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="memguard-reader")
         self._cache = _ReaderCache()
         self._last_full_scope: ScopeMemory | None = None

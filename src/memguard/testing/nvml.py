@@ -22,6 +22,19 @@ nvidia-ml-py. Code that catches pynvml's exceptions is exercised for real.
 Without nvidia-ml-py installed, look-alike classes built the same way
 stand in.
 
+Driver generations are modelled as NVIDIA's library exports them
+(:data:`DRIVERS`): which process-list symbols exist (``_v2`` from R450,
+the MPS list's ``_v2`` from R495, ``_v3`` from R510) and whether
+``nvmlDeviceGetMemoryInfo_v2`` does. The binding side follows
+nvidia-ml-py: from 12.550.52 (``binding="current"``) the unversioned
+wrappers raise ``NVMLLibraryMismatchError`` when the driver lacks ``_v3``
+and the ``_v2`` wrappers raise ``NVMLError_FunctionNotFound`` when it lacks
+those; before it (``binding="12.535"``) there are no ``_v2`` wrappers and
+the unversioned ones raise ``NVMLError_FunctionNotFound`` themselves.
+Memory info carries reserved memory: v1's ``used`` includes it, v2 keeps
+it apart. tests/nvml_standin/ holds the same model at the C level, for
+the real pynvml.
+
 Scenarios (:meth:`FakeNvml.scenario`), each documented on
 :data:`SCENARIOS`, cover the cases a GPU machine can present. Faults can
 also be scripted by hand: :meth:`FakeNvml.fail`, :meth:`FakeNvml.lose`,
@@ -38,6 +51,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 __all__ = [
+    "DRIVERS",
     "GiB",
     "MiB",
     "SCENARIOS",
@@ -77,6 +91,14 @@ NVML_ERROR_MEMORY = 20
 NVML_ERROR_NO_DATA = 21
 NVML_ERROR_UNKNOWN = 999
 
+DRIVERS: Mapping[str, frozenset[str]] = {
+    "r535": frozenset({"v2", "mps_v2", "v3", "memory_v2"}),  # R510 and later: everything memguard may call
+    "r495": frozenset({"v2", "mps_v2"}),  # R495-R505: no _v3
+    "r470": frozenset({"v2"}),  # R450-R470: neither _v3 nor the MPS list's _v2
+    "r440": frozenset(),  # before R450: only unversioned v1 lists, which nvidia-ml-py cannot call
+}
+"""Which versioned symbols each driver generation exports (the unversioned v1 ones exist in all)."""
+
 NVML_DEVICE_MIG_DISABLE = 0
 NVML_DEVICE_MIG_ENABLE = 1
 NVML_VALUE_NOT_AVAILABLE_uint = 0xFFFFFFFF
@@ -92,6 +114,7 @@ if _pynvml is not None:
     NVMLError = _pynvml.NVMLError
     NVMLLibraryMismatchError = _pynvml.NVMLLibraryMismatchError
     _MemoryInfo: Any = _pynvml.c_nvmlMemory_t
+    _MemoryInfoV2: Any = _pynvml.c_nvmlMemory_v2_t
     _Friendly: Any = _pynvml.nvmlFriendlyObject
 
     def error_class(code: int) -> type:
@@ -137,6 +160,10 @@ else:  # pragma: no cover - exercised only where nvidia-ml-py is missing
         def __init__(self, total: int = 0, free: int = 0, used: int = 0) -> None:
             self.total, self.free, self.used = total, free, used
 
+    class _MemoryInfoV2:  # type: ignore[no-redef]
+        def __init__(self, version: int = 0, total: int = 0, reserved: int = 0, free: int = 0, used: int = 0) -> None:
+            self.version, self.total, self.reserved, self.free, self.used = version, total, reserved, free, used
+
     class _Friendly:  # type: ignore[no-redef]
         def __init__(self, d: Mapping[str, Any]) -> None:
             for k, v in d.items():
@@ -160,13 +187,15 @@ class FakeDevice:
     ``mig_slots`` is None for a GPU without MIG support, else one entry per
     MIG slot (None for an empty slot). ``lost`` makes every call on it
     raise ``NVMLError_GpuIsLost``; ``lose_at_memory_call`` sets ``lost``
-    when the Nth ``nvmlDeviceGetMemoryInfo`` call on it arrives.
+    when the Nth ``nvmlDeviceGetMemoryInfo`` call on it arrives. ``used``
+    is all memory in use, ``reserved`` (driver-reserved) included.
     """
 
     name: str = "NVIDIA A100-SXM4-40GB"
     uuid: str = ""
     total: int = 40 * GiB
     used: int = 0
+    reserved: int = 0
     compute: list[tuple[int, int | None]] = field(default_factory=list)
     graphics: list[tuple[int, int | None]] = field(default_factory=list)
     mps: list[tuple[int, int | None]] = field(default_factory=list)
@@ -202,10 +231,13 @@ class FakeNvml:
     """A fake ``pynvml`` module. Not a mock: it keeps state and behaves like NVML.
 
     ``devices`` are the GPUs in NVML index order. ``init_error`` (an NVML
-    code) makes ``nvmlInit`` fail. ``mismatch`` makes the unversioned
-    process-list wrappers raise ``NVMLLibraryMismatchError``, as pynvml
-    does when the driver lacks the ``_v3`` symbols; ``v2_fallback`` then
-    also offers the ``_v2`` variants. ``has_mps=False`` leaves
+    code) makes ``nvmlInit`` fail. ``driver`` is a generation of
+    :data:`DRIVERS` and ``binding`` ``"current"`` (nvidia-ml-py 12.550.52
+    and later) or ``"12.535"`` (older), which together decide what the
+    process-list and memory wrappers do. ``mismatch`` (the driver lacks
+    ``_v3``) with ``v2_fallback`` (the ``_v2`` wrappers exist) say the same
+    in the older, shorter way; ``mismatch`` alone offers no ``_v2``
+    wrappers. ``has_mps=False`` leaves
     ``nvmlDeviceGetMPSComputeRunningProcesses`` out, like an old binding.
     """
 
@@ -213,7 +245,12 @@ class FakeNvml:
     NVMLLibraryMismatchError = NVMLLibraryMismatchError
 
     def __init__(self, devices: Sequence[FakeDevice] = (), *, init_error: int | None = None,
-                 mismatch: bool = False, v2_fallback: bool = False, has_mps: bool = True) -> None:
+                 mismatch: bool = False, v2_fallback: bool = False, has_mps: bool = True,
+                 driver: str = "r535", binding: str = "current") -> None:
+        if driver not in DRIVERS:
+            raise ValueError(f"unknown driver generation {driver!r}; known: {', '.join(DRIVERS)}")
+        if binding not in ("current", "12.535"):
+            raise ValueError(f"unknown binding {binding!r}: 'current' or '12.535'")
         self.devices: list[FakeDevice] = list(devices)
         for i, d in enumerate(self.devices):
             if not d.uuid:
@@ -222,7 +259,10 @@ class FakeNvml:
                 if m is not None and not m.uuid:
                     m.uuid = _uuid("MIG", 16 * (i + 1) + s)
         self.init_error = init_error
-        self.mismatch = mismatch
+        self.driver_symbols = set(DRIVERS[driver]) - ({"v3"} if mismatch else set())
+        self.binding = binding
+        if binding != "current":
+            self.NVMLLibraryMismatchError = None  # nvidia-ml-py before 12.550.52 has no such class
         self.initialised = 0
         self.calls: list[tuple[str, str | None]] = []
         self._counts: dict[tuple[str, str | None], int] = {}
@@ -237,7 +277,7 @@ class FakeNvml:
         self.NVML_DEVICE_MIG_DISABLE = NVML_DEVICE_MIG_DISABLE
         if has_mps:
             self.nvmlDeviceGetMPSComputeRunningProcesses = self._mps_processes
-        if v2_fallback:
+        if binding == "current" and (v2_fallback or not mismatch):
             self.nvmlDeviceGetComputeRunningProcesses_v2 = lambda h: self._processes(
                 "nvmlDeviceGetComputeRunningProcesses_v2", h, "compute", versioned=True)
             self.nvmlDeviceGetGraphicsRunningProcesses_v2 = lambda h: self._processes(
@@ -383,20 +423,30 @@ class FakeNvml:
         return self._enter("nvmlDeviceGetName", handle).name  # type: ignore[union-attr]
 
     def nvmlDeviceGetMemoryInfo(self, handle: FakeHandle, version: int | None = None) -> Any:
-        dev = self._enter("nvmlDeviceGetMemoryInfo", handle)
+        dev = self._enter("nvmlDeviceGetMemoryInfo" if not version else "nvmlDeviceGetMemoryInfo_v2", handle)
         assert dev is not None
+        if version and "memory_v2" not in self.driver_symbols:
+            raise NVMLError(NVML_ERROR_FUNCTION_NOT_FOUND)
         if not dev.memory_supported:
             raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
-        return _MemoryInfo(total=dev.total, free=max(0, dev.total - dev.used), used=dev.used)
+        free = max(0, dev.total - dev.used)
+        if version:  # v2: reserved memory is accounted apart from used
+            return _MemoryInfoV2(version=version, total=dev.total, reserved=dev.reserved, free=free,
+                                 used=max(0, dev.used - dev.reserved))
+        return _MemoryInfo(total=dev.total, free=free, used=dev.used)
 
     def _processes(self, function: str, handle: FakeHandle, kind: str, versioned: bool = False) -> list[Any]:
         dev = self._enter(function, handle)
         assert dev is not None
-        if self.mismatch and not versioned:
+        if not versioned and "v3" not in self.driver_symbols:
+            if self.binding != "current":  # old bindings: the failed symbol look-up itself
+                raise NVMLError(NVML_ERROR_FUNCTION_NOT_FOUND)
             raise NVMLLibraryMismatchError(
                 "Unversioned function called and the pyNVML version does not match the NVML lib version. "
                 f"Either use matching pyNVML and NVML lib versions or use a versioned function such as "
                 f"{function}_v2")
+        if versioned and ("mps_v2" if kind == "mps" else "v2") not in self.driver_symbols:
+            raise NVMLError(NVML_ERROR_FUNCTION_NOT_FOUND)
         if not dev.processes_supported:
             raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
         gi = dev.gpu_instance
@@ -502,6 +552,12 @@ def _s_driver_mismatch(cls: type[FakeNvml], v2_fallback: bool = False,
     return cls([dev], mismatch=True, v2_fallback=v2_fallback)
 
 
+def _s_driver_generation(cls: type[FakeNvml], driver: str = "r470", binding: str = "current") -> FakeNvml:
+    dev = FakeDevice(name="NVIDIA Tesla V100-SXM2-32GB", total=32 * GiB, used=8 * GiB, reserved=512 * MiB,
+                     compute=[(1001, 6 * GiB)], graphics=[(1002, None)], mps=[(1003, 1 * GiB)])
+    return cls([dev], driver=driver, binding=binding)
+
+
 def _s_per_process_memory_unavailable(cls: type[FakeNvml], pids: Sequence[int] = (1001, 1002)) -> FakeNvml:
     dev = FakeDevice(name="NVIDIA A10", total=24 * GiB, used=10 * GiB,
                      compute=[(pid, None) for pid in pids])
@@ -549,6 +605,7 @@ _BUILDERS = {
     "driver_not_loaded": _s_driver_not_loaded,
     "no_devices": _s_no_devices,
     "driver_mismatch": _s_driver_mismatch,
+    "driver_generation": _s_driver_generation,
     "per_process_memory_unavailable": _s_per_process_memory_unavailable,
     "pid_from_other_namespace": _s_pid_from_other_namespace,
     "hang": _s_hang,
@@ -569,6 +626,9 @@ SCENARIOS: Mapping[str, str] = {
     "no_devices": "NVML initialises and reports no GPU.",
     "driver_mismatch": "One T4; the unversioned process-list wrappers raise NVMLLibraryMismatchError (not "
                        "an NVMLError). v2_fallback=True also offers working _v2 variants.",
+    "driver_generation": "One 32 GiB V100 with 8 GiB used (512 MiB of it reserved): compute pid 1001 6 GiB, "
+                         "graphics pid 1002 with no figure, MPS client pid 1003 1 GiB, under driver (r470: "
+                         "no _v3, no MPS _v2) and binding ('current' or '12.535'); see DRIVERS.",
     "per_process_memory_unavailable": "One A10 with 10 GiB used; its processes pids (1001, 1002) have "
                                       "usedGpuMemory None.",
     "pid_from_other_namespace": "One L4 whose processes are host_pids={pid: bytes} (default 4000001: 5 GiB), "

@@ -312,7 +312,7 @@ def test_orphans_are_reparented_and_reaped() -> None:
 
     async def main() -> None:
         async with supervised() as (sup, rec):
-            sup.spawn("w", 1, [PY, "-I", FORKER, "--exit", "--child-exit-after", "0.5"], ENV, None, None, None, None)
+            sup.spawn("w", 1, [PY, "-I", FORKER, "--exit", "--child-exit-on-usr1"], ENV, None, None, None, None)
             child = await rec.stdout_int("w")
             cfd = os.pidfd_open(child)
             try:
@@ -320,6 +320,7 @@ def test_orphans_are_reparented_and_reaped() -> None:
                 assert e.returncode == 0
                 stat = Path(f"/proc/{child}/stat").read_text()
                 assert int(stat[stat.rindex(")") + 2 :].split()[1]) == os.getpid()  # reparented to us
+                signal.pidfd_send_signal(cfd, signal.SIGUSR1)  # now the orphan exits
                 loop = asyncio.get_running_loop()
                 exited = loop.create_future()
                 loop.add_reader(cfd, lambda: exited.done() or exited.set_result(None))

@@ -18,7 +18,7 @@ from memguard.daemon import Daemon
 from memguard.model import Signal, Spawn
 from memguard.policy import DaemonPolicy
 from memguard.report.reporter import Reporter
-from memguard.testing import FakeEffects, FakeObserver, GiB, MiB, RecordingLog, VirtualClock
+from memguard.testing import FakeEffects, FakeObserver, GiB, InlineExecutor, MiB, RecordingLog, VirtualClock
 
 from corekit import rule, workload
 
@@ -32,7 +32,7 @@ class Rig:
         self.effects = FakeEffects(clock=self.clock.now)
         self.log = RecordingLog()
         self.daemon = Daemon(policy, self.observer, self.effects, Reporter(log=self.log), self.clock,
-                             load_config=load, capture_signals=capture_signals)
+                             load_config=load, capture_signals=capture_signals, executor=InlineExecutor())
         self.task: asyncio.Task | None = None
 
     async def start(self) -> "Rig":

@@ -7,6 +7,7 @@ same :class:`~memguard.daemon.Daemon` over fakes instead.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import replace
 from typing import Any
@@ -41,11 +42,11 @@ def build_daemon(policy: DaemonPolicy, config_path: str | None = None, *, report
                       mlock=policy.mlock, sentinel=sentinel)
     if reporter is None:
         reporter = Reporter(metrics=Metrics(policy.metrics_file, __version__) if policy.metrics_file else None)
-    load = None
-    if config_path is not None:
-        from .config import load_config
+    return Daemon(policy, observer, effects, reporter, MonotonicClock(), one_shot=one_shot,
+                  load_config=None if config_path is None else functools.partial(_load, config_path))
 
-        def load() -> DaemonPolicy:
-            return load_config(config_path)
 
-    return Daemon(policy, observer, effects, reporter, MonotonicClock(), load_config=load, one_shot=one_shot)
+def _load(path: str) -> DaemonPolicy:
+    from .config import load_config
+
+    return load_config(path)

@@ -26,29 +26,22 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping
 
 from .clock import Clock, MonotonicClock
-from .config import ConfigError
 from .decide.core import all_stopped, step
 from .decide.pacing import fast_path_interval, next_full_tick
 from .decide.state import CoreState, Phase
 from .model import Event, Notice, Observation, Operator, Reconcile, Shutdown
 from .policy import DaemonPolicy
+from .reloader import Loaded, Reloader
 
 __all__ = ["Daemon", "EXIT_START_FAILED"]
 
 _HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _OPERATOR_OPS = ("stop", "start", "restart")
 EXIT_START_FAILED = 2  # the daemon could not start (control socket taken, required cgroups missing)
-#: A reload that has not parsed after this long is abandoned (the config loader bounds file sizes, so a
-#: well-formed file parses in well under a second; this only guards a stuck filesystem).
-RELOAD_TIMEOUT_S = 30.0
-
-
-class _NoConfig(Exception):
-    pass
 
 
 @dataclass(frozen=True)
@@ -62,32 +55,22 @@ class _Admin:
     reply: asyncio.Future
 
 
-@dataclass
-class _Loaded:
-    policy: DaemonPolicy | None
-    errors: list[Any] = field(default_factory=list)
-    replies: list[asyncio.Future] = field(default_factory=list)
-
-
 class Daemon:
     def __init__(self, policy: DaemonPolicy, observer: Any, effects: Any, reporter: Any, clock: Clock | None = None,
                  *, load_config: Callable[[], DaemonPolicy] | None = None, one_shot: bool = False,
-                 capture_signals: bool = True) -> None:
+                 capture_signals: bool = True, executor: Any = None) -> None:
         self.policy = policy
         self.observer = observer
         self.effects = effects
         self.reporter = reporter
         self.clock = clock or MonotonicClock()
-        self.load_config = load_config
         self.one_shot = one_shot  # `memguard run`: exit once no worker will run again
         self.capture_signals = capture_signals
         self.state = CoreState()
         self.last: Observation | None = None
         self._inbox: list[Any] = []
         self._wake: asyncio.Event | None = None
-        self._loading: asyncio.Task | None = None
-        self._reload_waiters: list[asyncio.Future] = []
-        self._reload_again = False
+        self._reloader = Reloader(load_config, self.post, executor)
 
     # ------------------------------------------------------------------ the inbox
 
@@ -130,8 +113,7 @@ class Daemon:
             for sig, handler in saved.items():
                 loop.remove_signal_handler(sig)
                 signal.signal(sig, handler)  # the original handler, not just the default
-            if self._loading is not None:
-                self._loading.cancel()
+            self._reloader.cancel()
             await self.effects.close()
             self.observer.close()
 
@@ -211,7 +193,7 @@ class Daemon:
                 self.reporter.decisions([item], False)
             elif isinstance(item, _Admin):
                 self._on_admin(item, events, admins)
-            elif isinstance(item, _Loaded):
+            elif isinstance(item, Loaded):
                 replies += self._on_loaded(item, events)
             else:
                 events.append(item)
@@ -262,48 +244,18 @@ class Daemon:
     # ------------------------------------------------------------------ reload
 
     def _reload(self, reply: asyncio.Future | None = None) -> None:
-        """Parse the configuration off the loop; the result is an input of a later tick."""
-        if reply is not None:
-            self._reload_waiters.append(reply)
-        if self._loading is not None:
-            self._reload_again = True  # read the file once more when this parse ends
-            return
-        self.reporter.reloading()
-        self._loading = asyncio.ensure_future(self._load())
+        if self._reloader.request(reply):
+            self.reporter.reloading()
 
-    async def _load(self) -> None:
-        waiters, self._reload_waiters = self._reload_waiters, []
-        try:
-            if self.load_config is None:
-                raise _NoConfig()
-            loop = asyncio.get_running_loop()
-            policy = await asyncio.wait_for(loop.run_in_executor(None, self.load_config), RELOAD_TIMEOUT_S)
-            loaded = _Loaded(policy, [], waiters)
-        except ConfigError as e:
-            loaded = _Loaded(None, list(e.errors), waiters)
-        except _NoConfig:
-            loaded = _Loaded(None, ["this memguard has no configuration file to reload"], waiters)
-        except asyncio.TimeoutError:
-            loaded = _Loaded(None, [f"the configuration did not parse within {RELOAD_TIMEOUT_S:g} s"], waiters)
-        finally:
-            self._loading = None
-        self.post(loaded)
-        if self._reload_again:
-            self._reload_again = False
-            self._reload()
-
-    def _on_loaded(self, loaded: _Loaded, events: list[Event]) -> list[tuple[asyncio.Future, dict]]:
+    def _on_loaded(self, loaded: Loaded, events: list[Event]) -> list[tuple[asyncio.Future, dict]]:
         if loaded.policy is None:
             self.reporter.config_errors(loaded.errors, reload=True)
             self.reporter.ready(self.state)
             reply = {"ok": False, "error": "the new configuration has errors; the running policy stays in force",
                      "errors": [str(e) for e in loaded.errors]}
             return [(f, reply) for f in loaded.replies]
-        new = loaded.policy
-        if new.runtime_dir not in (None, self.policy.runtime_dir):
-            self.reporter.note("reload_note", "runtime_dir changes take effect at the next start", level="warning")
-            new = replace(new, runtime_dir=self.policy.runtime_dir)
-        if self.policy.dry_run and not new.dry_run:
+        new = replace(loaded.policy, runtime_dir=self.policy.runtime_dir)  # takes effect at the next start
+        if self.policy.dry_run:
             new = replace(new, dry_run=True)  # --dry-run on the command line outlives reloads
         self.policy = new
         changed = self.observer.configure(new)

@@ -334,6 +334,7 @@ class LiveSnapshot:
 
     workers: Mapping[str, LiveWorker] = field(default_factory=dict)
     own: frozenset[int] = frozenset()
+    instance: str = ""  # MEMGUARD_INSTANCE in every worker's environment: how adopted orphans are attributed
 
 
 @dataclass(frozen=True)
@@ -352,6 +353,12 @@ class Observation:
     full: bool = True
     unmanaged: tuple[ProcessSample, ...] = ()
     gpus: tuple[GpuDeviceReading, ...] = ()
+    # Orphans memguard adopted (it is a child subreaper) that belong to no running worker: ``strays``
+    # (pid, start, worker, incarnation) carry the marker of an incarnation that has exited (the actor kills
+    # them: a worker's processes die with it); ``unattributed`` (pid, start) carry no marker of this
+    # memguard (watched, killed when memguard stops).
+    strays: tuple[tuple[int, int, str, int], ...] = ()
+    unattributed: tuple[tuple[int, int], ...] = ()
 
 
 # ---------------------------------------------------------------------------

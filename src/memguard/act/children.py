@@ -210,6 +210,7 @@ class ChildSupervisor(LoopOwned):
         self._groups: dict[int, int] = {}  # pgid -> leader start time
         self._pids: dict[int, int] = {}  # pid -> start time
         self._cgroups: dict[str, None] = {}
+        self._instance: str | None = None
         # Sessions/groups created by our workers or their recorded members:
         # a zombie child of ours in one of them is an orphan of a worker tree.
         self._sessions: collections.OrderedDict[int, None] = collections.OrderedDict()
@@ -390,6 +391,36 @@ class ChildSupervisor(LoopOwned):
         """The last output lines of the worker's latest incarnation (both streams, in order)."""
         rec = self._workers.get(worker)
         return tuple(rec.tail) if rec is not None else ()
+
+    @on_owner_thread
+    def watch_process(self, pid: int, start: int) -> None:
+        """Have the sentinel kill this process (by identity) if the daemon dies."""
+        if self._pids.get(pid) != start:
+            self._pids[pid] = start
+            self._sentinel_send(f"pid {pid} {start}\n")
+
+    @on_owner_thread
+    def set_instance(self, instance: str) -> None:
+        """The marker in every worker's environment: should the daemon die, the sentinel also kills every
+        process whose environment carries it (a descendant not registered yet)."""
+        self._instance = instance
+        self._sentinel_send(f"instance {instance}\n")
+
+    @on_owner_thread
+    def kill_adopted(self) -> int:
+        """SIGKILL every orphan memguard adopted (a worker's descendant reparented to it); for the end, when
+        no worker runs any more and whatever is left of their trees is a leftover. Returns how many."""
+        keep = {r.pid for r in self._workers.values() if not r.reaped}
+        if self._sentinel is not None:
+            keep.add(self._sentinel.pid)
+        killed = 0
+        for pid, _orphan_thread in _children():
+            if pid in keep:
+                continue
+            st = _read_stat(pid)
+            if st is not None and not st.dead and signal_process(pid, st.start, _signal.SIGKILL).sent:
+                killed += 1
+        return killed
 
     @on_owner_thread
     def watch_cgroup(self, path: str) -> None:
@@ -798,6 +829,8 @@ class ChildSupervisor(LoopOwned):
         lines = [f"add {g} {s}\n" for g, s in self._groups.items()]
         lines += [f"pid {p} {s}\n" for p, s in self._pids.items()]
         lines += [f"cgroup {c}\n" for c in self._cgroups]
+        if self._instance:
+            lines.append(f"instance {self._instance}\n")
         if lines:
             self._sentinel_send("".join(lines))
 

@@ -45,6 +45,7 @@ from typing import Any, Awaitable, Callable, Mapping
 
 from ..model import TrialEvent
 from ..sense.procstat import read_stat
+from ..threads import LoopOwned, on_owner_thread
 
 __all__ = [
     "ControlServer",
@@ -197,8 +198,8 @@ class _Conn:
             transport.abort()
 
 
-class ControlServer:
-    """The daemon's end of the control socket, on the daemon's asyncio loop.
+class ControlServer(LoopOwned):
+    """The daemon's end of the control socket, on the daemon's asyncio loop (checked: memguard.threads).
 
     ``on_trial`` receives one :class:`TrialEvent` per authenticated worker
     report; ``on_admin`` receives an admin request (a dict with ``op``) from
@@ -225,6 +226,7 @@ class ControlServer:
         max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES,
         on_notice: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> None:
+        self._claim_thread()
         self.path = path
         self.on_trial = on_trial
         self.on_admin = on_admin
@@ -247,6 +249,7 @@ class ControlServer:
 
     # ------------------------------------------------------------------ lifecycle
 
+    @on_owner_thread
     async def start(self) -> None:
         parent = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(parent):
@@ -277,6 +280,7 @@ class ControlServer:
             raise ControlError(f"{self.path} is in use by another process (is another memguard running?)")
         os.unlink(self.path)  # nobody listens: left over from a daemon that died
 
+    @on_owner_thread
     async def close(self) -> None:
         self._closing = True
         if self._server is not None:
@@ -315,6 +319,7 @@ class ControlServer:
 
     # ------------------------------------------------------------------ tokens and pushes
 
+    @on_owner_thread
     def new_token(self, worker: str, incarnation: int) -> str:
         """A fresh secret for this incarnation; the previous incarnation's connections are dropped."""
         self._drop_worker(worker)
@@ -322,10 +327,12 @@ class ControlServer:
         self._tokens[worker] = (incarnation, token)
         return token
 
+    @on_owner_thread
     def worker_env(self, worker: str, incarnation: int) -> dict[str, str]:
         """``MEMGUARD_SOCKET`` and a fresh ``MEMGUARD_TOKEN`` for a worker about to be spawned."""
         return {"MEMGUARD_SOCKET": self.path, "MEMGUARD_TOKEN": self.new_token(worker, incarnation)}
 
+    @on_owner_thread
     def revoke(self, worker: str) -> None:
         """The worker exited: its token stops working and its connections are closed."""
         self._tokens.pop(worker, None)
@@ -348,6 +355,7 @@ class ControlServer:
         """
         return self.push(worker, {"event": "reclaim", "reason": reason})
 
+    @on_owner_thread
     def push(self, worker: str, message: Mapping[str, Any]) -> int:
         entry = self._tokens.get(worker)
         if entry is None:

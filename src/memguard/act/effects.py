@@ -38,7 +38,7 @@ from ..policy import DaemonPolicy, WorkloadPolicy
 from ..sense.procstat import read_comm
 from ..threads import LoopOwned, on_owner_thread
 from ..units import format_size
-from .cgroups import CgroupLimits, WorkerCgroups, format_limits, setup_worker_cgroups
+from .cgroups import CgroupLimits, WorkerCgroups, format_limits, instance_name, setup_worker_cgroups
 from .children import ChildSupervisor, SpawnError
 from .control import ControlError, ControlServer, pid_in_tree
 from .process import Outcome, signal_process
@@ -49,7 +49,7 @@ __all__ = ["Effects", "Inbox", "StartError", "worker_environment", "cuda_env", "
 # a library in a worker must not be able to send READY=1 or watchdog pings
 # on the daemon's behalf.
 DROP_FROM_WORKER_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID",
-                        "LISTEN_FDNAMES", "MEMGUARD_SOCKET", "MEMGUARD_TOKEN")
+                        "LISTEN_FDNAMES", "MEMGUARD_SOCKET", "MEMGUARD_TOKEN", "MEMGUARD_INSTANCE")
 
 
 class StartError(Exception):
@@ -70,9 +70,14 @@ class Inbox(Protocol):
 
 
 def worker_environment(base: Mapping[str, str], wl: WorkloadPolicy, worker: str, replica: int,
-                       incarnation: int, admission_file: str, gpus: Iterable[Any] = ()) -> dict[str, str]:
+                       incarnation: int, admission_file: str, gpus: Iterable[Any] = (),
+                       instance: str = "") -> dict[str, str]:
+    """The environment a worker incarnation starts with. ``MEMGUARD_INSTANCE``, ``MEMGUARD_WORKER`` and
+    ``MEMGUARD_INCARNATION`` also mark every descendant: how memguard attributes an orphan it adopted."""
     env = {k: v for k, v in base.items() if k not in DROP_FROM_WORKER_ENV}
     env.update(dict(wl.environment))
+    if instance:
+        env["MEMGUARD_INSTANCE"] = instance
     env.update({
         "MEMGUARD_WORKER": worker,
         "MEMGUARD_WORKLOAD": wl.name,
@@ -174,6 +179,8 @@ class Effects(LoopOwned):
         self.control: ControlServer | None = None
         self._gates: dict[str, bool] = {}  # what each gate file says now (True: open)
         self._gpus: tuple = ()  # the last GPU reading's devices (index -> UUID for CUDA_VISIBLE_DEVICES)
+        self.instance = instance_name()  # unique for good: this process's pid and start time
+        self._unattributed: set[tuple[int, int]] = set()
 
     # ------------------------------------------------------------------ life
 
@@ -200,6 +207,7 @@ class Effects(LoopOwned):
         self.children = ChildSupervisor(self._on_child_event, inbox.output, clock=self._clock,
                                         sentinel=self._use_sentinel)
         await self.children.start()
+        self.children.set_instance(self.instance)
         return self._protect_self() + [Notice("cgroups", reason=note)]
 
     def describe(self) -> dict[str, str]:
@@ -240,6 +248,8 @@ class Effects(LoopOwned):
         if self.control is not None:
             await self.control.close()
         if self.children is not None:
+            if not self.children.live():
+                self.children.kill_adopted()  # every worker has stopped: what is left of their trees goes too
             await self.children.close()
         if self.cgroups is not None:
             self.cgroups.close()
@@ -254,7 +264,7 @@ class Effects(LoopOwned):
         workers = {name: LiveWorker(name, inc, pid, start, members, cg.path(name) if cg is not None else None)
                    for name, (pid, start, inc, members) in self.children.live_records().items()}
         own = frozenset(p for p in (self.children.sentinel_pid,) if p)
-        return LiveSnapshot(workers=workers, own=own)
+        return LiveSnapshot(workers=workers, own=own, instance=self.instance)
 
     @property
     def socket_path(self) -> str:
@@ -278,6 +288,7 @@ class Effects(LoopOwned):
             for name, sample in obs.workers.items():
                 if sample.members and name in live and live[name][0] == sample.pid:
                     self.children.add_members(name, sample.members[1:])
+            self._orphans(obs, notes)
         if obs is not None and obs.gpus:
             self._gpus = obs.gpus
         for action in actions:
@@ -302,6 +313,31 @@ class Effects(LoopOwned):
                                                "reclaim requests"))
         return notes
 
+    def _orphans(self, obs: Observation, notes: list[Notice]) -> None:
+        """Adopted orphans of no running worker: a leftover of an incarnation that has exited is killed
+        (a worker's processes die with it); one that carries no marker is watched (the sentinel kills it
+        should memguard die; memguard kills it when it stops) and named once."""
+        assert self.children is not None
+        live = self.children.live()
+        mains = {pid for pid, _ in live.values()}
+        killed = [(pid, start) for pid, start, worker, inc in obs.strays
+                  if pid not in mains and (worker not in live or live[worker][1] != inc)  # checked again now
+                  and signal_process(pid, start, SIGKILL).sent]
+        if killed:
+            notes.append(Notice("leftovers_killed", level="warning", reason=(
+                f"killed {len(killed)} leftover process(es) of exited workers that had left their process "
+                f"tree (pids {', '.join(str(p) for p, _ in killed[:10])})"), fields={"pids": [p for p, _ in killed]}))
+        for pid, start in obs.unattributed:
+            if (pid, start) in self._unattributed or pid in mains:
+                continue
+            self._unattributed.add((pid, start))
+            self.children.watch_process(pid, start)
+            notes.append(Notice("unattributed", level="warning", pid=pid, reason=(
+                f"process {pid} left a worker's tree and carries no memguard marker in its environment: it "
+                f"cannot be counted for a worker; it is killed when memguard stops")))
+        if len(self._unattributed) > 4096:
+            self._unattributed = set(obs.unattributed)
+
     def _spawn(self, action: Spawn, policy: DaemonPolicy, notes: list[Notice]) -> None:
         wl = policy.workload(action.workload)
         if wl is None or self.children is None:
@@ -309,7 +345,8 @@ class Effects(LoopOwned):
         replica = int(action.worker.rsplit("-", 1)[1]) if "-" in action.worker else 0
         gate = self.admission_file(action.worker)
         self._gate(action.worker, True, "started", notes)
-        env = worker_environment(self.base_env, wl, action.worker, replica, action.incarnation, gate, self._gpus)
+        env = worker_environment(self.base_env, wl, action.worker, replica, action.incarnation, gate, self._gpus,
+                                 self.instance)
         if self.control is not None:
             env.update(self.control.worker_env(action.worker, action.incarnation))
         procs = None

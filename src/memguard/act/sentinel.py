@@ -10,11 +10,15 @@ one line at a time, what to kill should the daemon disappear::
     unpid <pid>                forget it
     cgroup <path>              a cgroup directory: kill everything in it
     uncgroup <path>            forget it
+    instance <id>              kill every process whose environment says MEMGUARD_INSTANCE=<id>
     quit                       clean shutdown: exit and kill nothing
 
 End of file on standard input means the daemon died (even by SIGKILL: the
 kernel closes its end of the pipe): the sentinel then sends SIGKILL to
-every registered process group, process and cgroup, and exits.
+every registered process group, process and cgroup, then every process
+whose environment carries the daemon's instance marker (a worker's
+descendant created since the daemon last registered its tree), and exits.
+Every kill is identity checked (memguard's one primitive, act/process.py).
 
 It runs in its own process group, so killing a worker group never kills
 it, and ignores SIGINT, SIGTERM and SIGHUP, so that it outlives the daemon
@@ -53,6 +57,7 @@ class _State:
         self.groups: dict[int, int] = {}
         self.pids: dict[int, int] = {}
         self.cgroups: dict[str, None] = {}
+        self.instance: bytes | None = None
 
     def command(self, line: str) -> bool:
         """Apply one line; False when told to quit."""
@@ -72,6 +77,8 @@ class _State:
                 self.cgroups[rest] = None
             elif word == "uncgroup":
                 self.cgroups.pop(rest, None)
+            elif word == "instance" and rest:
+                self.instance = b"MEMGUARD_INSTANCE=" + rest.encode()
             elif word == "quit":
                 return False
             elif word:
@@ -87,6 +94,30 @@ class _State:
             _process.signal_group(pgid, start, signal.SIGKILL)
         for pid, start in self.pids.items():
             _process.signal_process(pid, start, signal.SIGKILL)
+        if self.instance is not None:
+            for _ in range(3):  # a few passes: a marked process may fork while we kill
+                if not self._kill_marked():
+                    break
+
+    def _kill_marked(self) -> int:
+        """SIGKILL every process whose initial environment carries this daemon's instance marker."""
+        me = os.getpid()
+        killed = 0
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == me:
+                continue
+            pid = int(entry)
+            start = _process.start_time(pid)
+            if start is None:
+                continue
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    env = f.read()
+            except OSError:
+                continue
+            if self.instance in env.split(b"\0") and _process.signal_process(pid, start, signal.SIGKILL).sent:
+                killed += 1
+        return killed
 
 
 def main() -> int:

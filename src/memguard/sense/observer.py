@@ -36,7 +36,7 @@ from .cgroup import MemoryCgroup, ScopeReader, choose_scope
 from .gpu import GpuProblem, GpuReading, GpuStart, ThreadedSensor, attribute_all, host_pid_map
 from .host import host_scope
 from .jetson import make_gpu_sensor
-from .procs import NameCache, children_reader, sample_tree
+from .procs import Adopted, NameCache, children_reader, find_adopted, sample_tree
 from .psi import read_pressure
 from .unmanaged import scan_unmanaged
 
@@ -51,6 +51,8 @@ class Sample:
     unmanaged: tuple[ProcessSample, ...] = ()
     gpus: tuple[GpuDeviceReading, ...] = ()
     gpu_problems: tuple[GpuProblem, ...] = ()
+    strays: tuple[tuple[int, int, str, int], ...] = ()
+    unattributed: tuple[tuple[int, int], ...] = ()
 
 
 class _ReaderCache:
@@ -86,17 +88,21 @@ class _ReaderCache:
 
 
 def measure_workers(snapshot: LiveSnapshot, protect: Sequence[str], cache: _ReaderCache | None = None,
-                    use_children_files: bool | None = None) -> dict[str, WorkerSample]:
-    """Each live worker measured: its tree walked (from the recorded members too), its memory read
-    from its own cgroup where it has one (exact, cheap) or summed over the tree (PSS) otherwise.
+                    use_children_files: bool | None = None) -> tuple[dict[str, WorkerSample], Adopted]:
+    """Each live worker measured: its tree walked (from the recorded members, and the orphans memguard
+    adopted from it, too), its memory read from its own cgroup where it has one (exact, cheap) or summed
+    over the tree (PSS) otherwise. Also returns the adopted orphans that belong to no running worker.
     Reads ``/proc`` and cgroup files only; meant for the reader thread."""
     cache = cache or _ReaderCache()
     children = children_reader(use_children_files)
     protect_set = frozenset(protect)
+    live = {name: (lw.pid, lw.incarnation) for name, lw in snapshot.workers.items()}
+    adopted = find_adopted(snapshot.instance, live, set(snapshot.own) | {p for p, _ in live.values()}, children)
     out: dict[str, WorkerSample] = {}
     seen: set[tuple[int, int]] = set()
     for name, lw in snapshot.workers.items():
-        s = sample_tree(name, lw.pid, lw.start, lw.members, protect_set, children=children,
+        members = lw.members + tuple(adopted.members.get(name, ()))
+        s = sample_tree(name, lw.pid, lw.start, members, protect_set, children=children,
                         measure=lw.cgroup is None, names=cache.names)
         seen.update(s.members)
         if lw.cgroup is not None:
@@ -111,7 +117,7 @@ def measure_workers(snapshot: LiveSnapshot, protect: Sequence[str], cache: _Read
             s = replace(s, memory_bytes=memory, processes=processes, source="cgroup")
         out[name] = s
     cache.keep({lw.cgroup for lw in snapshot.workers.values() if lw.cgroup}, seen)
-    return out
+    return out, adopted
 
 
 def gpu_observation(reading: GpuReading, samples: Mapping[str, WorkerSample],
@@ -184,27 +190,28 @@ class Observer(LoopOwned):
         policy = self.policy
         cache = self._cache
 
-        def read() -> tuple[dict[str, WorkerSample], tuple[ProcessSample, ...]]:
+        def read() -> tuple[dict[str, WorkerSample], tuple[ProcessSample, ...], Adopted]:
             cache.claim()
-            workers = measure_workers(snapshot, policy.protect, cache)
+            workers, adopted = measure_workers(snapshot, policy.protect, cache)
             unmanaged: tuple[ProcessSample, ...] = ()
             if policy.unmanaged:
                 exclude = {pid for s in workers.values() for pid, _ in s.members} | set(snapshot.own)
+                exclude |= {p[0] for p in adopted.leftovers} | {p for p, _ in adopted.unmarked}
                 unmanaged = scan_unmanaged(policy.unmanaged, exclude, policy.protect)
-            return workers, unmanaged
+            return workers, unmanaged, adopted
 
         trees = loop.run_in_executor(self._reader, read)
         reading = None
         if self.gpu is not None and self.gpu.enabled:
             reading = await self.gpu.read_async()
-        workers, unmanaged = await trees
+        workers, unmanaged, adopted = await trees
         gpus: tuple[GpuDeviceReading, ...] = ()
         problems: tuple[GpuProblem, ...] = ()
         if reading is not None:
             pids = [pid for s in workers.values() for pid, _ in s.members]
             gpus, workers = gpu_observation(reading, workers, host_pid_map(pids))
             problems = tuple(reading.problems)
-        return Sample(workers, unmanaged, gpus, problems)
+        return Sample(workers, unmanaged, gpus, problems, tuple(adopted.leftovers), tuple(adopted.unmarked))
 
     @on_owner_thread
     def full(self, sample: Sample, events: tuple[Event, ...], now: float) -> Observation:
@@ -216,7 +223,8 @@ class Observer(LoopOwned):
         scope = self.scope()
         self._last_full_scope = scope
         return Observation(at=now, scope=scope, pressure=self._pressure, workers=sample.workers,
-                           events=events, full=True, unmanaged=sample.unmanaged, gpus=sample.gpus)
+                           events=events, full=True, unmanaged=sample.unmanaged, gpus=sample.gpus,
+                           strays=sample.strays, unattributed=sample.unattributed)
 
     # ------------------------------------------------------------------ fast ticks
 

@@ -31,13 +31,14 @@ meant for the daemon's full ticks, not its fast path.
 from __future__ import annotations
 
 import os
-from typing import Callable, Collection, Iterable
+from typing import Callable, Collection, Iterable, Mapping, NamedTuple
 
 from memguard.model import Unknown, WorkerSample
 from memguard.sense.host import field_int
 from memguard.sense.procstat import read_stat
 
-__all__ = ["walk_tree", "sample_tree", "children_reader", "process_start_time", "NameCache"]
+__all__ = ["walk_tree", "sample_tree", "children_reader", "process_start_time", "NameCache", "own_children",
+           "environ_marker", "Adopted", "find_adopted"]
 
 _O_FLAGS = os.O_RDONLY | os.O_CLOEXEC
 
@@ -257,3 +258,94 @@ def sample_tree(worker: str, pid: int, start: int | None, members: Iterable[tupl
         ordered.insert(0, (pid, start))
     memory = Unknown(why) if why is not None else total
     return WorkerSample(worker, pid, memory, len(tree), protected, "tree", members=tuple(ordered))
+
+
+# ---------------------------------------------------------------------------
+# Orphans memguard adopted
+#
+# memguard is a child subreaper: a descendant of a worker whose parent dies
+# (the classic double fork: fork, setsid, fork, exit) is reparented to
+# memguard, not to init. So every process of every worker tree stays in
+# memguard's own subtree, and the ones a walk down from a worker's main
+# process cannot reach are exactly memguard's children that are not a
+# worker's main process nor a helper. Each one is attributed by the marker
+# memguard put in every worker's environment (MEMGUARD_INSTANCE,
+# MEMGUARD_WORKER, MEMGUARD_INCARNATION), which descendants inherit.
+
+
+def own_children() -> list[int]:
+    """The children of this process, across all its threads (orphans are adopted by one of them)."""
+    me = os.getpid()
+    try:
+        tids = os.listdir(f"/proc/{me}/task")
+    except OSError:
+        return []
+    out: list[int] = []
+    for tid in tids:
+        try:
+            out.extend(int(x) for x in _read_all(f"/proc/{me}/task/{tid}/children").split())
+        except OSError:
+            continue
+    return out
+
+
+def environ_marker(pid: int) -> tuple[str, str, int] | None:
+    """(instance, worker, incarnation) from the process's initial environment, or None when it carries no
+    complete marker (or cannot be read: another user's process, a setuid program)."""
+    try:
+        data = _read_all(f"/proc/{pid}/environ")
+    except OSError:
+        return None
+    found: dict[bytes, bytes] = {}
+    for item in data.split(b"\0"):
+        key, sep, value = item.partition(b"=")
+        if sep and key in (b"MEMGUARD_INSTANCE", b"MEMGUARD_WORKER", b"MEMGUARD_INCARNATION"):
+            found[key] = value
+    try:
+        return (found[b"MEMGUARD_INSTANCE"].decode(), found[b"MEMGUARD_WORKER"].decode(),
+                int(found[b"MEMGUARD_INCARNATION"]))
+    except (KeyError, ValueError, UnicodeDecodeError):
+        return None
+
+
+class Adopted(NamedTuple):
+    """Orphans memguard adopted, sorted out: ``members`` of live workers (worker -> (pid, start) pairs),
+    ``leftovers`` of incarnations that were not running when the snapshot was taken, as (pid, start,
+    worker, incarnation) (the actor checks again before it kills: a worker may have started since),
+    ``unmarked`` ones whose environment names no worker of this memguard."""
+
+    members: dict[str, list[tuple[int, int]]]
+    leftovers: list[tuple[int, int, str, int]]
+    unmarked: list[tuple[int, int]]
+
+
+def find_adopted(instance: str, live: Mapping[str, tuple[int, int]], skip: Collection[int],
+                 children: ChildrenOf | None = None) -> Adopted:
+    """Sort memguard's adopted orphans (and their descendants) by owner.
+
+    ``live`` maps each running worker to (main pid, incarnation); ``skip``
+    holds the pids of memguard's direct children that are not orphans
+    (workers' main processes, the sentinel).
+    """
+    children = children if children is not None else children_reader()
+    by_worker: dict[str, list[tuple[int, int]]] = {}
+    leftovers: list[tuple[int, int, str, int]] = []
+    unmarked: list[tuple[int, int]] = []
+    for pid in own_children():
+        if pid in skip:
+            continue
+        st = _stat(pid)
+        if st is None or st.dead:
+            continue  # a zombie: reaped by the supervisor
+        family = sorted(walk_tree(pid, st.start, (), children)[1].items())
+        marker = environ_marker(pid)
+        if marker is None or marker[0] != instance:
+            unmarked.extend(family)
+            continue
+        _, worker, incarnation = marker
+        current = live.get(worker)
+        if current is not None and current[1] == incarnation:
+            by_worker.setdefault(worker, []).extend(family)
+        else:
+            leftovers.extend((p, pstart, worker, incarnation) for p, pstart in family)
+    return Adopted(by_worker, leftovers, unmarked)

@@ -10,7 +10,7 @@ Nothing in the daemon imports this package; tests and demos do:
   stand-in for the ``pynvml`` module (the hardware boundary).
 """
 
-from .clock import VirtualClock
+from .clock import InlineExecutor, VirtualClock
 from .ports import FakeEffects, FakeObserver, GiB, MiB, RecordingLog
 
-__all__ = ["VirtualClock", "FakeObserver", "FakeEffects", "RecordingLog", "GiB", "MiB"]
+__all__ = ["VirtualClock", "InlineExecutor", "FakeObserver", "FakeEffects", "RecordingLog", "GiB", "MiB"]

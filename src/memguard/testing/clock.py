@@ -3,8 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 
-__all__ = ["VirtualClock"]
+__all__ = ["VirtualClock", "InlineExecutor"]
+
+
+class InlineExecutor(concurrent.futures.Executor):
+    """Runs each submitted call at once, on the caller's thread: work the daemon hands to a thread
+    (a reload's parse) finishes deterministically in virtual time."""
+
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def]
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        try:
+            fut.set_result(fn(*args, **kwargs))
+        except BaseException as e:  # noqa: BLE001 - handed to whoever awaits the future
+            fut.set_exception(e)
+        return fut
 
 
 class VirtualClock:

@@ -159,6 +159,7 @@ def test_the_most_informative_of_several_oom_lines_is_quoted():
     ["MemoryErrorHandler installed", "    except MemoryError:", "    raise MemoryError('x') from e"],
     ["    except torch.cuda.OutOfMemoryError:", "        if 'out of memory' in str(e):"],
     ["    raise RuntimeError(\"CUDA out of memory\")", "print('CUDA out of memory, retrying')"],
+    ["    logger.error(\"CUDA out of memory\")", "    catch (const std::bad_alloc& e) {", "# MemoryError: the heap is full"],
     ["ResourceExhaustedError: 2 root error(s) found. (see above)"],
     ["The model is not out of memory", "no CUDA out of memory errors seen in 100 steps"],
     ["To avoid out of memory errors, lower --max-tokens"],
@@ -399,3 +400,97 @@ def test_the_documented_causes_are_the_vocabulary():
     section = text.split("## Causes", 1)[1].split("\n## ", 1)[0]
     documented = re.findall(r"^\| `(\w+)` \|", section, re.M)
     assert documented == list(CAUSES)
+
+
+# Lines shaped like each layer's message, for the patterns the corpus's real texts do not reach (the corpus holds
+# no line for them, or an earlier pattern claims its lines first).
+EXAMPLES = [
+    "onnxruntime::CudaCall CUDA failure 2: out of memory ; GPU=0 ; hostname=h ; expr=cudaMalloc((void**)&p, size);",
+    "Check failed: cudaSuccess == cudaStat (0 vs. 2) Cuda Error: out of memory",
+    "RuntimeError: cuDNN error: CUDNN_STATUS_ALLOC_FAILED",
+    "RuntimeError: cuFFT error: CUFFT_ALLOC_FAILED",
+    "RuntimeError: cusolver error: CUSOLVER_STATUS_ALLOC_FAILED, when calling `cusolverDnCreate(handle)`",
+    "RuntimeError: CUDA error: CUSPARSE_STATUS_ALLOC_FAILED when calling `cusparseCreate(handle)`",
+    "RuntimeError: curand error: CURAND_STATUS_ALLOCATION_FAILED",
+    "rocBLAS error: rocblas_status_memory_error",
+    "clEnqueueNDRangeKernel failed: CL_MEM_OBJECT_ALLOCATION_FAILURE",
+    "llama_kv_cache_init: failed to allocate buffer for kv cache",
+    "RuntimeError: Could not allocate tensor with 4194304 bytes. There is not enough GPU video memory available!",
+    "libc++abi: terminating due to uncaught exception of type std::runtime_error: [metal::malloc] Attempting to "
+    "allocate 53687091200 bytes which is greater than the maximum allowed buffer size",
+    "ERROR: Out of GPU memory trying to allocate 1.234 GiB",
+    "Attempting to reserve 12.50G at the bottom of memory. That was not possible. There are 9.62G free.",
+    "W external/xla/xla/tsl/framework/bfc_allocator.cc:482] Allocator (GPU_0_bfc) ran out of memory trying to "
+    "allocate 1.00GiB (rounded to 1073741824)requested by op",
+    "tensorflow.python.framework.errors_impl.InternalError: Failed copying input tensor from /job:localhost/replica:0"
+    "/task:0/device:CPU:0 to /job:localhost/replica:0/task:0/device:GPU:0 in order to run _EagerConst: Dst tensor is "
+    "not initialized.",
+    "jaxlib.xla_extension.XlaRuntimeError: INTERNAL: Failed to allocate 8388608 bytes for new constant",
+    "ValueError: The model's max seq len (32768) is larger than the maximum number of tokens that can be stored in "
+    "KV cache (10000). Try increasing `gpu_memory_utilization` or decreasing `max_model_len`",
+    "ValueError: To serve at least one request with the models's max seq len (131072), (16.0 GiB KV cache is needed, "
+    "which is larger than the available KV cache memory (9.36 GiB).",
+    "RuntimeError: Not enough memory. Please try to increase --mem-fraction-static.",
+    "Not enough memory to handle 4096 prefill tokens. You need to decrease `--max-batch-prefill-tokens`",
+    "NvMapMemAllocInternalTagged: 1075072515 error 12",
+    "Fatal Python error: Cannot recover from MemoryErrors while normalizing exceptions.",
+    "Unhandled exception. System.OutOfMemoryException: Exception of type 'System.OutOfMemoryException' was thrown.",
+    "ERROR: OutOfMemoryError()",
+    "ray.exceptions.RayTaskError(OutOfMemoryError): ray::train() (pid=123, ip=10.0.0.1)",
+    "Exception in thread \"main\" java.lang.OutOfMemoryError: GC overhead limit exceeded",
+    "OutOfMemoryError: Java heap space",
+    "  what():  bad allocation",
+    "terminate called after throwing an instance of 'paddle::memory::allocation::BadAlloc'",
+    "ArrowMemoryError: realloc of size 2172846080 failed",
+    "bash: fork: Cannot allocate memory",
+    "virtual memory exhausted: Cannot allocate memory",
+    "cc1plus: out of memory allocating 65536 bytes after a total of 1234 bytes",
+    "OSError: [WinError 1455] The paging file is too small for this operation to complete",
+    "Error: model requires more system memory (12.3 GiB) than is available (8.1 GiB)",
+    "W tensorflow/core/framework/op_kernel.cc:1763] OP_REQUIRES failed at cast_op.cc:109 : Resource exhausted: OOM "
+    "when allocating tensor with shape[1,559,512,3] and type float on /job:localhost/replica:0/task:0/device:CPU:0 "
+    "by allocator cpu",
+    "W tensorflow/core/framework/allocator.cc:108] Allocator (mklcpu) ran out of memory trying to allocate 2.1G",
+    "PHP Fatal error:  Allowed memory size of 134217728 bytes exhausted (tried to allocate 20480 bytes)",
+    "Error: cannot allocate vector of size 1.2 Gb",
+    "[ 8812.113] Memory cgroup out of memory: Killed process 4242 (python)",
+    "trainer.service: Failed with result 'oom-kill'.",
+    "systemd-oomd[712]: Killed /user.slice/user-1000.slice/session-3.scope due to memory pressure for /user.slice",
+    "earlyoom: low memory! at or below SIGTERM limits: mem 10.00%, swap 10.00%",
+    "Message: The node was low on resource: memory. Container trainer was using 15Gi, which exceeds its request of 8Gi.",
+    "slurmstepd: error: Exceeded job memory limit",
+    "Container [pid=1234,containerID=c_1] is running beyond physical memory limits. Current usage: 8.1 GB of 8 GB",
+    "ray.exceptions.OutOfMemoryError: Task was killed due to the node running low on memory.",
+    "distributed.scheduler.KilledWorker: Attempted to run task x on 3 different workers, but all those workers died",
+    "The executor with id 1 exited with exit code 137(SIGKILL, possible container OOM).",
+    "npm ERR! code ENOSPC",
+    "There is not enough space on the disk.",
+    "Message: The node was low on resource: ephemeral-storage.",
+    "OSError: Not enough disk space. Needed: 1.20 GiB (download: 1.00 GiB, generated: 200 MiB)",
+    'Job 1234 exceeds job hard limit "h_rt" of queue "all.q@node1"',
+    "wandb: ERROR Run initialization has timed out after 90.0 sec.",
+    "RuntimeError: Timed out initializing process group in store based barrier on rank: 0",
+    "ERROR: Job failed: execution took longer than 1h0m0s seconds",
+    "CPU time limit exceeded (core dumped)",
+    "trainer.service: Main process exited, code=killed, status=9/KILL",
+]
+
+
+def test_every_pattern_is_reached_by_a_real_or_example_line():
+    """Each pattern matches some line: the corpus's real texts or EXAMPLES above. A pattern no line reaches
+    (shadowed by another, or filtered out before matching) is dead and fails this test."""
+    import yaml
+
+    from memguard import diagnose as dg
+
+    corpus = yaml.safe_load((Path(__file__).resolve().parent / "corpus" / "exit_messages.yaml").read_text("utf-8"))
+    texts = [e["text"].splitlines() for e in corpus] + [[line] for line in EXAMPLES]
+    reached: set[int] = set()
+    for text in texts:
+        lines = dg.split_lines(text)
+        for i, line in enumerate(lines):
+            hit = dg._match_line(line, lines, i)
+            if hit is not None:
+                reached.add(id(hit[0]))
+    dead = [f"{r.source}: {r.rx.pattern[:80]}" for r in dg._ALL_RULES if id(r) not in reached]
+    assert not dead, "patterns no line reaches:\n" + "\n".join(dead)

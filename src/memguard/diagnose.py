@@ -244,7 +244,7 @@ _GPU_RULES: tuple[_Rule, ...] = (
     _r(GPU_OOM, "pytorch", r"\bcuda runtime error ?\(2\) ?: ?out of memory", flags=_I),
     _r(GPU_OOM, "pytorch", r"\bTHCudaCheck FAIL file=\S{1,300} line=\d+ error=2 : out of memory"),
     # The CUDA runtime's and driver's words, as PyTorch, llama.cpp, darknet, ONNX Runtime print them
-    _r(GPU_OOM, "cuda", r"\bCUDA (?:driver )?error(?: \d+)?(?: at \S{1,300}:\d+)?: out of memory\b", flags=_I),
+    _r(GPU_OOM, "cuda", r"\bCUDA (?:driver )?error(?: \d+)?(?: at \S{1,300}:\d+)?(?::|\s?\"|\s?') ?out of memory\b", flags=_I),
     _r(GPU_OOM, "cuda", r"\bCUDA failure 2: out of memory\b", flags=_I),
     _r(GPU_OOM, "cuda", r"\bcuda failed with error 2\b", flags=_I),
     _r(GPU_OOM, "cuda", r"\bCUDA_ERROR_OUT_OF_MEMORY\b"),
@@ -253,7 +253,6 @@ _GPU_RULES: tuple[_Rule, ...] = (
        flags=_I),
     # Caffe / glog checks and PaddlePaddle's legacy ones
     _r(GPU_OOM, "caffe", r"\(2 vs\. 0\)\s{1,3}out of memory\b"),
-    _r(GPU_OOM, "paddle", r"\(0 vs\. 2\) Cuda Error: out of memory\b"),
     # CUDA libraries
     _r(GPU_OOM, "cublas", r"\bCUBLAS_STATUS_ALLOC_FAILED\b"),
     _r(GPU_OOM, "cudnn", r"\bCUDNN_STATUS_ALLOC_FAILED\b"),
@@ -275,6 +274,11 @@ _GPU_RULES: tuple[_Rule, ...] = (
     _r(GPU_OOM, "metal", r"\bkIOGPUCommandBufferCallbackErrorOutOfMemory\b|\bMTLCommandBufferErrorOutOfMemory\b"),
     # llama.cpp / ggml: "failed to allocate CUDA0 buffer of size 4294967296"
     _r(GPU_OOM, "llama.cpp", r"\b(?:failed|unable) to allocate (?:CUDA|ROCm|HIP|Metal|Vulkan|SYCL|CANN|MUSA)\d* buffer\b"),
+    _r(None, "llama.cpp", r"\b(?:failed|unable) to allocate (?:backend buffer|buffer for kv cache)\b"),
+    # DirectML (Windows): "Could not allocate tensor with N bytes. There is not enough GPU video memory available!"
+    _r(GPU_OOM, "directml", r"\bnot enough GPU video memory available\b"),
+    # MLX on Apple silicon: "[metal::malloc] Attempting to allocate N bytes which is greater than the maximum ..."
+    _r(GPU_OOM, "mlx", r"\[metal::malloc\] (?:Attempting to allocate|Resource limit)"),
     # Julia's CUDA.jl: "Out of GPU memory trying to allocate 1.234 GiB"
     _r(GPU_OOM, "julia", r"\bOut of GPU memory\b"),
     # TensorRT: "Cuda Error in allocate: 2 (out of memory)", "Error Code 2: OutOfMemory", "Error code 1: cuda Runtime
@@ -298,6 +302,9 @@ _GPU_RULES: tuple[_Rule, ...] = (
     _r(GPU_OOM, "tensorflow", r"\bOOM when allocating tensor\b", check=_not_in_line(r"device:CPU|allocator cpu")),
     _r(GPU_OOM, "tensorflow", r"\bfailed to allocate memory \[Op:\w+\]"),
     _r(GPU_OOM, "tensorflow", r"\bAllocator \(GPU_\d+_bfc\) ran out of memory trying to allocate\b"),
+    # TensorFlow copying an input to a GPU that has no room left: "... Dst tensor is not initialized."
+    _r(GPU_OOM, "tensorflow", r"\bDst tensor is not initialized\b"),
+    _r(GPU_OOM, "xla", r"\bFailed to allocate \d+ bytes for new constant\b"),
     # CuPy: "cupy.cuda.memory.OutOfMemoryError: Out of memory allocating 1,073,741,824 bytes (allocated so far: ...)"
     _r(GPU_OOM, "cupy", r"\bOut of memory allocating [\d,]+ bytes \(allocated so far\b", flags=_I),
     _r(GPU_OOM, "cupy", r"\bout of memory to allocate \d+ bytes \(total \d+ bytes\)"),
@@ -327,10 +334,6 @@ _MEMORYERROR_NAME = re.compile(
 
 
 _HOST_RULES: tuple[_Rule, ...] = (
-    # Exception lines whose class ends in MemoryError: "MemoryError", "numpy.core._exceptions._ArrayMemoryError: ...",
-    # "pyarrow.lib.ArrowMemoryError: malloc of size 128 failed", "ray.memory_monitor.RayOutOfMemoryError: ...",
-    # "java.lang.OutOfMemoryError: Java heap space". torch/cupy/jax OutOfMemoryError carry a GPU message (above).
-    _Rule(HOST_OOM, "python", _MEMORYERROR_NAME, anchored=True),
     _r(HOST_OOM, "java", r"\bjava\.lang\.OutOfMemoryError\b"),
     _r(HOST_OOM, "python", r"\bCannot recover from MemoryErrors\b"),
     _r(HOST_OOM, "dotnet", r"\bSystem\.OutOfMemoryException\b"),
@@ -355,8 +358,8 @@ _HOST_RULES: tuple[_Rule, ...] = (
     # ENOMEM from the C library and the kernel: "OSError: [Errno 12] Cannot allocate memory", "fork: Cannot allocate
     # memory", "error='Cannot allocate memory' (errno=12)", PyTorch's "Error code 12 (Cannot allocate memory)"
     _r(HOST_OOM, "libc", r"\[Errno 12\]|\berrno=12\b|\bENOMEM\b|\bError code 12\b"),
-    _r(HOST_OOM, "libc", r"\bCannot allocate memory\b"),
     _r(HOST_OOM, "libc", r"\bvirtual memory exhausted\b"),
+    _r(HOST_OOM, "libc", r"\bCannot allocate memory\b"),
     # GCC and other obstack users: "cc1plus: out of memory allocating 65536 bytes after a total of 1234 bytes"
     _r(HOST_OOM, "gcc", r"\bout of memory allocating \d+ bytes after a total of\b"),
     # Windows: "The paging file is too small for this operation to complete. (os error 1455)"
@@ -374,11 +377,15 @@ _HOST_RULES: tuple[_Rule, ...] = (
     _r(HOST_OOM, "node", r"\bJavaScript heap out of memory\b"),
     _r(HOST_OOM, "php", r"\bAllowed memory size of \d+ bytes exhausted\b"),
     _r(HOST_OOM, "r", r"\bcannot allocate vector of size\b"),
+    _r(HOST_OOM, "ray", r"\bkilled due to the node running low on memory\b", kill=True),
+    # Exception lines whose class ends in MemoryError: "MemoryError", "numpy.core._exceptions._ArrayMemoryError: ...",
+    # "pyarrow.lib.ArrowMemoryError: malloc of size 128 failed", "ray.memory_monitor.RayOutOfMemoryError: ...",
+    # "java.lang.OutOfMemoryError: Java heap space". torch/cupy/jax OutOfMemoryError carry a GPU message (above).
+    _Rule(HOST_OOM, "python", _MEMORYERROR_NAME, anchored=True),
     # The kernel's OOM killer, quoted in a job's log (dmesg, journal): "Out of memory: Killed process 2700 (python)",
     # "Memory cgroup out of memory: Killed process", "oom-kill:constraint=CONSTRAINT_MEMCG,..."
-    _r(HOST_OOM, "kernel", r"\bOut of memory: Kill(?:ed)? process \d+", kill=True),
-    _r(HOST_OOM, "kernel", r"\bKilled process \d+ \([^)\n]{0,60}\) total-vm:", kill=True),
-    _r(HOST_OOM, "kernel", r"\bMemory cgroup out of memory\b|\boom-kill:constraint=|\binvoked oom-killer\b", kill=True),
+    _r(HOST_OOM, "kernel", r"\bout of memory: Kill(?:ed)? process \d+|\bKilled process \d+ \([^)\n]{0,60}\) total-vm:|"
+                           r"\boom-kill:constraint=|\binvoked oom-killer\b", flags=_I, kill=True),
     # systemd, systemd-oomd, earlyoom: "Failed with result 'oom-kill'", "A process of this unit has been killed by the
     # OOM killer", "Killed /user.slice/... due to memory pressure", "low memory! at or below SIGTERM limits"
     _r(HOST_OOM, "systemd", r"\bFailed with result 'oom-kill'|\bhas been killed by the OOM killer\b", kill=True),
@@ -396,7 +403,6 @@ _HOST_RULES: tuple[_Rule, ...] = (
     _r(HOST_OOM, "yarn", r"\bis running beyond (?:physical|virtual) memory limits\b", kill=True),
     # Ray: "Task was killed due to the node running low on memory", the raylet's "Workers ... killed due to memory
     # pressure (OOM)"
-    _r(HOST_OOM, "ray", r"\bkilled due to the node running low on memory\b", kill=True),
     _r(HOST_OOM, "ray", r"\bkilled due to memory pressure \(OOM\)", kill=True),
     # Dask: "Worker exceeded 95% memory budget. Restarting", "Worker tcp://... (pid=129) exceeded 95% memory budget"
     _r(HOST_OOM, "dask", r"\bexceeded \d+% memory budget\b", kill=True),
@@ -422,12 +428,14 @@ _DISK_RULES: tuple[_Rule, ...] = (
     _r(DISK_FULL, "disk", r"\bDisk quota exceeded\b|\[Errno 122\]|\bEDQUOT\b", flags=_I),
     _r(DISK_FULL, "disk", r"\bnot enough space on the disk\b|\bdatabase or disk is full\b", flags=_I),
     _r(DISK_FULL, "kubernetes", r"\bThe node was low on resource: ephemeral-storage\b"),
+    # Hugging Face datasets: "OSError: Not enough disk space. Needed: 1.20 GiB (download: ...)"
+    _r(DISK_FULL, "disk", r"\bNot enough disk space\b", flags=_I),
     # /dev/shm, the shared-memory filesystem PyTorch's DataLoader and NCCL use
     _r(DISK_FULL, "shm", r"\binsufficient shared memory \(shm\)|\bworkers are out of shared memory\b"),
 )
 
-_TIMEOUT_EXCEPTIONS = (r"TimeoutError|TimeoutExpired|ReadTimeout(?:Error)?|ConnectTimeout(?:Error)?|"
-                       r"DeadlineExceeded(?:Error)?|TimeoutException|socket\.timeout|(?:Soft)?TimeLimitExceeded")
+_TIMEOUT_EXCEPTIONS = (r"\w{0,30}(?:Timeout|TimedOut)(?:Error|Exception|Expired)?|DeadlineExceeded(?:Error)?|"
+                       r"socket\.timeout|(?:Soft)?TimeLimitExceeded")
 _TIMEOUT_RULES: tuple[_Rule, ...] = (
     # Schedulers: Slurm "CANCELLED AT ... DUE TO TIME LIMIT", PBS "job killed: walltime 7233 exceeded limit 7200",
     # Moab "job exceeded wallclock limit", LSF "TERM_RUNLIMIT", GitHub Actions, HTCondor/CRAB, Kubernetes Jobs
@@ -437,7 +445,8 @@ _TIMEOUT_RULES: tuple[_Rule, ...] = (
     _r(TIMEOUT, "lsf", r"\bTERM_RUNLIMIT\b"),
     _r(TIMEOUT, "ci", r"\bhas exceeded the maximum execution time of \d+ minutes\b"),
     _r(TIMEOUT, "htcondor", r"\bdue to wall ?clock limit\b", flags=_I),
-    _r(TIMEOUT, "kubernetes", r"\bJob was active longer than specified deadline\b"),
+    _r(TIMEOUT, "kubernetes", r"\bJob was active longer than specified deadline\b|\breason: DeadlineExceeded\b"),
+    _r(TIMEOUT, "sge", r"\bexceeds job (?:hard|soft) limit \"[hs]_rt\""),
     # Watchdogs: PyTorch's NCCL watchdog "Watchdog caught collective operation timeout: WorkNCCL(...) ran for 1802212
     # milliseconds before timing out."
     _r(TIMEOUT, "nccl", r"\bWatchdog caught collective operation timeout\b|\bran for \d+ milliseconds before timing out\b"),
@@ -445,7 +454,7 @@ _TIMEOUT_RULES: tuple[_Rule, ...] = (
     # gRPC "DEADLINE_EXCEEDED"
     _Rule(TIMEOUT, "python", re.compile(_LEAD + r"(?:[A-Za-z_]\w{0,60}\.){0,6}(?:" + _TIMEOUT_EXCEPTIONS + r")\b(?=\s*(?::|$|\())"),
           anchored=True),
-    _r(TIMEOUT, "http", r"\bRead timed out\b", flags=_I),
+    _r(TIMEOUT, "http", r"\b(?:Read|Request|Connection) timed out\b", flags=_I),
     _r(TIMEOUT, "python", r"\btimed out after [\d.]+ ?(?:s|sec|secs|seconds|ms|milliseconds|minutes?)\b", flags=_I),
     _r(TIMEOUT, "pytorch", r"\bTimed out initializing process group\b"),
     _r(TIMEOUT, "ci", r"\bexecution took longer than \S{1,20} seconds\b"),
@@ -482,7 +491,7 @@ _ALL_RULES: tuple[_Rule, ...] = _GPU_RULES + _HOST_RULES + _DISK_RULES + _TIMEOU
 _PREFILTER = re.compile(
     r"memory|alloc|oom|kill|space|quota|errno|time.?out|timing out|timed out|deadline|time limit|walltime|wall ?clock|"
     r"runlimit|execution time|terminat|signal|exit|exhaust|resource|nvml|nvmap|insufficient|shm|batch size|cache blocks|"
-    r"enomem|enospc|edquot|storagefull|memalign|exceeded|killed", _I)
+    r"enomem|enospc|edquot|storagefull|memalign|exceed|killed|dst tensor|paging file|took longer", _I)
 
 # A line the program printed as information, not as the failure.
 _LINE_REJECT = re.compile(r"this is not a failure|inotify|file watchers", _I)

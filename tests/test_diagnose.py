@@ -316,6 +316,7 @@ def test_sigkill_after_a_gpu_oom_is_not_a_gpu_oom():
     lines = [TORCH_2]
     v = diagnose_exit(137, None, lines)
     assert v.cause == KILLED and v.evidence == (lines[0][:QUOTE_CHARS - 1].rstrip() + "…",)
+    assert v.main is None and "source" not in v.to_dict() and "gpu" not in v.to_dict()
     v = diagnose_exit(None, 9, lines, kernel_oom=True, limit_bytes=16 * GiB)
     assert v.cause == HOST_OOM and "16.00 GiB" in v.detail and "16.00 GiB" in v.recommendation
     assert v.limit_bytes == 16 * GiB and v.evidence  # the GPU line, as context

@@ -38,7 +38,8 @@ from .model import signal_name
 
 __all__ = [
     "CAUSES", "DISK_FULL", "EXIT", "GPU_OOM", "HOST_OOM", "KILLED", "NONE", "TIMEOUT", "UNKNOWN",
-    "Diagnosis", "Verdict", "classify_output", "diagnose_exit", "find_evidence", "format_bytes", "split_lines",
+    "Diagnosis", "Verdict", "classify_output", "diagnose_exit", "find_evidence", "format_bytes", "recommend",
+    "split_lines",
 ]
 
 # ----------------------------------------------------------------------------------------------
@@ -108,7 +109,9 @@ class Diagnosis:
     for a kill that is usually the OOM killer but may have come from
     elsewhere (the shell's ``Killed``); ``recovered`` is True when the
     program said it went on (``Skipping batch``, ``Trying batch size 192``);
-    ``index`` is the line's position in the split text (:func:`split_lines`).
+    ``index`` is the line's position in the split text (:func:`split_lines`);
+    ``kill`` is True for a kill for memory by the kernel or a scheduler
+    (``OOMKilled``, Slurm's oom-kill events, YARN, Ray, Dask, systemd).
     """
 
     kind: str
@@ -152,7 +155,9 @@ class Verdict:
     runtime's 128+N included), ``signal`` the number of the signal that ended
     it (also when only a 128+N or a negative returncode tells), ``limit_bytes``
     the memory limit it ran under when known. ``evidence`` quotes the lines,
-    the deciding one first; ``findings`` holds them as :class:`Diagnosis`.
+    the deciding one first; ``findings`` holds them as :class:`Diagnosis`;
+    ``main`` is the deciding finding, None when the status alone decided
+    (the evidence is then context: a GPU message before a SIGKILL).
     """
 
     cause: str
@@ -163,13 +168,14 @@ class Verdict:
     signal: int | None = None
     limit_bytes: int | None = None
     findings: tuple[Diagnosis, ...] = ()
+    main: Diagnosis | None = None
 
     @property
     def failed(self) -> bool:
         return self.cause not in (NONE, UNKNOWN)
 
     def to_dict(self) -> dict[str, object]:
-        """The verdict as JSON-ready data: the documented fields, then what the main finding knows."""
+        """The verdict as JSON-ready data: the documented fields, then what the deciding finding knows."""
         out: dict[str, object] = {
             "cause": self.cause,
             "detail": self.detail,
@@ -180,7 +186,7 @@ class Verdict:
             "signal_name": signal_name(self.signal) if self.signal is not None else None,
             "limit_bytes": self.limit_bytes,
         }
-        main = self.findings[0] if self.findings else None
+        main = self.main
         if main is not None:
             out["source"] = main.source
             if main.requested_bytes is not None:
@@ -819,7 +825,7 @@ def diagnose_exit(returncode: int | None, signal: int | None, lines: Sequence[st
     def verdict(cause: str, main: Diagnosis | None, detail: str) -> Verdict:
         evidence, ordered = _evidence(main, failing if cause != NONE else findings)
         return Verdict(cause, detail, recommend(cause, main, sig=sig, limit_bytes=limit_bytes, kernel_oom=kernel_oom),
-                       evidence, exit_code, sig, limit_bytes, ordered)
+                       evidence, exit_code, sig, limit_bytes, ordered, main)
 
     if returncode == 0 and signal is None:
         ooms = [d for d in findings if d.kind in (GPU_OOM, HOST_OOM)]
@@ -840,7 +846,7 @@ def diagnose_exit(returncode: int | None, signal: int | None, lines: Sequence[st
         main = _best(failing)
         if main is None:
             return verdict(UNKNOWN, None, "the text names no cause and the exit status is unknown")
-        return verdict(main.kind, main, f"{main.describe()}; exit status unknown")
+        return verdict(main.kind, main, main.describe())
 
     def host_ok(d: Diagnosis) -> bool:
         return d.kind == HOST_OOM and (d.certain or kernel_oom is not False)

@@ -9,7 +9,7 @@ memguard's vocabulary (docs/incidents.md, "Causes"), those lines with their
 line numbers, and what to do::
 
     cause:     gpu_oom
-    what:      GPU out of memory on GPU 0 (tried to allocate 2.00 GiB), reported by pytorch (exit status unknown)
+    what:      GPU out of memory on GPU 0 (tried to allocate 2.00 GiB), reported by pytorch
     status:    exit status unknown
     evidence:  train.log:1234  torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 ...
     do:        Reduce the batch size (or sequence length), use mixed precision ...

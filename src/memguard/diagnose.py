@@ -266,6 +266,10 @@ _GPU_RULES: tuple[_Rule, ...] = (
     _r(GPU_OOM, "cusolver", r"\bCUSOLVER_STATUS_ALLOC_FAILED\b"),
     _r(GPU_OOM, "cusparse", r"\bCUSPARSE_STATUS_ALLOC_FAILED\b"),
     _r(GPU_OOM, "curand", r"\bCURAND_STATUS_ALLOCATION_FAILED\b"),
+    # RAPIDS Memory Manager (cuDF, cuML, XGBoost, Spark RAPIDS), often behind MemoryError or Java's OutOfMemoryError:
+    # "std::bad_alloc: out_of_memory: RMM failure at:.../pool_memory_resource.hpp:196: Maximum pool size exceeded"
+    _r(GPU_OOM, "rmm", r"\bRMM failure at:[^\n]{0,300}?Maximum pool size exceeded\b|\bFAILURE maximum pool size exceeded\b|"
+                       r"\brmm::out_of_memory\b"),
     # NCCL: "NCCL WARN Cuda failure 'out of memory'", "NCCL WARN Failed to CUDA calloc 6291456 bytes"
     _r(GPU_OOM, "nccl", r"\bCuda failure(?: \d+)? '?out of memory'?", flags=_I),
     _r(GPU_OOM, "nccl", r"\bNCCL WARN Failed to CUDA calloc \d+ bytes"),
@@ -391,7 +395,7 @@ _HOST_RULES: tuple[_Rule, ...] = (
     # The kernel's OOM killer, quoted in a job's log (dmesg, journal): "Out of memory: Killed process 2700 (python)",
     # "Memory cgroup out of memory: Killed process", "oom-kill:constraint=CONSTRAINT_MEMCG,..."
     _r(HOST_OOM, "kernel", r"\bout of memory: Kill(?:ed)? process \d+|\bKilled process \d+ \([^)\n]{0,60}\) total-vm:|"
-                           r"\boom-kill:constraint=|\binvoked oom-killer\b", flags=_I, kill=True),
+                           r"\boom-kill:constraint=|\binvoked oom-killer\b|\boom_reaper: reaped process\b", flags=_I, kill=True),
     # systemd, systemd-oomd, earlyoom: "Failed with result 'oom-kill'", "A process of this unit has been killed by the
     # OOM killer", "Killed /user.slice/... due to memory pressure", "low memory! at or below SIGTERM limits"
     _r(HOST_OOM, "systemd", r"\bFailed with result 'oom-kill'|\bhas been killed by the OOM killer\b", kill=True),

@@ -511,9 +511,10 @@ _ADVICE = re.compile(
     r"\b(?:avoid(?:s|ed|ing)?|prevent(?:s|ed|ing)?|if|in case|whether|try|tip|hint|e\.g\.|such as|recommend\w*|"
     r"should|to fix|to reduce|to handle|can cause|may cause|might cause|could cause)\b[^.;!?\n]{0,80}$"
     r"|\b(?:not|no|never|without)\s+(?:\S+\s+)?$", _I)
-# Source code, not output: Python/C++ keywords at the start of the line, or a string literal opened after one.
+# Source code, not output: Python/C++ keywords at the start of the line (Jupyter's numbered lines included), or a
+# string literal opened after one.
 _CODE_LINE = re.compile(r"^\s*(?:-+>\s*)?(?:\d+\s+)?(?:except|raise|catch|throw|if|elif|while|return|assert|def|class|"
-                        r"import|from|with|try|print|logger\.\w+|logging\.\w+|log\.\w+|#|//)\b")
+                        r"import|from|with|try|print|logger\.\w+|logging\.\w+|log\.\w+)\b")
 _CODE_PREFIX = re.compile(r"\b(?:raise|except|print|assert|return|if|elif|while)\b[^\n]{0,60}[\"']\s*$")
 
 # The program said it went on: "Skipping batch", "* Trying batch size 192... Ok", "retrying".

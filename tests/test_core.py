@@ -215,7 +215,7 @@ def test_kernel_oom_classification_from_scope_counter():
     sim.exit("w-0", sig=SIGKILL)
     acts = sim.tick(0.1)
     exit_notice = [a for a in acts if isinstance(a, Notice) and a.event == "exit"][0]
-    assert exit_notice.fields["cause"] == "kernel_oom"
+    assert exit_notice.fields["cause"] == "host_oom" and exit_notice.fields["kernel_oom"] is True
     assert any(isinstance(a, Notice) and a.event == "kernel_oom_kill" for a in acts)
 
 

@@ -217,7 +217,7 @@ def test_leftovers_of_an_exited_worker_are_killed(tmp_path):
     try:
         main, orphan = d.worker_pids("w-0")
         ev = d.event("exit", worker="w-0")
-        assert ev["cause"] == "failed" and ev["returncode"] == 3
+        assert ev["cause"] == "exit" and ev["returncode"] == 3
         assert ev["leftovers_killed"] == 1
         assert wait_gone([orphan], 2.0) == []
     finally:

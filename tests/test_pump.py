@@ -104,7 +104,7 @@ def test_exit_is_enriched_and_reported():
                          oom_detail="at its cgroup limit 256MiB (limits.memory)", last_lines=("allocating",))
         await rig.advance(0.01)
         exits = rig.log.named("exit", worker="w-0")
-        assert len(exits) == 1 and exits[0]["cause"] == "kernel_oom"
+        assert len(exits) == 1 and exits[0]["cause"] == "host_oom" and exits[0]["kernel_oom"] is True
         assert "killed by the kernel OOM killer at its cgroup limit 256MiB" in exits[0]["message"]
         assert exits[0]["last_lines"] == ["allocating"] and exits[0]["level"] == "warning"
         assert rig.phase("w-0") == "pending"
@@ -125,7 +125,7 @@ def test_exit_zero_after_a_printed_oom_is_not_a_failure():
             "done"))
         await rig.advance(10.0)
         exit_ev = rig.log.named("exit", worker="w-0")[0]
-        assert exit_ev["cause"] == "exited" and exit_ev.get("recovered") is True
+        assert exit_ev["cause"] == "none" and exit_ev.get("recovered") is True
         assert rig.phase("w-0") == "stopped"
         assert [a for a in rig.effects.actions if isinstance(a, Spawn)][-1].incarnation == 1
     run(main())

@@ -153,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .commands import events, install
 
     install.add_parser(sub)
+    from .commands import diagnose; diagnose.add_parser(sub)  # noqa: E702
     events.add_parser(sub)
     return parser
 

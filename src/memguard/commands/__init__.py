@@ -1,1 +1,1 @@
-"""Subcommands of ``memguard`` that are not the daemon: ``install``, ``events``."""
+"""Subcommands of ``memguard`` that are not the daemon: ``install``, ``events``, ``diagnose``."""

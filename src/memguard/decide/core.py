@@ -27,7 +27,7 @@ import math
 import zlib
 from dataclasses import replace
 
-from ..diagnose import classify_output
+from ..diagnose import diagnose_exit
 from ..model import (
     Action,
     SIGKILL,
@@ -81,6 +81,7 @@ class _Step:
         self.process_stop = state.process_stop
         self.actions: list[Action] = []
         self.oom_delta = 0
+        self.oom_known = False  # this step's observation had the scope's OOM counter
 
     def freeze(self) -> CoreState:
         return CoreState(
@@ -277,7 +278,7 @@ def _apply_events(s: _Step, obs: Observation) -> None:
                 continue
             s.emit(Notice("spawn_failed", level="error", worker=w.name, workload=w.workload,
                           reason=ev.error, fields={"incarnation": ev.incarnation}))
-            _after_exit(s, w, ran_for=0.0, kind="spawn_failed", detail=ev.error, clean=False)
+            _after_exit(s, w, ran_for=0.0, detail=ev.error, failed=True)
         elif isinstance(ev, Exited):
             if w.phase not in (Phase.RUNNING, Phase.STOPPING) or ev.pid != w.pid:
                 continue
@@ -324,64 +325,60 @@ def _on_trial(s: _Step, w: WorkerState, ev: TrialEvent) -> None:
 
 
 def _on_exit(s: _Step, w: WorkerState, ev: Exited) -> None:
+    """Explain an exit (cause from the documented vocabulary, the lines that say so, what to do), then
+    decide what follows. The exit status decides whether it failed; the output, what kind of failure."""
     ran_for = max(0.0, ev.at - (w.started_at if w.started_at is not None else ev.at))
     stop = w.stop
+    wl = s.workload(w)
     fields: dict[str, object] = {"ran_for_s": round(ran_for, 3), "incarnation": w.incarnation}
     if ev.returncode is not None:
         fields["returncode"] = ev.returncode
     if ev.signal is not None:
         fields["exit_signal"] = signal_name(ev.signal)
-    diagnosis = classify_output(ev.last_lines) if ev.last_lines else None
-    if diagnosis is not None:
-        fields.update(oom_line=diagnosis.line, oom_source=diagnosis.source)
-        if diagnosis.gpu is not None:
-            fields["gpu"] = diagnosis.gpu
-        if diagnosis.requested_bytes is not None:
-            fields["requested_bytes"] = diagnosis.requested_bytes
+    kernel_oom: bool | None = ev.kernel_oom
+    if kernel_oom is None and ev.signal == SIGKILL and s.oom_known:
+        kernel_oom = s.oom_delta > 0  # the scope's OOM counter rose, or certainly did not
+    v = diagnose_exit(ev.returncode, ev.signal, ev.last_lines, kernel_oom=kernel_oom,
+                      limit_bytes=wl.limits.memory_bytes)
+    if v.main is not None:
+        fields.update(oom_line=v.main.line, oom_source=v.main.source)
+        if v.main.gpu is not None:
+            fields["gpu"] = v.main.gpu
+        if v.main.requested_bytes is not None:
+            fields["requested_bytes"] = v.main.requested_bytes
     if stop is not None:
-        kind = "stopped"
+        cause, failed = "stopped", False
         detail = (f"stopped by memguard ({stop.event}, rule {stop.rule})" if stop.rule and stop.reason == "rule"
                   else f"stopped by memguard ({stop.event}, {stop.reason}: {stop.rule})" if stop.rule
                   else f"stopped by memguard ({stop.event}, {stop.reason})")
-        clean = True
-    elif ev.kernel_oom or (ev.signal == SIGKILL and ev.kernel_oom is None and s.oom_delta > 0):
-        kind = "kernel_oom"
+    elif kernel_oom and v.cause == "host_oom":
+        cause, failed = v.cause, True
         detail = "killed by the kernel OOM killer" + (
             f" {ev.oom_detail}" if ev.oom_detail else "" if ev.kernel_oom else " (the scope's OOM kill counter rose)")
-        clean = False
-    elif ev.signal is None and ev.returncode == 0:
-        # The exit code decides whether it failed; an OOM it printed and recovered from is information.
-        kind = "exited"
-        detail = "exited 0" + (f" (after {diagnosis.describe()}, recovered)" if diagnosis is not None else "")
-        clean = True
-        if diagnosis is not None:
-            fields["recovered"] = True
-    elif diagnosis is not None:
-        kind = diagnosis.kind
-        detail = f"{diagnosis.describe()}: {diagnosis.line!r}"
-        clean = False
-    elif ev.signal is not None:
-        kind = "signal"
-        detail = f"killed by {signal_name(ev.signal)} (not sent by memguard)"
-        clean = False
     else:
-        kind = "failed"
-        detail = f"exited {ev.returncode}"
-        clean = False
-    fields["cause"] = kind
+        cause, failed, detail = v.cause, v.failed, v.detail
+        if not failed and v.main is not None:
+            fields["recovered"] = True  # it printed an OOM and went on: information, not a failure
+    fields["cause"] = cause
+    if kernel_oom:
+        fields["kernel_oom"] = True
+    if failed and v.recommendation:
+        fields["recommendation"] = v.recommendation
+    if v.evidence and (failed or fields.get("recovered")):
+        fields["evidence"] = list(v.evidence)
     if ev.leftovers:
         fields["leftovers_killed"] = ev.leftovers
-    if not clean and ev.last_lines:
+    if failed and ev.last_lines:
         fields["last_lines"] = list(ev.last_lines[-5:])
-    level = "info" if clean else "warning"
-    s.emit(Notice("exit", level=level, worker=w.name, workload=w.workload, pid=ev.pid, reason=detail,
-                  explain=stop.explain if stop else None, fields=fields))
+    s.emit(Notice("exit", level="warning" if failed else "info", worker=w.name, workload=w.workload, pid=ev.pid,
+                  reason=detail, explain=stop.explain if stop else None, fields=fields))
     if s.victim == (w.name, w.incarnation):
         s.delay_until = ev.at + s.policy.post_action_delay_s
-    _after_exit(s, w, ran_for=ran_for, kind=kind, detail=detail, clean=kind == "exited")
+    _after_exit(s, w, ran_for=ran_for, detail=detail, failed=failed, by_memguard=stop is not None)
 
 
-def _after_exit(s: _Step, w: WorkerState, *, ran_for: float, kind: str, detail: str, clean: bool) -> None:
+def _after_exit(s: _Step, w: WorkerState, *, ran_for: float, detail: str, failed: bool,
+                by_memguard: bool = False) -> None:
     """Decide what follows an exit: stay stopped, restart now, restart after backoff, or fail."""
     wl = s.workload(w)
     stop = w.stop
@@ -396,9 +393,10 @@ def _after_exit(s: _Step, w: WorkerState, *, ran_for: float, kind: str, detail: 
     restart_now = stop is not None and stop.then == "restart"
     if not restart_now:
         mode = wl.restart.mode
-        if mode == "never" or (mode == "on-failure" and kind == "exited"):
+        finished = not failed and not by_memguard  # it exited cleanly on its own: its work is done
+        if mode == "never" or (mode == "on-failure" and finished):
             s.set(w, phase=Phase.STOPPED, **base)
-            if kind == "exited":
+            if finished:
                 s.emit(Notice("completed", worker=w.name, workload=w.workload,
                               reason="exited 0 on its own; restart policy on-failure leaves it stopped"))
             return
@@ -433,6 +431,7 @@ def _after_exit(s: _Step, w: WorkerState, *, ran_for: float, kind: str, detail: 
 def _note_kernel_oom(s: _Step, obs: Observation) -> None:
     now_count = obs.scope.oom_kills
     if is_known(now_count) and is_known(s.oom_kills):
+        s.oom_known = True
         s.oom_delta = max(0, int(now_count) - int(s.oom_kills))
         if s.oom_delta:
             s.emit(Notice("kernel_oom_kill", level="error",

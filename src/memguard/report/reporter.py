@@ -66,7 +66,7 @@ class Reporter(LoopOwned):
         for action in actions:
             level, event, fields = action_event(action, dry_run=dry_run)
             self.event(level, event, **fields)
-            if isinstance(action, Notice) and action.event == "exit" and action.fields.get("cause") == "kernel_oom":
+            if isinstance(action, Notice) and action.event == "exit" and action.fields.get("kernel_oom"):
                 self.kernel_oom_kills += 1
                 if self.metrics is not None:
                     self.metrics.kernel_oom_kills += 1

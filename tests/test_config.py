@@ -35,7 +35,7 @@ from memguard.config import (
     load_config,
     load_workload_file,
 )
-from memguard.expr import Comparison
+from memguard.expr import Comparison, ExprError
 from memguard.policy import ActionKind, DaemonPolicy, Limits, RestartPolicy, Rule, WorkloadPolicy
 from memguard.signals import SIGNALS
 
@@ -1073,3 +1073,16 @@ def test_the_schema_refuses_unknown_keys_and_knows_the_loaders_keys() -> None:
     assert set(daemon.schema["properties"]) == set(DAEMON_KEYS)
     assert set(workload.schema["properties"]) == set(WORKLOAD_KEYS)
     assert set(workload.schema["properties"]["rules"]["items"]["properties"]) == set(RULE_KEYS)
+
+
+@pytest.mark.xfail(strict=True, raises=ExprError,
+                   reason="decide.core.runtime_rule writes the runtime with :g (1.0368e+06s for 12 days); "
+                          "it must use memguard.units.duration_text")
+def test_every_accepted_runtime_gives_a_runtime_rule(tmp_path: Path) -> None:
+    """limits.runtime of 12 days (anything from 1e6 s) is accepted by the loader, so the core's runtime rule,
+    built from it as expression text, must parse too."""
+    from memguard.decide.core import runtime_rule
+
+    p = write(tmp_path, "w.yaml", "command: [a]\nlimits: {runtime: 12d}\n")
+    rule = runtime_rule(load_workload_file(p))
+    assert rule is not None and rule.when.threshold == 12 * 86400  # type: ignore[union-attr]

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from memguard.expr import MAX_EXPR_CHARS, MAX_EXPR_DEPTH, BoolOp, Comparison, Expr, ExprError, comparisons, parse_expr
 from memguard.overlap import find_overlap
 from memguard.signals import SIGNALS
-from memguard.units import MAX_DURATION_S, MAX_PERCENT, MAX_SIZE_BYTES
+from memguard.units import MAX_DURATION_S, MAX_PERCENT, MAX_SIZE_BYTES, duration_text
 
 TIME_GUARD_S = 2.0  # per input; a guard against a hang, not a benchmark
 FUZZ = settings(derandomize=True, database=None, deadline=None, max_examples=400,
@@ -198,3 +198,14 @@ def test_overlap_check_answers_for_any_pair(when: str, release: str, limit: int 
     bases = {"limits.memory": float(limit)} if limit else {}
     answer = find_overlap(w, r, bases)
     assert answer is None or ("both hold at once" in answer and "for example with" in answer)
+
+
+@settings(derandomize=True, database=None, deadline=None, max_examples=300)
+@given(seconds=st.floats(min_value=0, max_value=MAX_DURATION_S, allow_nan=False))
+def test_duration_text_reads_back_exactly_in_an_expression(seconds: float) -> None:
+    """Every duration memguard accepts, written with duration_text, parses back in a rule: exactly from a
+    millisecond up, to the nanosecond below (f"{s:g}s" would give '1.0368e+06s' for 12 days, which the
+    language refuses)."""
+    expr = parse_expr(f"worker.age > {duration_text(seconds)}")
+    assert isinstance(expr, Comparison)
+    assert expr.threshold == seconds if seconds >= 0.001 else abs(expr.threshold - seconds) <= 1e-9

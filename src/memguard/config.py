@@ -247,12 +247,20 @@ class ConfigIssue:
     message: str
 
     def __str__(self) -> str:
-        where = f"{self.file}:{self.line}" if self.line > 0 else self.file
-        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+        file, path = _printable(self.file), _printable(self.path)
+        where = f"{file}:{self.line}" if self.line > 0 else file
+        return f"{where}: {path}: {self.message}" if path else f"{where}: {self.message}"
 
     def as_dict(self) -> dict[str, object]:
         """The issue for JSON: ``file``, ``line``, ``key`` and ``message``."""
         return {"file": self.file, "line": self.line, "key": self.path, "message": self.message}
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters (and undecodable bytes of file names) escaped: one line, no terminal codes."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 class ConfigError(Exception):
@@ -365,6 +373,11 @@ def _choice_error(value: object, choices: Iterable[str]) -> str:
 
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
+
+
+def _key_text(key: str) -> str:
+    """A user's key as part of a key path: as written when short and printable, else quoted and cut short."""
+    return key if len(key) <= _SHOWN_CHARS and key.isprintable() else _clip(key)
 
 
 # --------------------------------------------------------------------------
@@ -1056,7 +1069,10 @@ class _File:
     def __init__(self, display: str, host: "_Host | None" = None, budget: _Budget | None = None) -> None:
         self.display = display
         self.budget = budget if budget is not None else _Budget()
-        self.dir = os.path.dirname(os.path.abspath(display))
+        try:
+            self.dir = os.path.dirname(os.path.abspath(display))
+        except OSError:  # the current directory was removed: relative paths stay relative
+            self.dir = os.path.dirname(display)
         self.issues: list[ConfigIssue] = []
         self.n_issues = 0  # all issues, also those past MAX_ISSUES_PER_FILE that are not kept
         self.warnings: list[ConfigIssue] = []
@@ -1246,7 +1262,7 @@ class _File:
                 shown = _describe(key) if isinstance(knode, ScalarNode) else _describe_node(knode)
                 self.issue(knode, path, f"expected a key name, got {shown}")
                 continue
-            kpath = _join(path, key if len(key) <= _SHOWN_CHARS else key[:_SHOWN_CHARS] + "...")
+            kpath = _join(path, _key_text(key))
             if key in out:
                 first = out[key][0].start_mark.line + 1
                 self.issue(knode, kpath, f"duplicate key {_clip(key)} (first given at line {first}); give it once")
@@ -1584,7 +1600,7 @@ def _read_environment(f: _File, node: Node) -> tuple[tuple[str, str], ...] | Non
     out: list[tuple[str, str]] = []
     ok = True
     for key, (knode, vnode) in entries.items():
-        path = f"environment.{key}" if len(key) <= _SHOWN_CHARS else "environment"
+        path = f"environment.{_key_text(key)}"
         if not _ENV_NAME.match(key) or len(key) > MAX_TEXT_CHARS:
             f.issue(knode, path, f"expected a variable name of letters, digits and '_', got {_clip(key)}")
             ok = False
@@ -2016,7 +2032,10 @@ class _Host:
 
     def command_problem(self, cmd: str, env: Mapping[str, str], cwd: str | None) -> str | None:
         """Why ``cmd`` would not start here: found the way execvp() will find it (act.children does the same)."""
-        base = cwd or os.getcwd()
+        try:
+            base = cwd or os.getcwd()
+        except OSError:
+            base = "/"
         if "/" in cmd:
             path = cmd if os.path.isabs(cmd) else os.path.join(base, cmd)
             if not os.path.exists(path):
@@ -2087,14 +2106,22 @@ def _host_checks(f: _File, entries: _Entries, command: tuple[str, ...], user: An
 # Putting files together
 
 
-def _yaml_files(directory: str) -> list[str]:
-    """The ``*.yaml`` and ``*.yml`` files of a directory (not hidden ones), sorted by file name."""
-    names = sorted(
-        n for n in os.listdir(directory)
-        if n.endswith(YAML_SUFFIXES) and not n.startswith(".")
-        and os.path.isfile(os.path.join(directory, n))
-    )
-    return [os.path.join(directory, n) for n in names]
+class _TooManyFiles(Exception):
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+
+def _yaml_files(directory: str, limit: int = MAX_WORKLOAD_FILES) -> list[str]:
+    """The ``*.yaml`` and ``*.yml`` files of a directory (not hidden ones), sorted by file name.
+
+    Raises :class:`_TooManyFiles` past ``limit`` names, before looking at any of them.
+    """
+    names = sorted(n for n in os.listdir(directory) if n.endswith(YAML_SUFFIXES) and not n.startswith("."))
+    if len(names) > limit:
+        files = [n for n in names[:limit + 1] if os.path.isfile(os.path.join(directory, n))]
+        if len(files) > limit:
+            raise _TooManyFiles(len(names))
+    return [os.path.join(directory, n) for n in names if os.path.isfile(os.path.join(directory, n))]
 
 
 def _display(path: str | os.PathLike[str]) -> str:
@@ -2199,10 +2226,12 @@ class _Session:
             else:
                 me = os.path.realpath(path)
                 try:
-                    paths = [p for p in _yaml_files(wdir) if os.path.realpath(p) != me]
+                    paths = [p for p in _yaml_files(wdir, MAX_WORKLOAD_FILES + 1) if os.path.realpath(p) != me]
                 except OSError as e:
                     f.issue(wnode, "workloads", f"the workload directory {wdir} cannot be read: {e.strerror or e}")
                     paths = []
+                except _TooManyFiles as e:
+                    paths = [""] * e.count
                 if len(paths) > MAX_WORKLOAD_FILES:
                     f.issue(wnode, "workloads", f"the workload directory {wdir} holds {len(paths)} YAML files; "
                                                 f"memguard reads at most {MAX_WORKLOAD_FILES}")
@@ -2280,14 +2309,14 @@ def _check(s: _Session, p: str) -> tuple[DaemonPolicy | None, list[ConfigIssue]]
     """check_config's walk: a directory, a workload file or a daemon file."""
     if os.path.isdir(p):
         try:
-            files = _yaml_files(p)
+            files = _yaml_files(p, MAX_WORKLOAD_FILES + 1)
         except OSError as e:
             return None, [ConfigIssue(p, 0, "", f"cannot be read: {e.strerror or e}")]
+        except _TooManyFiles as e:
+            return None, [ConfigIssue(p, 0, "", f"{e.count} YAML files in this directory; memguard reads at "
+                                                f"most {MAX_WORKLOAD_FILES} workload files and a daemon file")]
         if not files:
             return None, [ConfigIssue(p, 0, "", "no *.yaml or *.yml files in this directory")]
-        if len(files) > MAX_WORKLOAD_FILES + 1:
-            return None, [ConfigIssue(p, 0, "", f"{len(files)} YAML files in this directory; memguard reads at "
-                                                f"most {MAX_WORKLOAD_FILES} workload files and a daemon file")]
         daemon_files = [x for x in files if not _is_workload_root(s.read(x).root)]
         policies = [s.daemon(x) for x in daemon_files]
         covered = {os.path.realpath(g.display) for g in s.files}

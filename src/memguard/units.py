@@ -36,6 +36,7 @@ __all__ = [
     "parse_percent",
     "format_size",
     "format_duration",
+    "duration_text",
 ]
 
 
@@ -218,3 +219,21 @@ def format_duration(seconds: float) -> str:
     h, rem = divmod(int(round(seconds)), 3600)
     m = rem // 60
     return f"{h}h{m}m" if m else f"{h}h"
+
+
+def duration_text(seconds: float) -> str:
+    """A duration as :func:`parse_duration` reads it: ``1036800s``, ``0.5s``, never an exponent.
+
+    Exact for every duration of a millisecond or more (the digits of
+    ``repr``); below that, to the nanosecond. For expression text built
+    from a number (``f"worker.age > {duration_text(s)}"``): ``f"{s:g}s"``
+    gives ``1.0368e+06s`` for 12 days, which is no duration.
+    """
+    from decimal import Decimal
+
+    text = format(Decimal(repr(float(seconds))), "f")
+    if len(text) > 30:
+        text = f"{float(seconds):.9f}"
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return f"{text}s"

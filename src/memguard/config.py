@@ -53,9 +53,9 @@ import re
 import shlex
 import signal as _signal
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, TypeVar, Union
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, TypeVar
 
 import yaml
 from yaml.constructor import SafeConstructor

@@ -974,7 +974,7 @@ BAD: Any = _Bad()
 _Entries = dict  # key -> (key node, value node)
 
 
-class _TooDeep(yaml.MarkedYAMLError):
+class _PastBound(yaml.MarkedYAMLError):
     """Nesting past :data:`MAX_YAML_DEPTH`, or more values than :data:`MAX_NODES`."""
 
 
@@ -1005,12 +1005,12 @@ class _Loader(yaml.SafeLoader):
     def compose_node(self, parent: Node | None, index: object) -> Node:  # type: ignore[override]
         self._budget.nodes -= 1
         if self._budget.nodes < 0:
-            raise _TooDeep(None, None, f"more than {MAX_NODES} YAML values in this configuration (a real one has "
+            raise _PastBound(None, None, f"more than {MAX_NODES} YAML values in this configuration (a real one has "
                                        "a few hundred)", self.peek_event().start_mark)
         if not self.check_event(SequenceStartEvent, MappingStartEvent):
             return super().compose_node(parent, index)  # type: ignore[no-any-return]
         if self._depth >= MAX_YAML_DEPTH:
-            raise _TooDeep(None, None, f"lists and mappings nested deeper than {MAX_YAML_DEPTH} levels "
+            raise _PastBound(None, None, f"lists and mappings nested deeper than {MAX_YAML_DEPTH} levels "
                                        "(memguard's files need at most four)", self.peek_event().start_mark)
         self._depth += 1
         try:

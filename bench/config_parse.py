@@ -15,7 +15,9 @@ wall-clock times, and the outcome (accepted, or the first error). Cases:
 - configuration files of 10 MB (refused from its size alone), and of
   MAX_FILE_BYTES (read in full: the worst case a file within the bound
   costs), for the daemon's ``load_config``;
-- YAML nested 100000 levels deep, numbers of 5000 digits.
+- YAML nested 100000 levels deep, numbers of 5000 digits, and a file of
+  one-character list items (the most YAML values per byte: stopped by
+  MAX_NODES).
 """
 
 from __future__ import annotations
@@ -105,6 +107,8 @@ def main() -> None:
                      *best_of(3, config_case(tmp, full))))
         nest = "command: [python3]\nrules: " + "[" * 100_000 + "]" * 100_000 + "\n"
         rows.append(("YAML nested 100000 deep", len(nest), *best_of(3, config_case(tmp, nest))))
+        dense = "command: [python3]\ngpus: [" + ",".join(["0"] * ((MAX_FILE_BYTES - 40) // 2)) + "]\n"
+        rows.append(("256 KiB of one-character list items", len(dense), *best_of(3, config_case(tmp, dense))))
         digits = "command: [python3]\nreplicas: " + "9" * 5000 + "\nlimits: {memory: \"" + "9" * 400 + "MiB\"}\n"
         rows.append(("numbers of 5000 and 400 digits", len(digits), *best_of(3, config_case(tmp, digits))))
 

@@ -2,24 +2,41 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
 import signal
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from memguard.config import (
     DAEMON_KEYS,
+    DEFAULT_CONFIG_DIR,
+    DEFAULT_CONFIG_FILE,
+    MAX_FILE_BYTES,
+    MAX_ISSUES_PER_FILE,
+    MAX_LIST_ITEMS,
+    MAX_NODES,
+    MAX_RULES,
+    MAX_TOTAL_BYTES,
+    MAX_WORKLOAD_FILES,
+    MAX_YAML_DEPTH,
+    RULE_KEYS,
     WORKLOAD_KEYS,
     ConfigError,
     ConfigIssue,
+    check_config,
     check_path,
     load_config,
     load_workload_file,
 )
-from memguard.expr import Comparison
+from memguard.expr import Comparison, ExprError
 from memguard.policy import ActionKind, DaemonPolicy, Limits, RestartPolicy, Rule, WorkloadPolicy
 from memguard.signals import SIGNALS
 
@@ -564,3 +581,506 @@ def test_non_utf8_file(tmp_path: Path) -> None:
     p.write_bytes(b"command: [a]\nname: \xff\n")
     [issue] = issues_of(p)
     assert issue.line == 2 and "UTF-8" in issue.message
+
+
+# ---------------------------------------------------------------------------
+# One error boundary: regressions, bounds, files that are no files
+
+
+FUZZ_REGRESSIONS = sorted((BROKEN / "fuzz").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", FUZZ_REGRESSIONS, ids=[p.name for p in FUZZ_REGRESSIONS])
+def test_inputs_that_crashed_the_loader_are_refused_cleanly(path: Path) -> None:
+    """Each file once raised an exception out of the loader (its first line says which) or was wrongly accepted:
+    now it is refused with its line and key, and neither check nor load raises anything but ConfigError."""
+    result = check_config(path, host_checks=False)
+    assert result.policy is None and result.errors
+    for issue in result.errors:
+        assert issue.line > 0 and "the file is refused" not in issue.message, str(issue)
+    with pytest.raises(ConfigError):
+        (load_config if b"command:" not in path.read_bytes() else load_workload_file)(path)
+
+
+def test_check_cli_on_the_regressions_prints_no_traceback() -> None:
+    """memguard check on the directory of former crashers: exit 1, one line per error, no traceback."""
+    proc = run_memguard("check", "--no-host-checks", str(BROKEN / "fuzz"))
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert f"error(s) in {BROKEN / 'fuzz'}" in proc.stderr
+
+
+def run_memguard(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    code = "import sys; from memguard.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout,
+                          errors="replace")
+
+
+def test_sizes_are_bounded_at_one_exbibyte(tmp_path: Path) -> None:
+    """1 EiB (as a unit or in bytes) is the largest size; one byte more is refused, naming the bound."""
+    for ok in ("1024PiB", "1EiB", str(2**60)):
+        p = write(tmp_path, "w.yaml", f"command: [a]\nlimits: {{memory: {ok}}}\n")
+        assert load_workload_file(p).limits.memory_bytes == 2**60
+    for bad in ("1025PiB", str(2**60 + 1), "2EB", "9" * 60 + "GiB"):
+        p = write(tmp_path, "w.yaml", f"command: [a]\nlimits: {{memory: {bad}}}\n")
+        [issue] = issues_of(p)
+        assert issue.path == "limits.memory" and "at most 1EiB" in issue.message, bad
+
+
+def test_durations_are_bounded_at_a_year(tmp_path: Path) -> None:
+    """365d is the longest duration; 366d is refused, naming the bound, in keys and in expressions alike."""
+    p = write(tmp_path, "w.yaml", "command: [a]\nlimits: {runtime: 365d}\n")
+    assert load_workload_file(p).limits.runtime_s == 365 * 86400
+    p = write(tmp_path, "w.yaml", "command: [a]\nlimits: {runtime: 366d}\n")
+    [issue] = issues_of(p)
+    assert issue.path == "limits.runtime" and "at most 365d" in issue.message
+    p = write(tmp_path, "w.yaml", "command: [a]\nrules: [{when: \"worker.age > 366d\", action: restart}]\n")
+    [issue] = issues_of(p)
+    assert issue.path == "rules[0].when" and "at most 365d" in issue.message
+
+
+def test_counts_are_bounded(tmp_path: Path) -> None:
+    """priority, restart budget, refusals and max_trials have stated ranges; past them, the bound is named."""
+    cases = {
+        "priority: 1000001": ("priority", "at most 1000000"),
+        "restart: {budget: 1000001/1m}": ("restart.budget", "at most 1000000"),
+        "restart_when_blocked: {refusals: 1000001}": ("restart_when_blocked.refusals", "at most 1000000"),
+        "recycle: {max_trials: 1000001}": ("recycle.max_trials", "at most 1000000"),
+        "oom_score_adj: 1001": ("oom_score_adj", "at most 1000"),
+    }
+    for line, (key, needle) in cases.items():
+        p = write(tmp_path, "w.yaml", f"command: [a]\n{line}\n")
+        [issue] = issues_of(p)
+        assert issue.path == key and needle in issue.message, line
+
+
+def test_numbers_longer_than_64_characters_are_not_converted(tmp_path: Path) -> None:
+    """An int or float scalar of more than 64 characters is refused by its length (Python refuses 4300 digits)."""
+    for text in ("9" * 65, "0x" + "f" * 63, ":".join(["59"] * 40), "1" + "0" * 70 + ".5"):
+        p = write(tmp_path, "w.yaml", f"command: [a]\nreplicas: {text}\n")
+        [issue] = issues_of(p)
+        assert issue.path == "replicas" and "the longest memguard reads is 64" in issue.message, text
+
+
+def test_file_size_is_bounded(tmp_path: Path) -> None:
+    """A file of MAX_FILE_BYTES is read; one byte more is refused before it is read, naming the bound."""
+    head = "command: [a]\n# "
+    p = write(tmp_path, "w.yaml", head + "x" * (MAX_FILE_BYTES - len(head) - 1) + "\n")
+    assert p.stat().st_size == MAX_FILE_BYTES
+    assert load_workload_file(p).command == ("a",)
+    p.write_text(head + "x" * (MAX_FILE_BYTES - len(head)) + "\n")
+    [issue] = issues_of(p)
+    assert issue.line == 0 and "the largest memguard reads is 256KiB" in issue.message
+
+
+def test_total_size_of_a_configuration_is_bounded(tmp_path: Path) -> None:
+    """Files that together pass MAX_TOTAL_BYTES: the first one past the bound says so."""
+    write(tmp_path, "memguard.yaml", "workloads: w\n")
+    per_file = MAX_FILE_BYTES - 10
+    n = MAX_TOTAL_BYTES // per_file + 1
+    for i in range(n):
+        write(tmp_path, f"w/w{i}.yaml", "command: [a]\n# " + "x" * (per_file - 16) + "\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(tmp_path / "memguard.yaml")
+    [issue] = exc.value.errors
+    assert issue.file.endswith(f"w{n - 1}.yaml") and "together are larger than 1MiB" in issue.message
+
+
+def test_number_of_workload_files_is_bounded(tmp_path: Path) -> None:
+    """More than MAX_WORKLOAD_FILES workload files: one error on workloads:, none of them is read."""
+    write(tmp_path, "memguard.yaml", "workloads: w\n")
+    for i in range(MAX_WORKLOAD_FILES + 1):
+        write(tmp_path, f"w/w{i:03}.yaml", "command: [a]\nreplicas: bad\n")
+    [issue] = issues_of(tmp_path / "memguard.yaml")
+    assert issue.path == "workloads" and f"at most {MAX_WORKLOAD_FILES}" in issue.message
+
+
+def test_yaml_nesting_depth_is_bounded(tmp_path: Path) -> None:
+    """MAX_YAML_DEPTH levels of nesting parse (and are then refused for their content); one more is a YAML error."""
+    def nested(levels: int) -> str:  # the file's own mapping is the first level
+        return "command: [a]\nrules: " + "[" * (levels - 1) + "]" * (levels - 1) + "\n"
+
+    p = write(tmp_path, "w.yaml", nested(MAX_YAML_DEPTH))
+    [issue] = issues_of(p)
+    assert issue.path.startswith("rules[0]") and "nested deeper" not in issue.message
+    p = write(tmp_path, "w.yaml", nested(MAX_YAML_DEPTH + 1))
+    [issue] = issues_of(p)
+    assert (issue.line, issue.path) == (2, "") and f"nested deeper than {MAX_YAML_DEPTH} levels" in issue.message
+
+
+def test_number_of_yaml_values_is_bounded(tmp_path: Path) -> None:
+    """More than MAX_NODES values in one configuration is refused at the line where the bound is passed."""
+    p = write(tmp_path, "w.yaml", "command: [a]\nprotect:\n" + "  - a\n" * MAX_NODES)
+    [issue] = issues_of(p)
+    assert f"more than {MAX_NODES} YAML values" in issue.message and issue.line > 2
+
+
+def test_list_lengths_and_rule_counts_are_bounded(tmp_path: Path) -> None:
+    """Lists hold at most MAX_LIST_ITEMS entries and a file at most MAX_RULES rules."""
+    p = write(tmp_path, "w.yaml", "command: [a]\ngpus: [" + ", ".join(["0"] * (MAX_LIST_ITEMS + 1)) + "]\n")
+    [issue] = issues_of(p)
+    assert issue.path == "gpus" and f"at most {MAX_LIST_ITEMS} are read" in issue.message
+    rule = '  - {when: "worker.age > 1h", action: warn}\n'
+    p = write(tmp_path, "w.yaml", "command: [a]\nrules:\n" + rule * (MAX_RULES + 1))
+    [issue] = issues_of(p)
+    assert issue.path == "rules" and f"at most {MAX_RULES} are read" in issue.message
+
+
+def test_strings_the_kernel_cannot_pass_are_refused(tmp_path: Path) -> None:
+    """Command words and environment values of MAX_ARG_STRLEN bytes or with a NUL are refused: exec would fail."""
+    big = "x" * (128 * 1024)
+    for body, key in ((f"command: [a, {big}]", "command[1]"), (f"command: [a]\nenvironment: {{A: {big}}}", "environment.A"),
+                      ('command: ["a\\0b"]', "command[0]")):
+        p = write(tmp_path, "w.yaml", body + "\n")
+        [issue] = issues_of(p)
+        assert issue.path == key, body[:40]
+
+
+def test_issues_per_file_are_capped_with_a_count(tmp_path: Path) -> None:
+    """A file of 250 unknown keys reports MAX_ISSUES_PER_FILE of them and one line saying how many more."""
+    p = write(tmp_path, "w.yaml", "command: [a]\n" + "".join(f"k{i}: 1\n" for i in range(250)))
+    issues = issues_of(p)
+    assert len(issues) == MAX_ISSUES_PER_FILE + 1
+    assert issues[-1].message.startswith("150 more problem(s) in this file not shown")
+
+
+def test_special_files_are_refused_without_blocking(tmp_path: Path) -> None:
+    """A FIFO, a device, a directory and a symlink loop named as a config file are errors, never a hang."""
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    loop = tmp_path / "loop.yaml"
+    loop.symlink_to(loop)
+    (tmp_path / "dir.yaml").mkdir()
+    for path, needle in ((fifo, "special file"), (Path("/dev/zero"), "special file"), (loop, "cannot be read"),
+                         (tmp_path / "dir.yaml", "got a directory")):
+        with pytest.raises(ConfigError) as exc:
+            load_config(path)
+        [issue] = exc.value.errors
+        assert needle in issue.message, (path, issue)
+    text_file = write(tmp_path, "plain.yaml", "x: 1\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(text_file / "below.yaml")
+    assert "cannot be read" in exc.value.errors[0].message
+
+
+def test_binary_content_is_a_yaml_error_with_its_line(tmp_path: Path) -> None:
+    """NUL and other control bytes are reported at their line, as YAML errors."""
+    p = tmp_path / "w.yaml"
+    p.write_bytes(b"command: [a]\nname: w\nx: \x00\x01\x02\n")
+    [issue] = issues_of(p)
+    assert issue.line == 3 and "not allowed in YAML text" in issue.message
+
+
+def test_messages_quote_long_values_cut_short(tmp_path: Path) -> None:
+    """A 100 000-character value in a message is cut to a short quote with its length."""
+    p = write(tmp_path, "w.yaml", "command: [a]\nstop_signal: " + "x" * 100_000 + "\nworking_dir: " + "y" * 5000 + "\n")
+    issues = issues_of(p)
+    assert {i.path for i in issues} == {"stop_signal", "working_dir"}
+    assert all(len(i.message) < 400 for i in issues), [len(i.message) for i in issues]
+
+
+def test_load_config_is_safe_in_worker_threads() -> None:
+    """load_config from eight threads at once, on good and hostile files alike, gives what it gives serially."""
+    import concurrent.futures
+
+    def outcome(path: Path) -> object:
+        try:
+            return load_config(path).workloads
+        except ConfigError as e:
+            return [str(i) for i in e.errors]
+
+    paths = [GOOD / "memguard.yaml", BROKEN / "memguard.yaml"] + [p for p in FUZZ_REGRESSIONS if b"command:" not in
+                                                                  p.read_bytes()]
+    serial = [outcome(p) for p in paths]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        for _ in range(3):
+            assert list(pool.map(outcome, paths)) == serial
+
+
+# ---------------------------------------------------------------------------
+# A release must lie past the threshold
+
+
+def test_overlapping_release_is_refused_with_file_and_line(tmp_path: Path) -> None:
+    """when: worker.memory > 5%, release: worker.memory < 50%: both hold from 5% to 50%, the rule would flap."""
+    p = write(tmp_path, "w.yaml", "command: [a]\nlimits: {memory: 8GiB}\nrules:\n"
+                                  "  - {when: \"worker.memory > 5%\", action: block, release: \"worker.memory < 50%\"}\n")
+    [issue] = issues_of(p)
+    assert (issue.line, issue.path) == (4, "rules[0].release")
+    assert "overlaps when 'worker.memory > 5%'" in issue.message and "both hold at once" in issue.message
+    assert "worker.memory <= 5%" in issue.message, "it says what a release on the far side looks like"
+
+
+@pytest.mark.parametrize("when, release, refused", [
+    ("worker.memory > 85%", "worker.memory < 75%", False),
+    ("worker.memory > 85%", "worker.memory <= 85%", False),
+    ("worker.memory >= 85%", "worker.memory <= 85%", True),       # both hold at exactly 85%
+    ("worker.memory > 85%", "worker.memory < 7GiB", True),        # 85% of 8GiB is 6.8GiB
+    ("worker.memory > 85%", "worker.memory < 6GiB", False),
+    ("worker.restarts > 2", "worker.restarts < 3", False),        # whole counts: no value between
+    ("worker.restarts == 3", "worker.restarts != 4", True),
+    ("worker.memory > 50% and memory.available < 10%", "memory.available > 5%", True),
+    ("worker.memory > 50% and memory.available < 10%", "worker.memory < 40% or memory.available > 20%", False),
+    ("worker.memory > 6GiB or worker.age > 1h", "worker.age < 2h", True),  # the or's second branch overlaps
+    ("worker.growth > 5MiB/m", "worker.growth < 1MiB/s", True),
+])
+def test_overlap_of_worker_rules(tmp_path: Path, when: str, release: str, refused: bool) -> None:
+    """Every operator, units converted through limits.memory, and/or on either side: refused only when both can hold."""
+    p = write(tmp_path, "w.yaml", f"command: [a]\nlimits: {{memory: 8GiB}}\n"
+                                  f"rules:\n  - {{when: \"{when}\", action: warn, release: \"{release}\"}}\n")
+    issues = check_config(p, host_checks=False).errors
+    assert bool(issues) == refused, issues
+    if refused:
+        [issue] = issues
+        assert issue.path == "rules[0].release"
+
+
+@pytest.mark.parametrize("when, release, refused", [
+    ("memory.available < 15%", "memory.available > 25%", False),
+    ("memory.available < 15%", "memory.used < 80%", False),      # used% = 100 - available%
+    ("memory.available < 15%", "memory.used < 90%", True),
+    ("memory.available < 15%", "memory.available > 1GiB", False),  # depends on the machine: not provable
+    ("memory.available < 2GiB", "memory.available > 1GiB", True),
+    ("gpu.used > 90%", "gpu.used < 80%", False),
+    ("psi.some_avg10 > 20", "psi.some_avg10 < 30%", True),
+])
+def test_overlap_of_system_rules(tmp_path: Path, when: str, release: str, refused: bool) -> None:
+    """System rules: percentages of used and available are one axis; sizes against percentages prove nothing."""
+    p = write(tmp_path, "memguard.yaml", f"rules:\n  - {{when: \"{when}\", action: block, release: \"{release}\"}}\n")
+    issues = check_config(p, host_checks=False).errors
+    assert bool(issues) == refused, issues
+
+
+def test_release_on_a_stopping_action_is_a_warning(tmp_path: Path) -> None:
+    """A release on terminate has no effect (only block and warn hold): a warning, not an error, even if it overlaps."""
+    p = write(tmp_path, "w.yaml", "command: [a]\nrules:\n"
+                                  "  - {when: \"worker.age > 1h\", action: terminate, release: \"worker.age > 2h\"}\n")
+    result = check_config(p, host_checks=False)
+    assert result.ok and result.policy is not None
+    [warning] = result.warnings
+    assert (warning.line, warning.path) == (3, "rules[0].release") and "no effect" in warning.message
+
+
+def test_shipped_release_rules_pass() -> None:
+    """The shipped configurations' block rules all release past their thresholds."""
+    for d in ("config", "config/demo", "src/memguard/data", "examples/optuna"):
+        assert check_config(REPO / d / "memguard.yaml", host_checks=False).errors == [], d
+
+
+# ---------------------------------------------------------------------------
+# Checks against this machine
+
+
+def _workload(tmp_path: Path, body: str) -> Path:
+    return write(tmp_path, "w.yaml", "command: [python3]\n" + body)
+
+
+def test_missing_user_group_directory_and_command_are_host_errors(tmp_path: Path) -> None:
+    """A user, group or working_dir that does not exist here, and a command not found: errors at their lines;
+    --no-host-checks (host_checks=False) accepts the same file."""
+    p = write(tmp_path, "w.yaml", "\n".join([
+        "command: [no-such-program-memguard]",
+        "user: no-such-user-memguard",
+        "group: no-such-group-memguard",
+    ]) + "\n")
+    errors = check_config(p).errors
+    assert [(i.line, i.path) for i in errors] == [(1, "command[0]"), (2, "user"), (3, "group")]
+    assert "not found in PATH=" in errors[0].message
+    assert "user 'no-such-user-memguard' does not exist" in errors[1].message
+    assert "group 'no-such-group-memguard' does not exist" in errors[2].message
+    assert check_config(p, host_checks=False).ok
+    q = _workload(tmp_path, "working_dir: nowhere\n")
+    [issue] = check_config(q).errors
+    assert (issue.line, issue.path) == (2, "working_dir") and f"{tmp_path / 'nowhere'} does not exist" in issue.message
+
+
+def test_commands_resolve_like_exec_does(tmp_path: Path) -> None:
+    """The command is looked up in PATH from the workload's environment, and relative to working_dir;
+    a file that is not executable is an error."""
+    (tmp_path / "bin").mkdir()
+    tool = tmp_path / "bin" / "tool"
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o755)
+    (tmp_path / "bin" / "plain").write_text("data\n")
+    ok = write(tmp_path, "a.yaml", f"command: [tool]\nenvironment: {{PATH: \"{tmp_path / 'bin'}\"}}\n")
+    assert check_config(ok).ok
+    rel = write(tmp_path, "b.yaml", "command: [./tool]\nworking_dir: bin\n")
+    assert check_config(rel).ok
+    not_exec = write(tmp_path, "c.yaml", "command: [./plain]\nworking_dir: bin\n")
+    [issue] = check_config(not_exec).errors
+    assert issue.path == "command[0]" and "is not executable" in issue.message
+    missing = write(tmp_path, "d.yaml", "command: [tool]\n")  # not in the default PATH
+    [issue] = check_config(missing).errors
+    assert "'tool' is not found in PATH=" in issue.message
+
+
+def test_numeric_user_without_an_entry_needs_a_group(tmp_path: Path) -> None:
+    """uid 4242 with no passwd entry runs only with an explicit group (as act.children resolves it)."""
+    import pwd
+
+    try:
+        pwd.getpwuid(4242)
+        pytest.skip("uid 4242 exists on this machine")
+    except KeyError:
+        pass
+    p = _workload(tmp_path, "user: 4242\n")
+    [issue] = check_config(p).errors
+    assert issue.path == "user" and "no primary group" in issue.message
+    assert check_config(_workload(tmp_path, "user: 4242\ngroup: 4242\n")).ok
+    assert check_config(_workload(tmp_path, "user: root\n")).ok
+
+
+def test_gpu_rules_warn_when_gpu_sensing_is_off(tmp_path: Path) -> None:
+    """Rules on gpu.* or worker.gpu_memory with gpu: off are a warning (not an error) at the rule's line;
+    without gpu: off, whether they warn is what NVML says on this machine."""
+    from memguard.sense.gpu import GpuSensor
+
+    write(tmp_path, "memguard.yaml", "gpu: off\nworkloads: w\nrules: [{when: \"gpu.used > 90%\", action: warn}]\n")
+    write(tmp_path, "w/a.yaml", "command: [python3]\nrules:\n  - {when: \"worker.gpu_memory > 2GiB\", action: kill}\n")
+    result = check_config(tmp_path / "memguard.yaml", host_checks=False)
+    assert result.ok
+    assert [(Path(w.file).name, w.line, w.path) for w in result.warnings] == [
+        ("memguard.yaml", 3, "rules[0].when"), ("a.yaml", 3, "rules[0].when")]
+    assert all("gpu: off" in w.message and "never fires" in w.message for w in result.warnings)
+    sensor = GpuSensor()
+    try:
+        here = sensor.start()
+    finally:
+        sensor.close()
+    result = check_config(tmp_path / "w" / "a.yaml")
+    assert result.ok
+    if here.enabled:
+        assert result.warnings == []
+    else:
+        [warning] = result.warnings
+        assert "GPU sensing is off on this machine" in warning.message and here.reason in warning.message
+
+
+def test_memory_high_warns_where_it_cannot_be_set(tmp_path: Path) -> None:
+    """limits.memory_high is ignored with worker_cgroups: off, and on cgroup v1: a warning that says so."""
+    from memguard.sense.cgroup import find_own_cgroup
+
+    write(tmp_path, "memguard.yaml", "worker_cgroups: off\nworkloads: w\n")
+    write(tmp_path, "w/a.yaml", "command: [python3]\nlimits: {memory: 2GiB, memory_high: 1GiB}\n")
+    [warning] = check_config(tmp_path / "memguard.yaml", host_checks=False).warnings
+    assert (warning.line, warning.path) == (2, "limits.memory_high") and "worker_cgroups: off" in warning.message
+    result = check_config(tmp_path / "w" / "a.yaml")
+    own = find_own_cgroup()
+    if own is not None and own.version == 1:
+        [warning] = result.warnings
+        assert "cgroup v1" in warning.message and "ignored" in warning.message
+    else:
+        assert result.warnings == []
+    assert check_config(tmp_path / "w" / "a.yaml", host_checks=False).warnings == []
+
+
+# ---------------------------------------------------------------------------
+# The command line
+
+
+def test_check_without_a_path_checks_the_default_directory() -> None:
+    """memguard check with no argument checks /etc/memguard, the directory the daemon's default file is in."""
+    from memguard.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["check"]).path == DEFAULT_CONFIG_DIR == "/etc/memguard"
+    assert parser.parse_args(["daemon"]).config == DEFAULT_CONFIG_FILE
+    assert os.path.dirname(DEFAULT_CONFIG_FILE) == DEFAULT_CONFIG_DIR
+    proc = run_memguard("check")
+    assert proc.returncode in (0, 1) and "Traceback" not in proc.stderr
+    assert "/etc/memguard" in proc.stdout + proc.stderr
+
+
+def test_check_exit_codes_and_warnings() -> None:
+    """Exit 0 and a summary on a good config, 0 with warnings printed, 1 with every error on stderr."""
+    ok = run_memguard("check", "--no-host-checks", str(GOOD))
+    assert ok.returncode == 0 and ok.stdout.startswith(f"{GOOD}: OK: 2 workload(s), 3 worker(s)")
+    bad = run_memguard("check", str(BROKEN))
+    assert bad.returncode == 1
+    assert bad.stderr.splitlines()[-1] == f"memguard check: {len(BROKEN_CASES)} error(s) in {BROKEN}"
+
+
+def test_check_warnings_do_not_fail(tmp_path: Path) -> None:
+    """A configuration with only warnings exits 0, prints them on stderr, and counts them in the summary."""
+    write(tmp_path, "memguard.yaml", "gpu: off\nrules: [{when: \"gpu.used > 90%\", action: warn}]\n")
+    proc = run_memguard("check", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.startswith(f"warning: {tmp_path / 'memguard.yaml'}:2: rules[0].when: GPU sensing is off")
+    assert proc.stdout.strip().endswith("1 warning(s)")
+
+
+def test_check_json(tmp_path: Path) -> None:
+    """check --json prints ok, errors and warnings with file, line, key and message, and a summary."""
+    proc = run_memguard("check", "--json", "--no-host-checks", str(BROKEN))
+    assert proc.returncode == 1
+    doc = json.loads(proc.stdout)
+    assert doc["ok"] is False and doc["summary"] is None and doc["host_checks"] is False
+    assert len(doc["errors"]) == len(BROKEN_CASES)
+    first = doc["errors"][0]
+    assert set(first) == {"file", "line", "key", "message"}
+    assert (first["file"], first["line"], first["key"]) == (str(BROKEN / "memguard.yaml"), 6, "rules[1].when")
+    proc = run_memguard("check", "--json", "--no-host-checks", str(GOOD))
+    doc = json.loads(proc.stdout)
+    assert proc.returncode == 0 and doc["ok"] is True and doc["errors"] == []
+    assert doc["summary"] == {"workloads": 2, "workers": 3, "system_rules": 3, "workload_rules": 3}
+
+
+def test_daemon_exits_78_on_a_config_error() -> None:
+    """memguard daemon with a broken configuration exits 78 (EX_CONFIG) with every error and no traceback."""
+    proc = run_memguard("daemon", "--config", str(BROKEN / "memguard.yaml"))
+    assert proc.returncode == 78, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert f"{len(BROKEN_CASES)} error(s) in the configuration; not starting" in proc.stderr
+
+
+# ---------------------------------------------------------------------------
+# The JSON Schema
+
+
+def _schema_validator(kind: str) -> Any:
+    jsonschema = pytest.importorskip("jsonschema", reason="jsonschema (the test extra) is not installed")
+    proc = run_memguard("schema", kind)
+    assert proc.returncode == 0, proc.stderr
+    schema = json.loads(proc.stdout)
+    cls = jsonschema.Draft202012Validator
+    cls.check_schema(schema)
+    return cls(schema, format_checker=cls.FORMAT_CHECKER)
+
+
+SHIPPED_DIRS = [REPO / "config", REPO / "config" / "demo", REPO / "src" / "memguard" / "data",
+                REPO / "examples" / "optuna", GOOD]
+
+
+def test_every_shipped_config_validates_against_the_schema() -> None:
+    """memguard schema daemon/workload accept every shipped daemon file and workload file."""
+    daemon, workload = _schema_validator("daemon"), _schema_validator("workload")
+    for d in SHIPPED_DIRS:
+        for p in [d / "memguard.yaml"]:
+            assert [e.message for e in daemon.iter_errors(yaml.safe_load(p.read_text()))] == [], p
+        for p in sorted((d / "workloads.d").glob("*.y*ml")):
+            assert [e.message for e in workload.iter_errors(yaml.safe_load(p.read_text()))] == [], p
+
+
+def test_the_schema_refuses_unknown_keys_and_knows_the_loaders_keys() -> None:
+    """An unknown key is refused at every level, and the schema has exactly the keys the loader accepts."""
+    daemon, workload = _schema_validator("daemon"), _schema_validator("workload")
+    assert not daemon.is_valid({"poll_intervall": "1s"})
+    assert not workload.is_valid({"command": ["a"], "limits": {"memroy": "1GiB"}})
+    assert not workload.is_valid({"command": ["a"], "rules": [{"when": "worker.age > 1h", "action": "warn",
+                                                                "relase": "x"}]})
+    assert not workload.is_valid({"command": ["a"], "replicas": 1025})
+    assert not workload.is_valid({"replicas": 2}), "command is required"
+    assert workload.is_valid({"command": ["a"], "limits": {"memory": "8GiB"}, "stop_signal": "INT"})
+    assert set(daemon.schema["properties"]) == set(DAEMON_KEYS)
+    assert set(workload.schema["properties"]) == set(WORKLOAD_KEYS)
+    assert set(workload.schema["properties"]["rules"]["items"]["properties"]) == set(RULE_KEYS)
+
+
+def test_every_accepted_runtime_gives_a_runtime_rule(tmp_path: Path) -> None:
+    """limits.runtime of 12 days (anything from 1e6 s) is accepted by the loader, so the core's runtime rule,
+    built from it as expression text, must parse too (``:g`` would write 1.0368e+06s and crash the daemon)."""
+    from memguard.decide.rules import runtime_rule
+
+    p = write(tmp_path, "w.yaml", "command: [a]\nlimits: {runtime: 12d}\n")
+    rule = runtime_rule(load_workload_file(p))
+    assert rule is not None and rule.when.threshold == 12 * 86400  # type: ignore[union-attr]

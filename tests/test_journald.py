@@ -464,7 +464,8 @@ def test_install_into_a_root_places_unit_and_default_config(tmp_path, capsys):
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == [
         "etc/memguard/memguard.yaml", "etc/memguard/workloads.d/example.yaml",
         "etc/systemd/system/memguard.service"]
-    assert main(["check", str(config)]) == 0
+    # The example runs as user ml in /opt/exp, which a test machine lacks: check its form only.
+    assert main(["check", "--no-host-checks", str(config)]) == 0
 
 
 def test_install_never_overwrites_an_existing_configuration(tmp_path, capsys):

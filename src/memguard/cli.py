@@ -1,5 +1,5 @@
-"""The ``memguard`` command: ``daemon``, ``check``, ``install``, ``events``. The only place that calls
-``asyncio.run``."""
+"""The ``memguard`` command: ``daemon``, ``run``, ``ctl``, ``check``, ``schema``, ``install``, ``events``.
+The only place that calls ``asyncio.run``."""
 
 from __future__ import annotations
 
@@ -7,29 +7,75 @@ import argparse
 import asyncio
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from . import __version__
+
+if TYPE_CHECKING:
+    from .config import CheckResult
 
 __all__ = ["main"]
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from .config import check_path
+    """Exit 0 when the configuration is valid (warnings print but do not fail), 1 on errors."""
+    from .config import check_config
 
-    policy, issues = check_path(args.path)
-    if issues:
-        for issue in issues:
+    for stream in (sys.stdout, sys.stderr):  # paths and values may hold anything: never fail on printing them
+        try:
+            stream.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
+        except (AttributeError, ValueError):
+            pass
+    result = check_config(args.path, host_checks=not args.no_host_checks)
+    try:
+        return _print_check(args, result)
+    except OSError:  # stdout or stderr closed or a broken pipe: the exit status still tells
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.dup2(devnull, sys.stderr.fileno())
+        except (OSError, ValueError):
+            pass
+        return 0 if result.ok else 1
+
+
+def _print_check(args: argparse.Namespace, result: CheckResult) -> int:
+    import json
+
+    if args.json:
+        doc = {"path": args.path, "host_checks": not args.no_host_checks, **result.as_dict()}
+        print(json.dumps(doc, indent=2))
+        return 0 if result.ok else 1
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if result.errors:
+        for issue in result.errors:
             print(str(issue), file=sys.stderr)
-        print(f"memguard check: {len(issues)} error(s) in {args.path}", file=sys.stderr)
+        print(f"memguard check: {len(result.errors)} error(s) in {args.path}", file=sys.stderr)
         return 1
-    if policy is not None:
-        workers = sum(w.replicas for w in policy.workloads)
-        print(f"{args.path}: OK: {len(policy.workloads)} workload(s), {workers} worker(s), "
-              f"{len(policy.rules)} system rule(s), "
-              f"{sum(len(w.rules) for w in policy.workloads)} workload rule(s)")
+    summary = result.summary()
+    if summary is not None:
+        print(f"{args.path}: OK: {summary['workloads']} workload(s), {summary['workers']} worker(s), "
+              f"{summary['system_rules']} system rule(s), {summary['workload_rules']} workload rule(s)"
+              + (f", {len(result.warnings)} warning(s)" if result.warnings else ""))
     else:
         print(f"{args.path}: OK")
     return 0
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    import json
+
+    from .schema import daemon_schema, workload_schema
+
+    doc = daemon_schema() if args.kind == "daemon" else workload_schema()
+    print(json.dumps(doc, indent=2))
+    return 0
+
+
+EX_CONFIG = 78
+"""sysexits.h: the configuration is wrong. systemd names it CONFIG, and the unit's
+RestartPreventExitStatus keeps it from restarting onto the same file."""
 
 
 def _cmd_daemon(args: argparse.Namespace) -> int:
@@ -44,8 +90,10 @@ def _cmd_daemon(args: argparse.Namespace) -> int:
         policy = load_config(args.config)
     except ConfigError as e:
         print(str(e), file=sys.stderr)
-        print(f"memguard: {len(e.errors)} error(s) in the configuration; not starting", file=sys.stderr)
-        return 2
+        print(f"memguard: {len(e.errors)} error(s) in the configuration; not starting "
+              f"(exit {EX_CONFIG}, EX_CONFIG: fix them, then check with: memguard check {args.config})",
+              file=sys.stderr)
+        return EX_CONFIG
     if args.dry_run:
         policy = replace(policy, dry_run=True)
     if args.runtime_dir:
@@ -104,6 +152,10 @@ def _cmd_ctl(args: argparse.Namespace) -> int:
                   f" memory {shown:<9} trials {w.get('trials', 0):<5} {w.get('last_exit') or ''}")
     else:
         print(reply.get("error") or ("ok" if reply.get("ok") else json.dumps(reply)))
+        for e in reply.get("errors") or ():  # a refused reload: every error, file:line: key: message
+            if isinstance(e, dict):
+                where = f"{e.get('file')}:{e.get('line')}" if e.get("line") else str(e.get("file") or "")
+                print("  " + ": ".join(p for p in (where, str(e.get("key") or ""), str(e.get("message"))) if p))
     return 0 if reply.get("ok") else 1
 
 
@@ -114,12 +166,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import DEFAULT_CONFIG_DIR, DEFAULT_CONFIG_FILE
+
     parser = argparse.ArgumentParser(prog="memguard", description="A memory supervisor for ML machines.")
     parser.add_argument("--version", action="version", version=f"memguard {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("daemon", help="run the supervisor in the foreground")
-    d.add_argument("--config", "-c", default="/etc/memguard/memguard.yaml", help="the daemon file")
+    d.add_argument("--config", "-c", default=DEFAULT_CONFIG_FILE,
+                   help=f"the daemon file (default {DEFAULT_CONFIG_FILE})")
     d.add_argument("--dry-run", action="store_true", help="decide and log, but send no signal")
     d.add_argument("--log-format", choices=["auto", "console", "json", "journald"], help="overrides log.format")
     d.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="overrides log.level")
@@ -146,9 +201,31 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--json", action="store_true", help="print the daemon's reply as JSON")
     k.set_defaults(func=_cmd_ctl)
 
-    c = sub.add_parser("check", help="validate a config file or directory; exit 1 on errors")
-    c.add_argument("path")
+    c = sub.add_parser(
+        "check", help="validate a config file or directory; exit 1 on errors",
+        description="Validate a daemon file, a workload file or a directory without starting anything. "
+                    "Errors exit 1; warnings (settings without effect on this machine) print and exit 0.",
+        epilog=f"examples:\n  memguard check\n  memguard check {DEFAULT_CONFIG_DIR}/workloads.d/trials.yaml\n"
+               "  memguard check --no-host-checks --json staging/memguard.yaml",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("path", nargs="?", default=DEFAULT_CONFIG_DIR,
+                   help=f"a daemon file, a workload file or a directory (default {DEFAULT_CONFIG_DIR})")
+    c.add_argument("--no-host-checks", action="store_true",
+                   help="do not check users, groups, working directories, commands, GPU and cgroups on this "
+                        "machine (for a configuration meant for another one)")
+    c.add_argument("--json", action="store_true",
+                   help="print the result as JSON: ok, errors and warnings (file, line, key, message), summary")
     c.set_defaults(func=_cmd_check)
+
+    sc = sub.add_parser(
+        "schema", help="print a JSON Schema of the daemon file or of a workload file (for editors)",
+        description="Print a JSON Schema (draft 2020-12) generated from the tables the loader uses. "
+                    "Point an editor's YAML support at it for completion and validation.",
+        epilog="example:\n  memguard schema workload > memguard-workload.schema.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sc.add_argument("kind", nargs="?", choices=["daemon", "workload"], default="daemon",
+                    help="which file (default daemon)")
+    sc.set_defaults(func=_cmd_schema)
 
     from .commands import events, install
 

@@ -252,7 +252,7 @@ class Daemon:
             self.reporter.config_errors(loaded.errors, reload=True)
             self.reporter.ready(self.state)
             reply = {"ok": False, "error": "the new configuration has errors; the running policy stays in force",
-                     "errors": [str(e) for e in loaded.errors]}
+                     "errors": [e.as_dict() if hasattr(e, "as_dict") else {"message": str(e)} for e in loaded.errors]}
             return [(f, reply) for f in loaded.replies]
         new = replace(loaded.policy, runtime_dir=self.policy.runtime_dir)  # takes effect at the next start
         if self.policy.dry_run:

@@ -25,7 +25,7 @@ from .model import Action, Notice, Observation, Reclaim, SetAdmission, Signal, i
 from .policy import ActionKind, DaemonPolicy, Rule, WorkloadPolicy
 from .report.reporter import Reporter
 from .sense.cgroup import choose_scope
-from .units import format_duration, format_size
+from .units import duration_text, format_duration, format_size
 
 __all__ = ["run_job", "RunReporter", "EX_TEMPFAIL"]
 
@@ -137,7 +137,7 @@ def _workload(args: Any) -> WorkloadPolicy:
         rules.append(Rule(name="memory-max", when=parse_expr(text), when_text=text, action=ActionKind.KILL,
                           scope="worker", source="--memory-max"))
     if args.timeout is not None:
-        text = f"worker.age > {args.timeout:g}s"
+        text = f"worker.age > {duration_text(args.timeout)}"
         rules.append(Rule(name="timeout", when=parse_expr(text), when_text=text, action=ActionKind.TERMINATE,
                           scope="worker", source="--timeout", grace_s=args.grace))
     return replace(wl, replicas=1, limits=limits, rules=tuple(rules),

@@ -13,6 +13,7 @@ from typing import Iterable
 from ..expr import parse_expr
 from ..model import UNKNOWN, Observation, Unknown, is_known
 from ..policy import ActionKind, Rule, RuleKind, WorkloadPolicy
+from ..units import duration_text
 from .evaluate import Context
 from .state import CoreState, Phase, WorkerState
 
@@ -23,7 +24,7 @@ def runtime_rule(wl: WorkloadPolicy) -> Rule | None:
     """``limits.runtime`` as a rule, so it is explained like any other."""
     if wl.limits.runtime_s is None:
         return None
-    text = f"worker.age > {wl.limits.runtime_s:g}s"
+    text = f"worker.age > {duration_text(wl.limits.runtime_s)}"
     return Rule(name="limits.runtime", when=parse_expr(text, "worker"), when_text=text,
                 action=ActionKind.RESTART, scope="worker", source=wl.source, kind=RuleKind.RUNTIME)
 

@@ -59,6 +59,7 @@ class Harness:
             path, on_trial=self.events.put_nowait, on_admin=self.on_admin,
             identify=lambda w, pid: pid in self.pids.get(w, ()),
             incarnation_of=self.incarnations.get,
+            worker_of_pid=lambda pid: next((w for w, pids in self.pids.items() if pid in pids), None),
             on_notice=lambda ev, f: self.notices.append((ev, f)), **kw)
 
     async def on_admin(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -107,9 +108,15 @@ class Line:
         return await self.recv()
 
     async def closed(self, timeout: float = DEADLINE_S) -> bool:
+        """True once the server has closed the connection; False if it is still open after ``timeout``
+        (asyncio's TimeoutError is an OSError: it is told apart first)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         try:
-            while await asyncio.wait_for(self.reader.read(65536), timeout):
+            while await asyncio.wait_for(self.reader.read(65536), max(0.0, deadline - loop.time())):
                 pass
+        except asyncio.TimeoutError:
+            return False
         except (ConnectionError, OSError):
             pass
         return True
@@ -464,10 +471,11 @@ def test_bad_clients_never_stall_the_loop_or_healthy_clients(sockdir: str) -> No
 
 def test_idle_connections_close_and_the_connection_cap_holds(sockdir: str) -> None:
     """A connection idle past idle_timeout_s is closed while a worker's subscribed (hello) connection
-    stays open and still receives pushes; beyond max_connections a new connection gets an error."""
+    stays open and still receives pushes; beyond its pool's cap a new connection gets an error."""
 
     async def main() -> None:
-        async with Harness(os.path.join(sockdir, "c.sock"), idle_timeout_s=0.3, max_connections=3) as h:
+        async with Harness(os.path.join(sockdir, "c.sock"), idle_timeout_s=0.3, max_connections=3,
+                           max_admin_connections=3) as h:
             tok = h.add_worker("w-0", os.getpid())
             sub = await Line.open(h.server.path)
             assert (await sub.ask({"op": "hello", "worker": "w-0", "token": tok}))["ok"]
@@ -479,9 +487,158 @@ def test_idle_connections_close_and_the_connection_cap_holds(sockdir: str) -> No
             assert (await others[0].ask({"op": "ping"}))["ok"] and (await others[1].ask({"op": "ping"}))["ok"]
             extra = await Line.open(h.server.path)
             reply = await extra.recv()
-            assert reply["ok"] is False and "too many connections" in reply["error"]
+            assert reply["ok"] is False and "too many administrator connections" in reply["error"]
             for c in (sub, *others, extra):
                 c.close()
+
+    run(main())
+
+
+def test_blank_lines_do_not_keep_an_idle_connection_open(sockdir: str) -> None:
+    """The idle clock restarts only on a request: a client that sends a blank line every 50 ms (or trickles
+    bytes) is closed after idle_timeout_s all the same, while one that sends requests stays."""
+
+    async def main() -> None:
+        async with Harness(os.path.join(sockdir, "c.sock"), idle_timeout_s=0.5) as h:
+            blank = await Line.open(h.server.path)
+            busy = await Line.open(h.server.path)
+
+            async def client(line: Line, payload: bytes) -> None:
+                """A client's own pace (not synchronisation): something every 50 ms."""
+                while True:
+                    line.writer.write(payload)
+                    await line.writer.drain()
+                    await asyncio.sleep(0.05)
+
+            noise = asyncio.ensure_future(client(blank, b"\n"))
+            pings = asyncio.ensure_future(client(busy, b'{"op": "ping"}\n'))
+            try:
+                assert await blank.closed(timeout=3.0)  # closed although bytes kept coming
+                for _ in range(20):  # 1 s of answered pings: twice the idle timeout, still open
+                    assert (await busy.recv())["ok"]
+            finally:
+                noise.cancel()
+                pings.cancel()
+            busy.close()
+
+    run(main())
+
+
+def _as_user(uid: int, body: Any) -> tuple[int, int, int]:
+    """Fork a child that drops to ``uid`` (no supplementary group) and runs ``body(report_fd, wait_fd)``;
+    returns (pid, read end of its reports, write end that releases it). The child only uses sockets."""
+    rep_r, rep_w = os.pipe()
+    rel_r, rel_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            os.close(rep_r)
+            os.close(rel_w)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            body(rep_w, rel_r)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(rep_w)
+    os.close(rel_r)
+    return pid, rep_r, rel_w
+
+
+@pytest.mark.root
+def test_one_user_cannot_lock_out_root_or_the_workers(sockdir: str) -> None:
+    """An unprivileged user opens connections until refused: it gets its own cap (max_per_uid), no more.
+    With the users' pool full, root's status request and a worker's trial report (from another uid) still
+    succeed, and a third user is refused with a clear error."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run clients as other users")
+    path = os.path.join(sockdir, "c.sock")
+
+    def hog(rep: int, rel: int) -> None:
+        held, refused = [], 0
+        for _ in range(8):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(DEADLINE_S)
+            s.connect(path)
+            s.sendall(b'{"op": "ping"}\n')
+            reply = json.loads(s.makefile().readline())
+            if reply.get("ok"):
+                held.append(s)
+            else:
+                refused += 1
+                s.close()
+        os.write(rep, f"{len(held)} {refused}\n".encode())
+        os.read(rel, 1)  # hold them until released
+
+    def worker(token: str):
+        def body(rep: int, rel: int) -> None:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(DEADLINE_S)
+            s.connect(path)
+            s.sendall(json.dumps({"op": "trial_start", "worker": "w-0", "token": token, "name": "t1"}).encode()
+                      + b"\n")
+            os.write(rep, s.makefile().readline().encode())
+        return body
+
+    def stranger(rep: int, rel: int) -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(DEADLINE_S)
+        s.connect(path)
+        os.write(rep, s.makefile().readline().encode())  # refused at once, before any request
+
+    def read_line(fd: int) -> str:
+        with os.fdopen(fd) as f:
+            return f.readline()
+
+    async def main() -> None:
+        async with Harness(path, max_per_uid=4, max_connections=4) as h:
+            os.chmod(path, 0o666)
+            loop = asyncio.get_running_loop()
+            hog_pid, hog_rep, hog_rel = _as_user(65534, hog)
+            try:
+                held, refused = map(int, (await loop.run_in_executor(None, read_line, hog_rep)).split())
+                assert (held, refused) == (4, 4)
+                admin = await Line.open(h.server.path)
+                assert (await admin.ask({"op": "status"}))["ok"]
+                token = h.add_worker("w-0", -1)
+                wpid, wrep, wrel = _as_user(65533, worker(token))
+                h.pids["w-0"] = {wpid}
+                reply = json.loads(await loop.run_in_executor(None, read_line, wrep))
+                assert reply == {"ok": True}, reply
+                assert (await h.next_event()).kind == "start"
+                spid, srep, srel = _as_user(65532, stranger)
+                refusal = json.loads(await loop.run_in_executor(None, read_line, srep))
+                assert refusal["ok"] is False and "too many connections" in refusal["error"]
+                for fd in (wrel, srel):
+                    os.close(fd)
+                for p in (wpid, spid):
+                    await loop.run_in_executor(None, os.waitpid, p, 0)
+                admin.close()
+            finally:
+                os.close(hog_rel)
+                await loop.run_in_executor(None, os.waitpid, hog_pid, 0)
+
+    run(main())
+
+
+def test_replies_are_strict_json(sockdir: str) -> None:
+    """NaN, Infinity and -Infinity in a request are refused as not JSON; an id that is not a finite number
+    or a short string is not echoed: every reply parses with a strict JSON parser."""
+
+    async def main() -> None:
+        async with Harness(os.path.join(sockdir, "c.sock")) as h:
+            c = await Line.open(h.server.path)
+            for raw in (b'{"op": "ping", "id": NaN}\n', b'{"op": "ping", "id": Infinity}\n',
+                        b'{"op": "ping", "id": 1e400}\n', b'{"op": "ping", "id": "%s"}\n' % (b"x" * 1000)):
+                c.writer.write(raw)
+                await c.writer.drain()
+                line = await asyncio.wait_for(c.reader.readline(), DEADLINE_S)
+                reply = json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in {line!r}"))
+                assert "id" not in reply, reply
+            assert (await c.ask({"op": "ping", "id": 7}))["id"] == 7
+            c.close()
 
     run(main())
 

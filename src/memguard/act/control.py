@@ -22,9 +22,19 @@ Who may do what:
 The server never blocks the loop: each connection has its own reader task
 reading lines of at most ``max_line`` bytes; replies are written with a
 deadline and a cap on what may wait in a connection's buffer, so a client
-that never reads is dropped instead of stalling anything; connections idle
-for ``idle_timeout_s`` are closed, except a worker's subscribed (``hello``)
-connection, which waits for pushes; at most ``max_connections`` are open.
+that never reads is dropped instead of stalling anything.
+
+Nobody can lock the others out. Connections are counted in three pools by
+who is at the other end (``SO_PEERCRED``, at connect): administrators
+(root, memguard's own user, ``admin_group``), processes of a running
+worker's tree, and everyone else. Each pool has its own cap, and in the
+last one each user id has a cap of its own (``max_per_uid``): one local
+user holding every connection it may open still leaves room for root's
+``memguard ctl`` and for every worker's client. A connection that has not
+sent a request for ``idle_timeout_s`` is closed: the clock restarts only
+on a request, never on a blank line or a line trickled in byte by byte.
+A worker's subscribed (``hello``) connection waits for pushes and has no
+idle timeout.
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ import grp
 import hmac
 import inspect
 import json
+import math
 import os
 import secrets
 import socket
@@ -79,9 +90,16 @@ DEFAULT_MAX_LINE_BYTES = 64 * 1024
 #: 300 s idle: an admin tool or a worker between two requests never holds a
 #: connection that long; subscribed worker connections are exempt.
 DEFAULT_IDLE_TIMEOUT_S = 300.0
-#: 256 connections: two per worker (a subscribed one and a short-lived one)
-#: for 100 workers, with room for admin tools; beyond it new ones are refused.
+#: 256 connections from processes that are neither administrators nor workers
+#: (monitoring scripts, `memguard top` of other users...); beyond it new ones are refused.
 DEFAULT_MAX_CONNECTIONS = 256
+#: 16 connections per user id among those: a person's few tools; one user cannot take the pool.
+DEFAULT_MAX_PER_UID = 16
+#: 64 connections from administrators: `memguard ctl`, `top` and scripts of root and group memguard.
+DEFAULT_MAX_ADMIN_CONNECTIONS = 64
+#: Connections from workers' trees, per running worker: its subscribed connections
+#: (MAX_SUBSCRIPTIONS_PER_WORKER) and as many short-lived ones.
+WORKER_CONNECTIONS_PER_WORKER = 32
 #: 5 s to hand a reply to a client: a healthy client reads in microseconds.
 DEFAULT_WRITE_TIMEOUT_S = 5.0
 #: 256 KiB of unread replies or pushes before a connection is dropped: a few
@@ -167,6 +185,29 @@ def pid_in_tree(pid: int, root_pid: int, *, max_depth: int = 64) -> bool:
     return False
 
 
+def _encode(message: Mapping[str, Any]) -> bytes:
+    """One line of strict JSON (no NaN or Infinity: not JSON); a value that cannot be written becomes null."""
+    try:
+        text = json.dumps(dict(message), separators=(",", ":"), allow_nan=False, default=str)
+    except ValueError:
+        text = json.dumps(_finite(dict(message)), separators=(",", ":"), allow_nan=False, default=str)
+    return (text + "\n").encode()
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def _error(message: str) -> dict[str, Any]:
     return {"ok": False, "error": message}
 
@@ -180,7 +221,7 @@ def _short(value: object, limit: int = 64) -> str:
 
 
 class _Conn:
-    __slots__ = ("reader", "writer", "pid", "uid", "gid", "sock", "auth", "subscribed", "task", "since")
+    __slots__ = ("reader", "writer", "pid", "uid", "gid", "sock", "auth", "subscribed", "task", "since", "pool")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, since: float) -> None:
         self.reader = reader
@@ -191,6 +232,7 @@ class _Conn:
         self.subscribed = False
         self.task: asyncio.Task[Any] | None = None
         self.since = since
+        self.pool = "user"  # "admin" | "worker" | "user"
 
     def abort(self) -> None:
         transport = self.writer.transport
@@ -222,6 +264,9 @@ class ControlServer(LoopOwned):
         idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
         *,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_per_uid: int = DEFAULT_MAX_PER_UID,
+        max_admin_connections: int = DEFAULT_MAX_ADMIN_CONNECTIONS,
+        worker_of_pid: Callable[[int], str | None] | None = None,
         write_timeout_s: float = DEFAULT_WRITE_TIMEOUT_S,
         max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES,
         on_notice: Callable[[str, dict[str, Any]], None] | None = None,
@@ -237,6 +282,9 @@ class ControlServer(LoopOwned):
         self.max_line = max_line
         self.idle_timeout_s = idle_timeout_s
         self.max_connections = max_connections
+        self.max_per_uid = max_per_uid
+        self.max_admin_connections = max_admin_connections
+        self.worker_of_pid = worker_of_pid  # pid -> the running worker whose tree holds it, or None
         self.write_timeout_s = write_timeout_s
         self.max_buffered_bytes = max_buffered_bytes
         self.on_notice = on_notice
@@ -244,6 +292,7 @@ class ControlServer(LoopOwned):
         self._conns: set[_Conn] = set()
         self._last_heartbeat: dict[str, float] = {}
         self._server: asyncio.AbstractServer | None = None
+        self._said: dict[tuple[Any, Any], float] = {}
         self._inode: tuple[int, int] | None = None
         self._closing = False
 
@@ -360,7 +409,7 @@ class ControlServer(LoopOwned):
         entry = self._tokens.get(worker)
         if entry is None:
             return 0
-        data = (json.dumps(dict(message), separators=(",", ":")) + "\n").encode()
+        data = _encode(message)
         sent = 0
         for conn in list(self._conns):
             if conn.subscribed and conn.auth == (worker, entry[0]) and self._write(conn, data):
@@ -386,9 +435,10 @@ class ControlServer(LoopOwned):
         if self._closing:
             conn.abort()
             return
-        if len(self._conns) >= self.max_connections:
-            self._notice("control_refused", reason="too many connections", pid=conn.pid, uid=conn.uid)
-            await self._send(conn, _error(f"too many connections (at most {self.max_connections})"))
+        refused = self._admit(conn)
+        if refused:
+            self._notice_once("control_refused", reason=refused, pid=conn.pid, uid=conn.uid)
+            await self._send(conn, _error(refused))
             conn.abort()
             return
         self._conns.add(conn)
@@ -402,9 +452,41 @@ class ControlServer(LoopOwned):
             self._conns.discard(conn)
             conn.abort()
 
+    def _admit(self, conn: _Conn) -> str | None:
+        """Put a new connection in its pool; the reason it is refused, or None."""
+        if self._is_admin(conn):
+            conn.pool = "admin"
+            n = sum(1 for c in self._conns if c.pool == "admin")
+            return None if n < self.max_admin_connections else (
+                f"too many administrator connections (at most {self.max_admin_connections})")
+        worker = self.worker_of_pid(conn.pid) if self.worker_of_pid is not None and conn.pid > 0 else None
+        if worker is not None:
+            conn.pool = "worker"
+            n = sum(1 for c in self._conns if c.pool == "worker")
+            live = max(1, len(self._tokens))
+            return None if n < WORKER_CONNECTIONS_PER_WORKER * live else "too many connections from workers"
+        conn.pool = "user"
+        users = [c for c in self._conns if c.pool == "user"]
+        if sum(1 for c in users if c.uid == conn.uid) >= self.max_per_uid:
+            return f"too many connections from uid {conn.uid} (at most {self.max_per_uid} per user)"
+        if len(users) >= self.max_connections:
+            return f"too many connections (at most {self.max_connections})"
+        return None
+
+    def _notice_once(self, event: str, **fields: Any) -> None:
+        """A refusal is said once per (uid, reason) a minute: a client retrying in a loop does not flood the log."""
+        key = (fields.get("uid"), fields.get("reason"))
+        now = self.clock()
+        if now - self._said.get(key, -1e9) >= 60.0:
+            self._said[key] = now
+            if len(self._said) > 1024:
+                self._said = {k: t for k, t in self._said.items() if now - t < 60.0}
+            self._notice(event, **fields)
+
     async def _serve_lines(self, conn: _Conn) -> None:
+        deadline = self.clock() + self.idle_timeout_s  # restarts on a request, not on any bytes
         while not self._closing:
-            timeout = None if conn.subscribed else self.idle_timeout_s
+            timeout = None if conn.subscribed else max(0.0, deadline - self.clock())
             try:
                 line = await asyncio.wait_for(conn.reader.readline(), timeout)
             except asyncio.TimeoutError:
@@ -418,7 +500,8 @@ class ControlServer(LoopOwned):
             if not line:
                 return  # end of file
             if not line.strip():
-                continue
+                continue  # nothing asked: the idle clock keeps running
+            deadline = self.clock() + self.idle_timeout_s
             reply = await self._handle(conn, line)
             if not await self._send(conn, reply):
                 return
@@ -439,7 +522,7 @@ class ControlServer(LoopOwned):
         return True
 
     async def _send(self, conn: _Conn, reply: Mapping[str, Any]) -> bool:
-        data = (json.dumps(dict(reply), separators=(",", ":")) + "\n").encode()
+        data = _encode(reply)
         if not self._write(conn, data):
             return False
         try:
@@ -457,7 +540,7 @@ class ControlServer(LoopOwned):
 
     async def _handle(self, conn: _Conn, line: bytes) -> dict[str, Any]:
         try:
-            req = json.loads(line)
+            req = json.loads(line, parse_constant=_no_constant)
         except (ValueError, RecursionError) as e:
             return _error(f"malformed JSON: {str(e)[:200]}")
         if not isinstance(req, dict):
@@ -467,7 +550,8 @@ class ControlServer(LoopOwned):
             reply = await self._dispatch(conn, req)
         except Exception as e:  # noqa: BLE001
             reply = _error(f"internal error: {type(e).__name__}: {str(e)[:200]}")
-        if isinstance(rid, (str, int, float)) and not isinstance(rid, bool):
+        if isinstance(rid, (str, int, float)) and not isinstance(rid, bool) and (
+                not isinstance(rid, float) or math.isfinite(rid)) and (not isinstance(rid, str) or len(rid) <= 256):
             reply["id"] = rid
         return reply
 

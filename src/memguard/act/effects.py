@@ -190,7 +190,8 @@ class Effects(LoopOwned):
         self._inbox = inbox
         os.makedirs(self.admission_dir, mode=0o755, exist_ok=True)
         self.control = ControlServer(self.control_socket, inbox.post, inbox.admin, self._identify,
-                                     self._incarnation_of, clock=self._clock, on_notice=self._control_notice)
+                                     self._incarnation_of, clock=self._clock, on_notice=self._control_notice,
+                                     worker_of_pid=self._worker_of)
         try:
             await self.control.start()
         except (ControlError, OSError) as e:
@@ -473,6 +474,15 @@ class Effects(LoopOwned):
             return False
         # Its session or parent chain, else a member recorded earlier (a setsid()'d orphan).
         return pid_in_tree(pid, live[0]) or self.children.is_member(worker, pid)
+
+    def _worker_of(self, pid: int) -> str | None:
+        """The running worker whose tree holds ``pid`` (its connection counts in the workers' pool)."""
+        if self.children is None:
+            return None
+        for worker, (main, _inc) in self.children.live().items():
+            if pid_in_tree(pid, main) or self.children.is_member(worker, pid):
+                return worker
+        return None
 
     def _control_notice(self, event: str, fields: dict[str, Any]) -> None:
         details = ", ".join(f"{k} {v}" for k, v in fields.items())

@@ -98,6 +98,7 @@ ran out; ``killed`` a signal from elsewhere; ``timeout`` a time limit;
 ``disk_full`` no space left; ``exit`` a failure with no known cause;
 ``none`` no failure (exit 0, or a stop that was asked for)."""
 
+_SOURCE_RANK = {"memguard": 4, "container": 3, "exit": 3, "kernel": 1}
 _PRECEDENCE = {"host_oom": 6, "gpu_oom": 5, "timeout": 4, "disk_full": 4, "killed": 3, "exit": 2, "none": 1}
 
 DEFAULT_MAX_COUNT = 1000
@@ -613,7 +614,12 @@ def _deep_fill(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
 
 def merge(old: Incident, new: Incident) -> Incident:
     """One record of two views of the same death: the stronger cause's summary and why, every detail of both."""
-    first, second = (old, new) if _PRECEDENCE.get(old.cause, 0) >= _PRECEDENCE.get(new.cause, 0) else (new, old)
+    # The stronger cause leads; between equals, the view that knows more about the process
+    # (memguard's own decision, then the runtime's or the exit's, then the kernel's).
+    def rank(i: Incident) -> tuple[int, int]:
+        return _PRECEDENCE.get(i.cause, 0), _SOURCE_RANK.get(i.source, 0)
+
+    first, second = (old, new) if rank(old) >= rank(new) else (new, old)
     # memguard's own stop stays memguard's: the kernel or the exit only add detail to it.
     if old.source == "memguard" or new.source == "memguard":
         first, second = (old, new) if old.source == "memguard" else (new, old)

@@ -331,12 +331,12 @@ class KmsgReader:
     """
 
     def __init__(self, fd: int, boot_id: str, next_seq: int | None, *, path: str = KMSG_PATH,
-                 pending: Sequence[KmsgItem] = ()) -> None:
+                 pending: Sequence[KmsgItem] = (), read_size: int = READ_SIZE) -> None:
         self._fd = fd
         self.path = path
         self.boot_id = boot_id
         self._next_seq = next_seq
-        self._size = READ_SIZE
+        self._size = read_size
         self._pending: list[KmsgItem] = list(pending)
         self._resuming = False  # the next gap is one of records lost while nobody read
         self.closed = False
@@ -345,13 +345,14 @@ class KmsgReader:
 
     @classmethod
     def open(cls, path: str = KMSG_PATH, *, resume: KmsgCursor | None = None,
-             boot_id: str | None = None) -> "KmsgReader":
+             boot_id: str | None = None, read_size: int = READ_SIZE) -> "KmsgReader":
         """Open the kernel log where it stands now, or at ``resume``.
 
         ``boot_id`` defaults to this boot's; a ``resume`` cursor from another
         boot resumes at the oldest record of this boot still in the ring.
         Records between the cursor and the oldest record still there come
-        back from the first :meth:`read` as a :class:`KmsgGap`. Raises
+        back from the first :meth:`read` as a :class:`KmsgGap`. ``read_size``
+        is the first read buffer (grown on EINVAL). Raises
         :class:`KmsgUnavailable`.
         """
         if boot_id is None:
@@ -364,7 +365,7 @@ class KmsgReader:
             if e.errno in (errno.EPERM, errno.EACCES):
                 hint = " (reading it needs root, or kernel.dmesg_restrict=0)"
             raise KmsgUnavailable(e.errno, f"cannot open {path}: {e.strerror or e}{hint}") from None
-        reader = cls(fd, boot_id, None, path=path)
+        reader = cls(fd, boot_id, None, path=path, read_size=read_size)
         try:
             if resume is None or not boot_id:
                 reader._skip_to_end()

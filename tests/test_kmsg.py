@@ -229,7 +229,7 @@ def _kills_of(reader: KmsgReader, pid: int, timeout: float = 10.0):
 
     deadline = time.monotonic() + timeout
     while True:
-        got = reader.read()
+        got = reader.read(now=time.monotonic())
         items.extend(got)
         for k in parser.feed_all(got):
             if k.pid == pid:
@@ -247,6 +247,11 @@ def test_live_kill_in_a_memory_cgroup() -> None:
         start = reader.cursor
         pid, cgroup = _oom_kill_in_cgroup(64 << 20)
         kill, items = _kills_of(reader, pid)
+        # Read fresh, the records place the kill on the monotonic clock within the time the test took.
+        import time
+
+        now = time.monotonic()
+        assert now - 30 < reader.monotonic_of(kill.ts_us) <= now
     assert kill.comm.startswith("python")
     assert kill.constraint == "memcg"
     assert kill.task_memcg == cgroup and kill.oom_memcg == cgroup

@@ -30,7 +30,7 @@ from dataclasses import replace
 from typing import Any, Callable, Sequence
 
 from ..sense.containers import ContainerEvent, ContainerInfo, ContainerNamer, DockerClient, Owner, attribute_cgroup
-from ..sense.kmsg import KmsgCursor, KmsgGap, KmsgProblem, KmsgReader, OomKill, OomReportParser, kernel_time_to_wall
+from ..sense.kmsg import KmsgCursor, KmsgGap, KmsgProblem, KmsgReader, OomKill, OomReportParser
 from .incidents import Incident, IncidentStore, incident_from_container, incident_from_oom_kill
 from .recorder import FlightRecorder
 
@@ -125,7 +125,7 @@ class DeathWatch:
         if self.reader is None or self.reader.closed:
             return []
         kills: list[OomKill] = []
-        for item in self.reader.read():
+        for item in self.reader.read(now=self._clock()):
             if isinstance(item, KmsgGap):
                 self.gaps.append(item)
                 if self.on_gap is not None:
@@ -156,10 +156,11 @@ class DeathWatch:
                 got = await self.namer.info(owner.container_id)
                 info = got if isinstance(got, ContainerInfo) else None
         now_mono, now_wall = self._clock(), self._wall()
-        mono = kill.ts_us / 1e6 if kill.ts_us else now_mono
-        wall = kernel_time_to_wall(kill.ts_us, now_wall, now_mono) if kill.ts_us else now_wall
+        mono = self._mono_of(kill, now_mono)
+        wall = now_wall - (now_mono - mono)
         timeline = self._timeline(mono)
-        inc = incident_from_oom_kill(kill, owner, wall=wall, boot_id=self.boot_id, timeline=timeline, container=info)
+        inc = incident_from_oom_kill(kill, owner, wall=wall, boot_id=self.boot_id, timeline=timeline, container=info,
+                                     monotonic=mono)
         written = await asyncio.to_thread(self.store.record, inc)
         if owner is not None and owner.container_id:
             self._recent[owner.container_id] = (now_mono, kill, written.key)
@@ -200,7 +201,7 @@ class DeathWatch:
             owner = replace(attribute_cgroup(kills[0].cgroup, worker_roots=self.worker_roots), name=info.name,
                             image=info.image)
         now_mono, wall = self._clock(), ev.time_ns / 1e9 if ev.time_ns else self._wall()
-        mono = kills[0].ts_us / 1e6 if kills and kills[0].ts_us else now_mono
+        mono = self._mono_of(kills[0], now_mono) if kills else now_mono
         inc = incident_from_container(info, wall=wall, boot_id=self.boot_id, owner=owner, kills=kills, events=events,
                                       log_lines=lines, timeline=self._timeline(mono))
         if recent is not None:
@@ -225,6 +226,13 @@ class DeathWatch:
             del self._recent[cid]
 
     # -- timelines ----------------------------------------------------------------
+
+    def _mono_of(self, kill: OomKill, now_mono: float) -> float:
+        """The kill's moment on the monotonic clock (the recorder's), never in the future."""
+        if not kill.ts_us:
+            return now_mono
+        at = self.reader.monotonic_of(kill.ts_us) if self.reader is not None else kill.ts_us / 1e6
+        return min(at, now_mono)
 
     def _timeline(self, mono: float) -> dict[str, Any] | None:
         if self.recorder is None or self.recorder.latest_at is None:

@@ -438,9 +438,13 @@ def _kernel_why(kill: OomKill, owner: Owner | None) -> str:
 
 def incident_from_oom_kill(kill: OomKill, owner: Owner | None, *, wall: float, boot_id: str | None = None,
                            command: Sequence[str] | str | None = None, user: str | None = None,
-                           timeline: dict[str, Any] | None = None,
-                           container: ContainerInfo | None = None) -> Incident:
-    """The record of a kernel OOM kill (read from the kernel log), attributed to its owner."""
+                           timeline: dict[str, Any] | None = None, container: ContainerInfo | None = None,
+                           monotonic: float | None = None) -> Incident:
+    """The record of a kernel OOM kill (read from the kernel log), attributed to its owner.
+
+    ``monotonic``: the kill on the CLOCK_MONOTONIC time line
+    (:meth:`~memguard.sense.kmsg.KmsgReader.monotonic_of`); defaults to the
+    kernel's own timestamp."""
     why = _kernel_why(kill, owner)
     who = owner.describe() if owner is not None else f"a process in {kill.cgroup or 'an unknown cgroup'}"
     summary = f"the kernel OOM killer killed pid {kill.pid} ({kill.comm}), {who}: {why}"
@@ -454,7 +458,7 @@ def incident_from_oom_kill(kill: OomKill, owner: Owner | None, *, wall: float, b
                   "meaning": "killed by the kernel's OOM killer", "oom": _kill_oom_section(kill)})
     whyd = _clean({"text": why, "limit_bytes": kill.limit_bytes, "memcg": kill.oom_memcg,
                    "constraint": kill.constraint})
-    mono = kill.ts_us / 1e6 if kill.ts_us else None
+    mono = monotonic if monotonic is not None else (kill.ts_us / 1e6 if kill.ts_us else None)
     key = death_key(boot_id, kill.pid)
     return Incident(id=incident_id(wall, key), key=key, cause="host_oom", summary=summary, wall=wall,
                     monotonic=mono, boot_id=boot_id, source="kernel", what=what, how=how, why=whyd,

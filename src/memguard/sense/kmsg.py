@@ -310,15 +310,16 @@ def read_boot_id(path: str = BOOT_ID_PATH) -> str | Unknown:
         return Unknown(f"{path} unreadable: {e.strerror or e}")
 
 
-def kernel_time_to_wall(ts_us: int, now_wall: float, now_kernel_s: float) -> float:
-    """Wall-clock time (epoch seconds) of a kernel timestamp, given the wall time
-    and the kernel clock (``time.clock_gettime(CLOCK_MONOTONIC)``) read together now.
+def kernel_time_to_wall(ts_us: int, now_wall: float, now_mono: float, offset_s: float = 0.0) -> float:
+    """Wall-clock time (epoch seconds) of a kernel log timestamp, given the wall
+    time and CLOCK_MONOTONIC read together now, and the offset between the
+    two clocks (:attr:`KmsgReader.clock_offset_s`)."""
+    return now_wall - (now_mono - (ts_us / 1e6 + offset_s))
 
-    The kernel log clock and CLOCK_MONOTONIC are both time since boot
-    without suspend; the result is good to a few milliseconds unless the
-    machine slept in between.
-    """
-    return now_wall - (now_kernel_s - ts_us / 1e6)
+
+FRESH_LIMIT_S = 60.0
+"""A record read more than this long after its kernel timestamp (seconds) says
+nothing about the clock offset: it is backlog, not news."""
 
 
 class KmsgReader:
@@ -339,6 +340,7 @@ class KmsgReader:
         self._size = read_size
         self._pending: list[KmsgItem] = list(pending)
         self._resuming = False  # the next gap is one of records lost while nobody read
+        self._offset: float | None = None
         self.closed = False
 
     # -- opening -----------------------------------------------------------
@@ -400,13 +402,38 @@ class KmsgReader:
             return None
         return KmsgCursor(self.boot_id, self._next_seq)
 
-    def read(self, limit: int = 4096) -> list[KmsgItem]:
-        """What the kernel logged since the last read: up to ``limit`` records, with gaps. Never blocks."""
+    def read(self, limit: int = 4096, *, now: float | None = None) -> list[KmsgItem]:
+        """What the kernel logged since the last read: up to ``limit`` records, with gaps. Never blocks.
+
+        ``now``: CLOCK_MONOTONIC when the read was made (``time.monotonic()``);
+        it refines :attr:`clock_offset_s`.
+        """
         out, self._pending = self._pending, []
         if self.closed:
             return out
         out.extend(self._drain(limit=limit, keep=True))
+        if now is not None:
+            newest = next((i for i in reversed(out) if isinstance(i, KmsgRecord)), None)
+            if newest is not None:
+                lag = now - newest.ts_us / 1e6
+                if abs(lag) < FRESH_LIMIT_S and (self._offset is None or lag < self._offset):
+                    self._offset = lag
         return out
+
+    @property
+    def clock_offset_s(self) -> float:
+        """CLOCK_MONOTONIC minus the kernel log's clock, seconds (0 until a fresh record was read).
+
+        The kernel stamps its log with its scheduler clock, which can stand
+        seconds apart from CLOCK_MONOTONIC (2.2 s on the machine these tests
+        were written on). A record read as soon as it is written shows the
+        offset plus the read latency; the smallest such figure is kept.
+        """
+        return self._offset if self._offset is not None else 0.0
+
+    def monotonic_of(self, ts_us: int) -> float:
+        """A kernel log timestamp on the CLOCK_MONOTONIC time line (the flight recorder's)."""
+        return ts_us / 1e6 + self.clock_offset_s
 
     def _read_one(self) -> bytes | None | KmsgProblem:
         """One record's bytes; None when there is nothing more now. Retries EPIPE and EINVAL."""

@@ -150,9 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("path")
     c.set_defaults(func=_cmd_check)
 
-    from .commands import events, install
+    from .commands import events, incidents, install
 
     install.add_parser(sub)
+    incidents.add_parser(sub)
     events.add_parser(sub)
     return parser
 

@@ -845,6 +845,10 @@ class IncidentStore:
         got = self._read(matches[0])
         return got if isinstance(got, Incident) else None
 
+    def match(self, ref: str) -> list[str]:
+        """Ids of the records whose id starts with ``ref``."""
+        return sorted(p.stem for p in self._files() if p.stem.startswith(ref))
+
     def find_key(self, key: str, *, near_wall: float | None = None) -> Incident | None:
         """The newest record with this key (within :data:`MERGE_WINDOW_S` of ``near_wall`` if given)."""
         suffix = "-" + hashlib.sha1(key.encode()).hexdigest()[:8]

@@ -266,7 +266,7 @@ class FlightRecorder:
                 fields["sent"] = signal_name(a.signum)
             worker = getattr(a, "worker", None)
             pid = getattr(a, "pid", None)
-            text = getattr(a, "reason", "") or (explain.display if explain is not None else "")
+            text = explain.display if explain is not None else getattr(a, "reason", "")
             kind = a.event if not isinstance(a, Spawn) else "spawn"
             self._mark(at, kind, worker=worker, pid=pid, text=text, action=True, **fields)
 

@@ -356,7 +356,7 @@ def test_kernel_oom_kill_recorded_with_its_timeline(tmp_path: Path) -> None:
     assert inc.how["oom"]["limit_bytes"] == 64 << 20 and "64MiB limit" in inc.why["text"]
     assert inc.timeline is not None and len(inc.timeline["scope"]["t"]) >= 1
     assert all(t <= 1.0 for t in inc.timeline["scope"]["t"])
-    assert any(m["event"] == "kernel_oom_kill" and m["pid"] == pid for m in recorder.marks)
+    assert any(m.event == "kernel_oom_kill" and m.pid == pid for m in recorder.marks)
     # The seconds after were appended once they had passed.
     assert store.load(inc.id).after is not None
     # The cursor was saved: a restarted daemon resumes after this record.

@@ -76,7 +76,8 @@ def test_workers_come_from_full_ticks_only() -> None:
     tl = r.timeline(window_s=10, around=3.0)
     assert tl["full"]["t"] == [-2.0, 0.0]
     assert tl["full"]["worker[w-0].memory_bytes"] == [GiB, 2 * GiB]
-    assert tl["full"]["worker[w-0].growth_bytes_per_s"] == [None, GiB / 2]  # no slope from one point
+    assert tl["worker_summary"]["w-0"] == {"peak_bytes": 2 * GiB, "last_bytes": 2 * GiB,
+                                           "growth_bytes_per_s": GiB / 2}
     assert len(tl["scope"]["t"]) == 3
 
 
@@ -92,7 +93,7 @@ def test_unknown_readings_are_null() -> None:
 
 def test_marks_thresholds_and_gpus() -> None:
     """Decisions become marks with their rule's numbers; the rule's threshold is drawn on its series; trial and
-    lifecycle events are marks too; GPUs get used, total and derived free series."""
+    lifecycle events are marks too; GPUs get used and total series."""
     r = FlightRecorder(window_s=60)
     ex = Explanation(rule="host-low", when="memory.available < 10%", signal="memory.available",
                      value=1.2 * GiB, threshold=1.6 * GiB, unit="bytes", display="memory.available 1.2GiB < 10%")
@@ -113,7 +114,7 @@ def test_marks_thresholds_and_gpus() -> None:
     assert tl["thresholds"] == [{"series": "scope.available_bytes", "value": 1.6 * GiB, "label": "host-low",
                                  "signal": "memory.available"}]
     assert tl["full"]["worker[w-0].trial"][:2] == [1, 1]
-    assert tl["full"]["gpu[0].free_bytes"] == [10 * GiB, 10 * GiB, None]  # the last tick had no GPU reading
+    assert tl["full"]["gpu[0].used_bytes"] == [70 * GiB, 70 * GiB, None]  # the last tick had no GPU reading
 
 
 def test_gone_workers_are_dropped_and_the_biggest_are_shown() -> None:

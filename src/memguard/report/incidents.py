@@ -159,7 +159,9 @@ class Incident:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def to_json(self, indent: int | None = None) -> str:
-        return json.dumps(self.to_dict(), indent=indent, sort_keys=False, default=_json_default)
+        """JSON text; compact unless ``indent`` is given (``memguard incidents show --json`` indents)."""
+        seps = (",", ":") if indent is None else (",", ": ")
+        return json.dumps(self.to_dict(), indent=indent, separators=seps, default=_json_default, allow_nan=False)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Incident":
@@ -723,7 +725,7 @@ class IncidentStore:
     def write(self, incident: Incident, *, durable: bool = True, prune: bool = True) -> Path:
         """Write (or replace) the record atomically. ``durable=False`` skips the fsyncs (see the module doc)."""
         path = self.path_of(incident.id)
-        self._write_file(path, incident.to_json(indent=1) + "\n", durable)
+        self._write_file(path, incident.to_json() + "\n", durable)
         if prune:
             self.prune(keep=incident.id)
         return path

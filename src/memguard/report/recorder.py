@@ -20,7 +20,9 @@ Two rings of fixed capacity, one float per series per slot:
 Values are 32-bit floats (a 100 GiB figure is exact to 8 KiB); times
 64-bit. An unknown reading is NaN, shown as ``null`` in a timeline.
 Columns of workers that are gone are dropped once the window holds no
-value of theirs. Marks (memguard's decisions, spawns, exits, trial
+value of theirs. A worker's growth (bytes per second over the last five
+full ticks) is computed from its memory series when a timeline is asked
+for, not stored. Marks (memguard's decisions, spawns, exits, trial
 events) go in a bounded deque.
 
 Cost: a window of 600 s is 1200 scope slots x 9 series and 600 full slots
@@ -69,10 +71,47 @@ DEFAULT_FAST_RESOLUTION_S = 0.5
 10-100 ms; keeping the worst value of each half second shows a 3-second
 spike with six points and costs twice the full ring's slots."""
 
-DEFAULT_MAX_MARKS = 2000
-"""Decisions and lifecycle events kept (oldest dropped first)."""
+DEFAULT_MAX_MARKS = 500
+"""Decisions and lifecycle events kept (oldest dropped first): one every
+1.2 s over the whole window, far more than a healthy machine makes; about
+250 KiB when full."""
+
+TIMELINE_MAX_MARKS = 200
+"""Marks put in one timeline at most (the latest): an incident needs the
+decisions just before it, not every restart of a loop."""
 
 NAN = float("nan")
+
+
+class Mark:
+    """One moment on the timeline: a decision, a lifecycle event, a kernel kill. Compact (slots)."""
+
+    __slots__ = ("at", "event", "worker", "pid", "text", "rule", "signal", "value", "threshold", "sent", "extra")
+
+    def __init__(self, at: float, event: str, fields: Mapping[str, Any]) -> None:
+        self.at = at
+        self.event = event
+        f = dict(fields)
+        self.worker = f.pop("worker", None)
+        self.pid = f.pop("pid", None)
+        self.text = f.pop("text", None)
+        self.rule = f.pop("rule", None)
+        self.signal = f.pop("signal", None)
+        self.value = f.pop("value", None)
+        self.threshold = f.pop("threshold", None)
+        self.sent = f.pop("sent", None)
+        f.pop("unit", None)
+        self.extra = {k: v for k, v in f.items() if v is not None and v != ""} or None
+
+    def to_dict(self, around: float) -> dict[str, Any]:
+        d: dict[str, Any] = {"at": self.at, "t": round(self.at - around, 3), "event": self.event}
+        for k in ("worker", "pid", "text", "rule", "signal", "value", "threshold", "sent"):
+            v = getattr(self, k)
+            if v is not None and v != "":
+                d[k] = v
+        if self.extra:
+            d.update(self.extra)
+        return d
 
 # (series, aggregation within a slot)
 SCOPE_SERIES: tuple[tuple[str, str], ...] = (
@@ -183,7 +222,7 @@ class FlightRecorder:
         self.window_s = float(window_s)
         self.scope = _Ring(max(2, math.ceil(window_s / fast_resolution_s)), fast_resolution_s)
         self.full = _Ring(max(2, math.ceil(window_s / resolution_s)), resolution_s)
-        self.marks: deque[dict[str, Any]] = deque(maxlen=max_marks)
+        self.marks: deque[Mark] = deque(maxlen=max_marks)
         self.thresholds: dict[str, list[tuple[str, float]]] = {}
         self._trial: dict[str, float] = {}
         self._live: set[str] = set()
@@ -275,9 +314,7 @@ class FlightRecorder:
         self._mark(at, kind, **fields)
 
     def _mark(self, at: float, kind: str, **fields: Any) -> None:
-        mark = {"at": at, "event": kind}
-        mark.update({k: v for k, v in fields.items() if v is not None and v != ""})
-        self.marks.append(mark)
+        self.marks.append(Mark(at, kind, fields))
 
     def set_thresholds(self, thresholds: Mapping[str, Sequence[tuple[str, float]]]) -> None:
         """Static lines to draw: ``{"scope.available_bytes": [("host-low", 1.6e9)], ...}`` (series names as in
@@ -291,14 +328,16 @@ class FlightRecorder:
         return self.scope.nbytes() + self.full.nbytes()
 
     def timeline(self, window_s: float = 120.0, *, around: float | None = None, after_s: float = 0.0,
-                 workers: Sequence[str] | None = None, max_workers: int = 8) -> dict[str, Any]:
+                 workers: Sequence[str] | None = None, max_workers: int = 8,
+                 max_marks: int = TIMELINE_MAX_MARKS) -> dict[str, Any]:
         """The recorded window ``[around - window_s, around + after_s]`` as a JSON-ready dict.
 
         ``around`` defaults to the newest sample. Times are seconds relative
         to ``around``. ``workers`` limits the worker series to those named;
         by default the ``max_workers`` with the highest peak memory in the
         window. Values are ints (bytes, counts) or floats (percent), None
-        where unknown.
+        where unknown. At most ``max_marks`` marks, the latest (a restart
+        loop can make thousands; ``marks_left_out`` counts the rest).
         """
         if around is None:
             around = self.latest_at if self.latest_at is not None else 0.0
@@ -313,16 +352,23 @@ class FlightRecorder:
         keep = [n for n in self.full.cols if n.startswith("gpu[") or
                 any(n.startswith(f"worker[{w}].") for w in names)]
         full = self._section(self.full, start, end, around, keep)
-        for name in [n for n in full if n.startswith("gpu[") and n.endswith(".used_bytes")]:
-            base = name[:-len("used_bytes")]
-            _derive(full, base + "free_bytes", base + "total_bytes", name)
+        summary: dict[str, dict[str, Any]] = {}
         for w in names:
             mem = full.get(f"worker[{w}].memory_bytes")
-            if mem is not None:
-                full[f"worker[{w}].growth_bytes_per_s"] = _growth(full["t"], mem)
+            if mem is None:
+                continue
+            known = [v for v in mem if v is not None]
+            growth = [g for g in _growth(full["t"], mem) if g is not None]
+            summary[w] = {"peak_bytes": max(known) if known else None, "last_bytes": known[-1] if known else None,
+                          "growth_bytes_per_s": growth[-1] if growth else None}
         out["full"] = full
-        out["marks"] = [dict(m, t=round(m["at"] - around, 3)) for m in self.marks if start <= m["at"] <= end]
-        out["thresholds"] = self._thresholds(out["marks"])
+        out["worker_summary"] = summary
+        marks = [m.to_dict(around) for m in self.marks if start <= m.at <= end]
+        out["thresholds"] = self._thresholds(marks)
+        if len(marks) > max_marks:
+            out["marks_left_out"] = len(marks) - max_marks
+            marks = marks[-max_marks:]
+        out["marks"] = marks
         out["workers"] = names
         return out
 

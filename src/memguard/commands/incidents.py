@@ -142,7 +142,8 @@ def format_show(inc: Incident, width: int = 60) -> list[str]:
     L.append("What")
     pid = w.get("pid")
     comm = w.get("comm")
-    L.append(f"  pid {pid}" + (f" ({comm})" if comm else "") + (f", {owner.describe()}" if owner else ""))
+    head = (f"pid {pid}" + (f" ({comm})" if comm else "")) if pid is not None else ""
+    L.append("  " + ", ".join(x for x in (head, owner.describe() if owner else "") if x))
     cmd = _command_text(w.get("command"))
     if cmd:
         L.append(f"  command: {cmd}")

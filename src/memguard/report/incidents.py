@@ -576,7 +576,7 @@ def incident_from_container(info: ContainerInfo, *, wall: float, boot_id: str | 
         cause = "killed"
         how["signal"] = sig
         how["signal_name"] = signal_name(sig) if sig is not None else None
-        how["sent_by"] = "the container runtime (docker kill/stop)" if kill_events else "elsewhere"
+        how["sent_by"] = "the container runtime: docker kill or stop" if kill_events else "elsewhere"
         text = f"killed by {signal_name(sig) if sig is not None else 'a signal'}" + \
             (" sent through the runtime (docker kill or stop), not an OOM kill" if kill_events else
              ", not an OOM kill (the runtime saw no OOM)")

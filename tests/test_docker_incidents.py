@@ -177,3 +177,88 @@ def test_cuda_line_then_ram_kill_is_a_ram_oom(dockerd: Dockerd, tmp_path: Path) 
     assert inc.how["output_cause"] == "gpu_oom"
     assert "CUDA out of memory" in inc.how["output_line"]
     assert "context, not the cause" in inc.why["text"]
+
+
+def test_following_the_runtime_and_catching_up_after_a_restart(dockerd: Dockerd, tmp_path: Path) -> None:
+    """The daemon's way: the runtime's events followed in a thread. A failing container (exit 3) is ``exit``; a
+    ``--rm`` container killed at its limit is still named (from its events) though it is gone. A container that
+    dies while nobody follows is recorded when following resumes from the saved position."""
+    store = IncidentStore(tmp_path / "incidents")
+    failed, removed, later = _name("fails"), _name("rm-oom"), _name("while-down")
+
+    async def follow_until(names: set[str]) -> None:
+        seen: set[str] = set()
+        done = asyncio.Event()
+
+        def on_incident(inc, path) -> None:
+            o = inc.owner
+            if o is not None and o.name in names and "container" in inc.sources:
+                seen.add(o.name)
+                if seen == names:
+                    done.set()
+
+        watch = DeathWatch(store, reader=_reader(), docker=dockerd.client, on_incident=on_incident)
+        watch.start()
+        thread = watch.follow_containers()
+        assert thread is not None
+        try:
+            await asyncio.wait_for(done.wait(), 60)
+        finally:
+            watch.stop_containers()
+            watch.stop()
+            await watch.wait_idle()
+            watch.reader.close()
+
+    async def first() -> None:
+        task = asyncio.ensure_future(follow_until({failed, removed}))
+        await asyncio.sleep(0)  # let the follower start before the containers run
+        await asyncio.to_thread(dockerd.docker, "run", "--name", failed, "-m", LIMIT, IMAGE, "sh", "-c",
+                                "echo 'ValueError: bad config'; exit 3", check=False)
+        await asyncio.to_thread(dockerd.docker, "run", "--rm", "--name", removed, "-m", LIMIT, "--memory-swap",
+                                LIMIT, IMAGE, *EAT, check=False)
+        await task
+    asyncio.run(first())
+
+    (f,) = store.by_container(failed)
+    assert f.cause == "exit" and f.how["exit_code"] == 3
+    (r,) = store.by_container(removed)
+    assert r.cause == "host_oom" and r.what["container"]["name"] == removed
+
+    # memguard is down: a container dies; following again resumes from the saved position and records it.
+    res = dockerd.docker("run", "--name", later, "-m", LIMIT, IMAGE, "sh", "-c", "exit 5", check=False)
+    assert res.returncode == 5
+    asyncio.run(follow_until({later}))
+    (l,) = store.by_container(later)
+    assert l.cause == "exit" and l.how["exit_code"] == 5
+    assert len(store.by_container(failed)) == 1  # the past before the saved position was not replayed
+    assert len(store.by_container(removed)) == 1
+
+
+def test_kernel_record_and_death_merge_across_a_restart(dockerd: Dockerd, tmp_path: Path) -> None:
+    """The kernel's report of a container's OOM kill is recorded, memguard restarts, then the runtime's death
+    event is handled: still one record, with both views (the kill from the record, the name and exit from the
+    runtime)."""
+    store = IncidentStore(tmp_path / "incidents")
+    name = _name("restart-between")
+    since = time.time() - 1
+    first = DeathWatch(store, reader=_reader(), docker=dockerd.client)
+    res = dockerd.docker("run", "--name", name, "-m", LIMIT, "--memory-swap", LIMIT, IMAGE, *EAT, check=False)
+    assert res.returncode == 137
+
+    async def kernel_only():
+        await first.drain()
+        await first.wait_idle()
+    asyncio.run(kernel_only())
+    first.reader.close()
+    assert [i.sources for i in store.by_container(name)] == [["kernel"]]
+
+    second = DeathWatch(store, docker=dockerd.client)  # a new daemon: nothing in memory
+
+    async def events_only():
+        for ev in _events_for(dockerd, name, since):
+            await second.on_container_event(ev)
+        await second.wait_idle()
+    asyncio.run(events_only())
+    (inc,) = store.by_container(name)
+    assert inc.cause == "host_oom" and set(inc.sources) == {"kernel", "container"}
+    assert inc.how["exit_code"] == 137 and inc.how["oom"]["limit_bytes"] == LIMIT_BYTES

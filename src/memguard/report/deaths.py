@@ -25,6 +25,7 @@ the event loop only parses.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from dataclasses import replace
 from typing import Any, Callable, Sequence
@@ -34,10 +35,16 @@ from ..sense.kmsg import KmsgCursor, KmsgGap, KmsgProblem, KmsgReader, OomKill, 
 from .incidents import Incident, IncidentStore, incident_from_container, incident_from_oom_kill
 from .recorder import FlightRecorder
 
-__all__ = ["DeathWatch", "KMSG_STATE", "TIMELINE_S", "AFTER_S"]
+__all__ = ["DeathWatch", "KMSG_STATE", "EVENTS_STATE", "TIMELINE_S", "AFTER_S"]
 
 KMSG_STATE = "kmsg"
 """Name of the kernel log cursor in the store's state (``.kmsg.state``)."""
+
+EVENTS_STATE = "container_events"
+"""Name of the container events position in the store's state: the time of the last event handled."""
+
+RUNTIME_RETRY_S = 30.0
+"""Seconds between attempts to reach a container runtime that is absent or went away."""
 
 TIMELINE_S = 300.0
 """Seconds of flight-recorder history put in each incident (5 minutes: the
@@ -80,6 +87,9 @@ class DeathWatch:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.gaps: list[KmsgGap] = []
         self.problem: str | None = None
+        self.runtime_problem: str | None = None
+        self._lock: asyncio.Lock | None = None
+        self._stop_events: threading.Event | None = None
 
     # -- wiring helpers -------------------------------------------------------
 
@@ -137,7 +147,17 @@ class DeathWatch:
         return kills
 
     async def drain(self) -> list[Incident]:
-        """Read the kernel log now and record each OOM kill; save the cursor. Returns the incidents written."""
+        """Read the kernel log now and record each OOM kill; save the cursor. Returns the incidents written.
+
+        Drains run one at a time: a caller (a container's death) waits for a
+        drain in progress, so the kills it read are recorded when it returns.
+        """
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            return await self._drain_locked()
+
+    async def _drain_locked(self) -> list[Incident]:
         kills = self.read_kills()
         out = []
         for kill in kills:
@@ -174,6 +194,55 @@ class DeathWatch:
 
     # -- container deaths -------------------------------------------------------
 
+    def follow_containers(self, loop: asyncio.AbstractEventLoop | None = None) -> "threading.Thread | None":
+        """Follow the runtime's container events in a daemon thread, each handed to the loop.
+
+        Resumes from the time of the last event handled (saved in the store),
+        so deaths while memguard was down are recorded too; reconnects every
+        :data:`RUNTIME_RETRY_S` while the runtime is absent. Returns the thread
+        (None without a Docker client). :meth:`stop_containers` ends it at
+        the next event.
+        """
+        if self.docker is None:
+            return None
+        loop = loop or asyncio.get_running_loop()
+        self._stop_events = threading.Event()
+        saved = self.store.load_state(EVENTS_STATE) or {}
+        # Resume just after the last event handled (nanoseconds, exact: the API's since is inclusive).
+        since: int = saved["since_ns"] + 1 if isinstance(saved.get("since_ns"), int) else int(self._wall() * 1e9)
+
+        def feed(ev: ContainerEvent) -> None:
+            self._spawn(self._on_followed(ev))
+
+        def run() -> None:
+            nonlocal since
+            docker = DockerClient(self.docker.socket_path, timeout_s=self.docker.timeout_s)
+            while not self._stop_events.is_set():
+                for item in docker.follow_events(since=since):
+                    if self._stop_events.is_set():
+                        return
+                    if isinstance(item, ContainerEvent):
+                        if item.time_ns:
+                            since = max(since, item.time_ns + 1)
+                        loop.call_soon_threadsafe(feed, item)
+                    else:
+                        self.runtime_problem = item.reason
+                        break
+                self._stop_events.wait(RUNTIME_RETRY_S)
+
+        t = threading.Thread(target=run, name="memguard-container-events", daemon=True)
+        t.start()
+        return t
+
+    def stop_containers(self) -> None:
+        if self._stop_events is not None:
+            self._stop_events.set()
+
+    async def _on_followed(self, ev: ContainerEvent) -> None:
+        await self.on_container_event(ev)
+        if ev.time_ns:
+            await asyncio.to_thread(self.store.save_state, EVENTS_STATE, {"since_ns": ev.time_ns})
+
     async def on_container_event(self, ev: ContainerEvent) -> Incident | None:
         """A runtime event; a ``die`` becomes an incident (merged with the kernel's kill of it, if any)."""
         if ev.action != "die":
@@ -194,6 +263,8 @@ class DeathWatch:
         elif info.exit_code is None and ev.exit_code is not None:
             info = replace(info, exit_code=ev.exit_code)
         recent = self._recent.pop(ev.id, None)
+        if recent is None and (info.oom_killed or any(e.action == "oom" for e in events)):
+            recent = await asyncio.to_thread(self._kernel_record_of, info.id, ev)
         kills = [recent[1]] if recent is not None else []
         owner = Owner(kind="container", cgroup=kills[0].cgroup or "" if kills else "", runtime="docker",
                       container_id=info.id, name=info.name, image=info.image)
@@ -214,6 +285,17 @@ class DeathWatch:
             self._after(written.id, mono)
         self._notify(written)
         return written
+
+    def _kernel_record_of(self, container_id: str, ev: ContainerEvent) -> tuple[float, OomKill, str] | None:
+        """The kernel's record of this container's OOM kill written before a restart (not in memory any more)."""
+        wall = ev.time_ns / 1e9 if ev.time_ns else self._wall()
+        for inc in self.store.latest(50):
+            o = inc.what.get("owner") or {}
+            if o.get("container_id") == container_id and "kernel" in inc.sources and abs(inc.wall - wall) < 120:
+                kill = _kill_from_record(inc)
+                if kill is not None:
+                    return (self._clock(), kill, inc.key)
+        return None
 
     def _remember_event(self, ev: ContainerEvent) -> None:
         self._events.setdefault(ev.id, []).append(ev)
@@ -257,3 +339,23 @@ class DeathWatch:
         if self.on_incident is not None:
             self.on_incident(inc, str(self.store.path_of(inc.id)))
 
+
+def _kill_from_record(inc: Incident) -> OomKill | None:
+    """Enough of the kernel's kill back from its record to describe the container's death."""
+    oom = inc.how.get("oom") or {}
+    pid = inc.what.get("pid")
+    if not isinstance(pid, int):
+        return None
+    kb = lambda key: oom[key] // 1024 if isinstance(oom.get(key), int) else None  # noqa: E731
+    limit_kind = oom.get("limit_kind")
+    limit = kb("limit_bytes")
+    return OomKill(pid=pid, comm=str(inc.what.get("comm", "?")), seq=int(oom.get("kernel_seq", 0)),
+                   ts_us=int(oom.get("kernel_ts_us", 0)), constraint=str(oom.get("constraint", "memcg")),
+                   uid=inc.what.get("uid"), oom_memcg=oom.get("memcg"), task_memcg=inc.what.get("cgroup"),
+                   invoker=oom.get("invoker"), invoker_pid=oom.get("invoker_pid"),
+                   memory_usage_kb=kb("usage_bytes"),
+                   memory_limit_kb=limit if limit_kind != "memory+swap" else None,
+                   memsw_usage_kb=limit if limit_kind == "memory+swap" else None,
+                   memsw_limit_kb=limit if limit_kind == "memory+swap" else None,
+                   anon_rss_kb=kb("anon_rss_bytes"), total_vm_kb=kb("total_vm_bytes"),
+                   oom_score_adj=oom.get("oom_score_adj"), lines=tuple(inc.evidence[:8]))

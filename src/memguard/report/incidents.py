@@ -768,6 +768,15 @@ class IncidentStore:
         self.write(inc)
         return inc
 
+    def update(self, incident_id: str, **changes: Any) -> Incident | None:
+        """Replace fields of a record (e.g. ``timeline=`` after the signal went out); None if the record is gone."""
+        inc = self.load(incident_id)
+        if inc is None:
+            return None
+        inc = replace(inc, **changes)
+        self.write(inc, prune=False)
+        return inc
+
     def append_after(self, incident_id: str, after: dict[str, Any]) -> Incident | None:
         """Add the timeline of the seconds after the death; None if the record is gone."""
         inc = self.load(incident_id)

@@ -549,14 +549,16 @@ class DockerClient:
             return Unknown(f"container {ref} logs: HTTP {status}")
         return _demux(body)
 
-    def events(self, *, since: float, until: float, actions: Sequence[str] = ("die", "oom", "kill"),
+    def events(self, *, since: float | int, until: float | int, actions: Sequence[str] = ("die", "oom", "kill"),
                container: str | None = None) -> list[ContainerEvent] | Unknown:
-        """Container events between two wall-clock times (epoch seconds); the answer ends at ``until``."""
+        """Container events between two wall-clock times (epoch seconds, or int nanoseconds); the answer ends
+        at ``until``."""
         filters: dict[str, list[str]] = {"type": ["container"], "event": list(actions)}
         if container:
             filters["container"] = [container]
-        q = urllib.parse.urlencode({"since": f"{since:.3f}", "until": f"{until:.3f}", "filters": json.dumps(filters)})
-        got = self._request(f"/events?{q}", timeout_s=self.timeout_s + max(0.0, until - time.time()))
+        q = urllib.parse.urlencode({"since": _api_time(since), "until": _api_time(until), "filters": json.dumps(filters)})
+        until_s = until / 1e9 if isinstance(until, int) and until > 10**15 else until
+        got = self._request(f"/events?{q}", timeout_s=self.timeout_s + max(0.0, until_s - time.time()))
         if isinstance(got, Unknown):
             return got
         status, body = got
@@ -565,12 +567,12 @@ class DockerClient:
         return list(_parse_events(body))
 
     def follow_events(self, *, actions: Sequence[str] = ("die", "oom", "kill"),
-                      since: float | None = None) -> Iterator[ContainerEvent | Unknown]:
+                      since: float | int | None = None) -> Iterator[ContainerEvent | Unknown]:
         """Container events as they happen (blocks; run it in a thread). Ends with an Unknown when the stream breaks."""
         filters = {"type": ["container"], "event": list(actions)}
         params = {"filters": json.dumps(filters)}
         if since is not None:
-            params["since"] = f"{since:.3f}"
+            params["since"] = _api_time(since)
         conn = _UnixHTTPConnection(self.socket_path, None)
         try:
             try:
@@ -598,6 +600,13 @@ class DockerClient:
                 yield from _parse_events(line)
         finally:
             conn.close()
+
+
+def _api_time(t: float | int) -> str:
+    """A time for the events API: epoch seconds, or an int of nanoseconds (exact) given as ``int``."""
+    if isinstance(t, int) and t > 10**15:
+        return f"{t // 1_000_000_000}.{t % 1_000_000_000:09d}"
+    return f"{t:.6f}"
 
 
 def _parse_events(body: bytes) -> Iterator[ContainerEvent]:

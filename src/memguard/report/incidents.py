@@ -56,6 +56,7 @@ import json
 import os
 import signal as _signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -690,6 +691,8 @@ class IncidentStore:
         self.max_age_s = max_age_s
         self.max_bytes = max_bytes
         self._clock = clock
+        # Read-modify-write of one record (merge, complete, append) from several threads of one process.
+        self._lock = threading.RLock()
 
     # -- writing -----------------------------------------------------------
 
@@ -732,17 +735,18 @@ class IncidentStore:
 
     def record(self, incident: Incident, *, durable: bool = True) -> Incident:
         """Write the incident, merged into a record of the same death if one exists; return what was written."""
-        existing = self.find_key(incident.key, near_wall=incident.wall)
-        if existing is not None:
-            incident = merge(existing, incident)
-        elif self.path_of(incident.id).exists():
-            # The same id for another death (pid reused within the second): keep both.
-            loaded = self.load(incident.id)
-            if loaded is not None and loaded.key != incident.key:
-                incident = replace(incident, id=incident.id + "-" + hashlib.sha1(
-                    f"{incident.key}{incident.wall}".encode()).hexdigest()[:4])
-        self.write(incident, durable=durable)
-        return incident
+        with self._lock:
+            existing = self.find_key(incident.key, near_wall=incident.wall)
+            if existing is not None:
+                incident = merge(existing, incident)
+            elif self.path_of(incident.id).exists():
+                # The same id for another death (pid reused within the second): keep both.
+                loaded = self.load(incident.id)
+                if loaded is not None and loaded.key != incident.key:
+                    incident = replace(incident, id=incident.id + "-" + hashlib.sha1(
+                        f"{incident.key}{incident.wall}".encode()).hexdigest()[:4])
+            self.write(incident, durable=durable)
+            return incident
 
     def make_durable(self, incident_id: str | None = None) -> None:
         """fsync one record (or the directory) written with ``durable=False``."""
@@ -761,32 +765,35 @@ class IncidentStore:
     def complete(self, incident_id: str, *, wall: float, returncode: int | None = None, signal: int | None = None,
                  note: str | None = None, after: dict[str, Any] | None = None) -> Incident | None:
         """Complete a pending record with the outcome of the signal; None if the record is gone."""
-        inc = self.load(incident_id)
-        if inc is None:
-            return None
-        inc = complete_action(inc, wall=wall, returncode=returncode, signal=signal, note=note, after=after)
-        self.write(inc)
-        return inc
+        with self._lock:
+            inc = self.load(incident_id)
+            if inc is None:
+                return None
+            inc = complete_action(inc, wall=wall, returncode=returncode, signal=signal, note=note, after=after)
+            self.write(inc)
+            return inc
 
     def update(self, incident_id: str, **changes: Any) -> Incident | None:
         """Replace fields of a record (e.g. ``timeline=`` after the signal went out); None if the record is gone."""
-        inc = self.load(incident_id)
-        if inc is None:
-            return None
-        inc = replace(inc, **changes)
-        self.write(inc, prune=False)
-        return inc
+        with self._lock:
+            inc = self.load(incident_id)
+            if inc is None:
+                return None
+            inc = replace(inc, **changes)
+            self.write(inc, prune=False)
+            return inc
 
     def append_after(self, incident_id: str, after: dict[str, Any]) -> Incident | None:
         """Add the timeline of the seconds after the death; None if the record is gone."""
-        inc = self.load(incident_id)
-        if inc is None:
-            return None
-        inc = replace(inc, after=after)
-        self.write(inc, prune=False)
-        return inc
+        with self._lock:
+            inc = self.load(incident_id)
+            if inc is None:
+                return None
+            inc = replace(inc, after=after)
+            self.write(inc, prune=False)
+            return inc
 
-    # -- small state next to the incidents (cursors) -------------------------
+        # -- small state next to the incidents (cursors) -------------------------
 
     def save_state(self, name: str, data: Mapping[str, Any], *, durable: bool = False) -> None:
         """A small JSON value kept beside the incidents (e.g. the kernel log cursor, ``name='kmsg'``)."""

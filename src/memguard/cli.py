@@ -227,10 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="which file (default daemon)")
     sc.set_defaults(func=_cmd_schema)
 
-    from .commands import events, install
+    from .commands import diagnose, events, incidents, install
 
     install.add_parser(sub)
-    from .commands import diagnose; diagnose.add_parser(sub)  # noqa: E702
+    diagnose.add_parser(sub)
+    incidents.add_parser(sub)
     events.add_parser(sub)
     return parser
 

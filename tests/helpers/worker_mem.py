@@ -1,11 +1,14 @@
 """A test worker (standard library only): allocates memory at a rate, optionally forks, prints its pids.
 
-    worker_mem.py [--rate MB_PER_S] [--max MB] [--fork N] [--sigterm exit|ignore]
+    worker_mem.py [--rate MB_PER_S] [--max MB] [--fork N] [--sigterm exit|ignore] [--report FIFO]
 
 Prints one line ``pids <pid> <child pid>...`` once started, then allocates
 ``rate`` MB per second (touching every page) up to ``max`` MB, then holds.
 Replica-specific behaviour comes from the environment: ``RATE_<replica>``
-overrides --rate for that replica.
+overrides --rate for that replica. With ``--report FIFO`` it also writes
+``started <pid>`` there once started and ``terminated <pid>`` when SIGTERM
+ends it: a test whose daemon cannot log (its output is broken on purpose)
+still learns what happened.
 """
 
 import argparse
@@ -19,7 +22,29 @@ p.add_argument("--rate", type=float, default=0.0)
 p.add_argument("--max", type=float, default=1e9)
 p.add_argument("--fork", type=int, default=0)
 p.add_argument("--sigterm", choices=["exit", "ignore"], default="exit")
+p.add_argument("--report", help="a FIFO to write 'started <pid>' and 'terminated <pid>' to")
 args = p.parse_args()
+
+
+def report(what: str) -> None:
+    if not args.report:
+        return
+    try:
+        fd = os.open(args.report, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:
+        return  # nobody reads it
+    try:
+        os.write(fd, f"{what} {os.getpid()}\n".encode())
+    finally:
+        os.close(fd)
+
+
+if args.report and args.sigterm == "exit":
+    def on_term(signum, frame):  # type: ignore[no-untyped-def]
+        report("terminated")
+        os._exit(143)
+
+    signal.signal(signal.SIGTERM, on_term)
 
 replica = os.environ.get("MEMGUARD_REPLICA", "0")
 rate = float(os.environ.get(f"RATE_{replica}", args.rate))
@@ -36,6 +61,7 @@ for _ in range(args.fork):
     children.append(pid)
 
 print("pids", os.getpid(), *children, flush=True)
+report("started")
 
 held = []
 chunk_mb = 4

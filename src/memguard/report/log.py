@@ -29,7 +29,7 @@ import structlog
 from ..model import Action, Notice, Reclaim, SetAdmission, Signal, SignalProcess, Spawn
 from . import journald
 
-__all__ = ["configure_logging", "resolve_format", "get_logger", "action_event", "LEVELS", "FORMATS"]
+__all__ = ["configure_logging", "resolve_format", "get_logger", "action_event", "LEVELS", "FORMATS", "SafeStream"]
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -51,13 +51,102 @@ def resolve_format(fmt: str, stream: TextIO, *, journal_socket: str | None = Non
     return fmt
 
 
+class SafeStream:
+    """A text stream whose failures never reach the caller: the log must not take the guard down.
+
+    memguard's standard output may be closed at start, a pipe whose reader
+    went away (EPIPE), or a file on a full filesystem (ENOSPC). A write
+    that fails is dropped and counted; the first failure is said once on
+    ``fallback`` (standard error, when it is another stream and still
+    works); the stream is tried again every ``retry_s`` seconds (a disk
+    frees up, a reader comes back), and the first line that gets through
+    again is preceded by how many were lost.
+    """
+
+    #: 10 s between tries of a failing stream: cheap, and a freed disk is used again soon.
+    RETRY_S = 10.0
+
+    def __init__(self, stream: TextIO | None, fallback: TextIO | None = None, *,
+                 clock: Any = None, retry_s: float = RETRY_S) -> None:
+        import time
+
+        self.stream = stream
+        self.fallback = fallback if fallback is not stream else None
+        self.clock = clock or time.monotonic
+        self.retry_s = retry_s
+        self.dropped = 0
+        self.failures = 0
+        self._down_since: float | None = None
+        self._said = False
+
+    def isatty(self) -> bool:
+        try:
+            return bool(self.stream is not None and self.stream.isatty())
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    def fileno(self) -> int:
+        if self.stream is None:
+            raise OSError("no stream")
+        return self.stream.fileno()
+
+    def write(self, text: str) -> int:
+        if self.stream is None:
+            self.dropped += 1
+            return len(text)
+        now = self.clock()
+        if self._down_since is not None and now - self._down_since < self.retry_s:
+            self.dropped += 1
+            return len(text)
+        try:
+            if self._down_since is not None and self.dropped:
+                self.stream.write(f'{{"event": "log_recovered", "lines_lost": {self.dropped}}}\n')
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError) as e:  # closed, EPIPE, ENOSPC, EIO
+            self.failures += 1
+            self.dropped += 1
+            self._down_since = now
+            self._say(e)
+            return len(text)
+        if self._down_since is not None:
+            self._down_since = None
+            self.dropped = 0
+        return len(text)
+
+    def flush(self) -> None:
+        if self.stream is None or self._down_since is not None:
+            return
+        try:
+            self.stream.flush()
+        except (OSError, ValueError) as e:
+            self._down_since = self.clock()
+            self._say(e)
+
+    def _say(self, error: BaseException) -> None:
+        if self._said or self.fallback is None:
+            return
+        self._said = True
+        try:
+            self.fallback.write(f"memguard: its log output fails ({type(error).__name__}: {error}); lines are "
+                                f"dropped and counted, guarding goes on, the output is tried again every "
+                                f"{self.retry_s:g} s\n")
+            self.fallback.flush()
+        except (OSError, ValueError):
+            pass
+
+
 def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | None = None,
                       extra_processors: list | None = None, *, journal_socket: str | None = None) -> str:
     """Set up structlog for the daemon; return the format chosen.
 
     ``fmt``: auto (journald under systemd, console on a TTY, else JSON), console, json, journald.
+    The stream (standard output by default; None when it was closed at start) is wrapped in a
+    :class:`SafeStream`: a failing log never stops guarding.
     """
-    stream = stream or sys.stdout
+    if not isinstance(stream, SafeStream):
+        stream = SafeStream(stream if stream is not None else sys.stdout, sys.stderr)  # type: ignore[assignment]
+    assert stream is not None
     fmt = resolve_format(fmt, stream, journal_socket=journal_socket)
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,

@@ -519,3 +519,29 @@ def test_unmanaged_victim_gets_sigterm_then_sigkill_after_grace_and_holds_the_lo
     tick(0.1, ())  # gone
     assert [a for a in tick(4.0, ()) if isinstance(a, Signal)] == []  # post-action delay
     assert [a.worker for a in tick(1.2, ()) if isinstance(a, Signal)] == ["w-0"]
+
+
+def test_reload_replicas_down_and_up_within_a_grace_period_keeps_every_replica():
+    """replicas 2 -> 1 -> 2 while the removed replica is still stopping: it is not lost, it restarts as soon
+    as it exits; and 2 -> 1 -> 2 after it exited brings it back as a new slot. Every order ends with 2."""
+    from memguard.model import Reconcile
+
+    two, one = workload("w", replicas=2, grace_s=30.0), workload("w", replicas=1, grace_s=30.0)
+    for exit_before_second_reload in (False, True):
+        sim = Sim(daemon(two))
+        sim.start()
+        sim.tick(0.1)
+        sim.policy = daemon(one)
+        acts = sim.command(Reconcile("reload"))
+        assert [(s.worker, s.event) for s in signals(acts)] == [("w-1", "stop")]
+        if exit_before_second_reload:
+            sim.exit("w-1", sig=SIGTERM)
+            sim.tick(0.1)
+            assert "w-1" not in sim.state.workers
+        sim.policy = daemon(two)
+        acts = sim.command(Reconcile("reload"))
+        if not exit_before_second_reload:
+            sim.exit("w-1", sig=SIGTERM)  # the stop asked by the first reload completes now
+        acts += sim.run(2.0)
+        assert any(isinstance(a, Spawn) and a.worker == "w-1" for a in acts), exit_before_second_reload
+        assert sorted(w.phase.value for w in sim.state.workers.values()) == ["running", "running"]

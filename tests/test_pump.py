@@ -252,3 +252,56 @@ def test_a_failing_sink_never_stops_guarding(bad, tmp_path):
         if bad == "metrics":
             assert len(rig.log.named("sink_error", sink="metrics")) == 1
     run(main())
+
+
+def test_a_gate_that_cannot_be_written_leaves_status_truthful_and_is_retried_without_spam():
+    """When a worker's admission gate cannot be written, the core believes the file (status says the gate is
+    open, as the file does), the block is tried again every few seconds rather than every tick, and once the
+    file can be written the gate closes."""
+    async def main():
+        pol = policy(workload("w", rules=(rule("worker.memory > 50%", "block", release="worker.memory < 30%"),)))
+        rig = await Rig(pol).start()
+        await rig.advance(1.0)
+        rig.effects.fail_gates.add("w-0")
+        rig.observer.memory = {"w-0": 800 * MiB}
+        await rig.advance(10.0)
+        status = rig.daemon.admin({"op": "status"})
+        await rig.advance(0.0)
+        assert status.result()["workers"]["w-0"]["admission"] == "open"
+        tries = [a for a in rig.effects.actions if getattr(a, "event", "") == "block"]
+        assert 2 <= len(tries) <= 3, len(tries)  # one try per 5 s, not one per tick
+        rig.effects.fail_gates.clear()
+        await rig.advance(6.0)
+        assert rig.effects.gates["w-0"] is False and not rig.daemon.state.workers["w-0"].admission_open
+    run(main())
+
+
+def test_effects_report_a_gate_file_they_cannot_write_once(tmp_path):
+    """The real effects port: a gate file that cannot be replaced (a directory stands in its way) gives one
+    admission_error notice and a GateNotSet for the core; when it can be written again, one recovery notice."""
+    from memguard.act.effects import Effects
+    from memguard.model import GateNotSet, SetAdmission
+
+    class Inbox:
+        def __init__(self):
+            self.items = []
+
+        def post(self, item):
+            self.items.append(item)
+
+    effects = Effects(runtime_dir=str(tmp_path / "run"))
+    effects._inbox = Inbox()
+    os.makedirs(effects.admission_file("w-0") + "/in-the-way")
+    pol = policy(workload("w"))
+    close = SetAdmission("w-0", "w", False, "block", "test")
+    notes = effects.execute([close], pol) + effects.execute([close], pol)
+    assert [n.event for n in notes] == ["admission_error"]
+    assert [type(i) for i in effects._inbox.items] == [GateNotSet, GateNotSet]
+    assert effects._inbox.items[0].open is False
+    import shutil
+
+    shutil.rmtree(effects.admission_file("w-0"))
+    notes = effects.execute([close], pol)
+    assert [n.event for n in notes] == ["admission_recovered"]
+    with open(effects.admission_file("w-0")) as f:
+        assert f.read().startswith("closed")

@@ -42,6 +42,7 @@ __all__ = [
     "TrialEvent",
     "WorkerEvent",
     "NotDone",
+    "GateNotSet",
     "Reconcile",
     "Shutdown",
     "Operator",
@@ -277,6 +278,18 @@ class NotDone:
     at: float
 
 
+@dataclass(frozen=True)
+class GateNotSet:
+    """The actor could not write a worker's admission gate (``open`` is what was asked): the gate still
+    says the opposite, and the core must believe the file, not its wish."""
+
+    worker: str
+    incarnation: int
+    open: bool
+    reason: str
+    at: float
+
+
 WorkerEvent = Union[Spawned, SpawnFailed, Exited, TrialEvent]
 
 
@@ -304,7 +317,7 @@ class Operator:
 
 
 Command = Union[Reconcile, Shutdown, Operator]
-Event = Union[Spawned, SpawnFailed, Exited, TrialEvent, NotDone, Reconcile, Shutdown, Operator]
+Event = Union[Spawned, SpawnFailed, Exited, TrialEvent, NotDone, GateNotSet, Reconcile, Shutdown, Operator]
 
 
 @dataclass(frozen=True)

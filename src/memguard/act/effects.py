@@ -32,8 +32,8 @@ import os
 from dataclasses import replace
 from typing import Any, Awaitable, Callable, Iterable, Mapping, Protocol, Sequence
 
-from ..model import (SIGKILL, Action, Exited, LiveSnapshot, LiveWorker, NotDone, Notice, Observation, Reclaim,
-                     SetAdmission, Signal, SignalProcess, Spawn)
+from ..model import (SIGKILL, Action, Exited, GateNotSet, LiveSnapshot, LiveWorker, NotDone, Notice, Observation,
+                     Reclaim, SetAdmission, Signal, SignalProcess, Spawn)
 from ..policy import DaemonPolicy, WorkloadPolicy
 from ..sense.procstat import read_comm
 from ..threads import LoopOwned, on_owner_thread
@@ -181,6 +181,7 @@ class Effects(LoopOwned):
         self._gpus: tuple = ()  # the last GPU reading's devices (index -> UUID for CUDA_VISIBLE_DEVICES)
         self.instance = instance_name()  # unique for good: this process's pid and start time
         self._unattributed: set[tuple[int, int]] = set()
+        self._gate_errors: set[str] = set()  # workers whose gate file could not be written (said once)
 
     # ------------------------------------------------------------------ life
 
@@ -302,7 +303,10 @@ class Effects(LoopOwned):
             elif isinstance(action, Signal):
                 self._signal(action, policy, notes)
             elif isinstance(action, SetAdmission):
-                self._gate(action.worker, action.open, action.reason, notes)
+                if not self._gate(action.worker, action.open, action.reason, notes):
+                    inc = self.children.live().get(action.worker, (0, 0))[1] if self.children is not None else 0
+                    assert self._inbox is not None
+                    self._inbox.post(GateNotSet(action.worker, inc, action.open, "write failed", self._clock()))
             elif isinstance(action, SignalProcess):
                 self._signal_process(action, policy, notes)
             elif isinstance(action, Reclaim):
@@ -408,13 +412,23 @@ class Effects(LoopOwned):
         else:
             self._inbox.post(NotDone(None, 0, action.pid, reason, self._clock()))
 
-    def _gate(self, worker: str, is_open: bool, reason: str, notes: list[Notice]) -> None:
+    def _gate(self, worker: str, is_open: bool, reason: str, notes: list[Notice]) -> bool:
+        """Write the worker's admission file; False when it could not be written (said once per worker until
+        a write succeeds again)."""
         try:
             _write_atomic(self.admission_file(worker), "open\n" if is_open else f"closed: {reason}\n")
-            self._gates[worker] = is_open
         except OSError as e:
-            notes.append(Notice("admission_error", level="error", worker=worker,
-                                reason=f"cannot write the admission file: {e}"))
+            if worker not in self._gate_errors:
+                self._gate_errors.add(worker)
+                notes.append(Notice("admission_error", level="error", worker=worker, reason=(
+                    f"cannot write the admission file {self.admission_file(worker)}: {e}; its gate still says "
+                    f"{'closed' if is_open else 'open'} and memguard tries again every few seconds")))
+            return False
+        self._gates[worker] = is_open
+        if worker in self._gate_errors:
+            self._gate_errors.discard(worker)
+            notes.append(Notice("admission_recovered", worker=worker, reason="the admission file is written again"))
+        return True
 
     @on_owner_thread
     def forget(self, workers: Iterable[str]) -> None:

@@ -34,6 +34,7 @@ from ..model import (
     SIGTERM,
     Exited,
     Explanation,
+    GateNotSet,
     NotDone,
     Notice,
     Observation,
@@ -255,7 +256,7 @@ def _apply_events(s: _Step, obs: Observation) -> None:
                 s.process_stop = None
                 s.delay_until = ev.at + s.policy.post_action_delay_s
             continue
-        if not isinstance(ev, (Spawned, SpawnFailed, Exited, TrialEvent, NotDone)):
+        if not isinstance(ev, (Spawned, SpawnFailed, Exited, TrialEvent, NotDone, GateNotSet)):
             continue  # commands were applied first
         w = s.workers.get(ev.worker)
         if w is None or ev.incarnation != w.incarnation:
@@ -289,6 +290,11 @@ def _apply_events(s: _Step, obs: Observation) -> None:
             _on_trial(s, w, ev)
         elif isinstance(ev, NotDone):
             _not_done(s, w, ev)
+        elif isinstance(ev, GateNotSet):
+            if w.phase in (Phase.RUNNING, Phase.STARTING) and w.admission_open == ev.open:
+                # The file still says the opposite: believe it (status tells the truth), try again later.
+                s.update(w, admission_open=not ev.open, gate_retry_at=ev.at + GATE_RETRY_S,
+                         blocked_since=None if not ev.open else (w.blocked_since or ev.at))
 
 
 def _not_done(s: _Step, w: WorkerState, ev: NotDone) -> None:
@@ -538,6 +544,10 @@ def _worker_rules(s: _Step, w: WorkerState, system: Context, obs: Observation) -
         s.update(s.workers[w.name], rules=states)
         _trial_checks(s, s.workers[w.name], wl, ctx)
 
+
+# 5 s between two tries to write a gate file that could not be written (a full or read-only runtime
+# directory): the failure is reported once by the actor, and the decision is not re-logged every tick.
+GATE_RETRY_S = 5.0
 
 # After closing a worker's gate for recycling, how long to wait before
 # trusting "no trial runs": a client that read the gate just before it
@@ -876,7 +886,7 @@ def _admission(s: _Step) -> None:
                     if r.action == ActionKind.BLOCK and (rs := w.rules.get(r.key)) is not None and rs.active]
         blocking = blocking + system_block
         want_open = not blocking and w.draining_since is None
-        if want_open == w.admission_open:
+        if want_open == w.admission_open or s.now < w.gate_retry_at:
             continue
         s.update(w, admission_open=want_open, blocked_since=None if want_open else s.now)
         if want_open:

@@ -138,6 +138,7 @@ class Incarnation:
     history: tuple[tuple[float, float], ...] = ()  # (time, memory bytes) within the growth window
     draining_since: float | None = None  # gate closed for a restart at the next trial boundary
     drain_explain: Explanation | None = None
+    gate_retry_at: float = 0.0  # the gate file could not be written: no new try before then
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,7 @@ class WorkerState:
     history = property(lambda self: self.inc.history)
     draining_since = property(lambda self: self.inc.draining_since)
     drain_explain = property(lambda self: self.inc.drain_explain)
+    gate_retry_at = property(lambda self: self.inc.gate_retry_at)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,8 @@ import signal as _signal
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
-from ..model import (Action, Exited, LiveSnapshot, LiveWorker, NotDone, Notice, Observation, Pressure, Reclaim,
+from ..model import (Action, Exited, GateNotSet, LiveSnapshot, LiveWorker, NotDone, Notice, Observation, Pressure,
+                     Reclaim,
                      Reading,
                      ScopeMemory, SetAdmission, Signal, SignalProcess, Spawn, Spawned, WorkerSample)
 from ..policy import DaemonPolicy
@@ -117,6 +118,7 @@ class FakeEffects:
         self.gates: dict[str, bool] = {}
         self.reclaims: list[Reclaim] = []
         self.forgotten: set[str] = set()
+        self.fail_gates: set[str] = set()  # workers whose admission gate "cannot be written"
         self.procs: dict[str, _Proc] = {}
         self._next_pid = 4000
         self.closed = False
@@ -156,7 +158,12 @@ class FakeEffects:
                     if a.signum in self.dies_on:
                         self.exit(a.worker, signal=a.signum)
             elif isinstance(a, SetAdmission):
-                self.gates[a.worker] = a.open
+                if a.worker in self.fail_gates:
+                    p = self.procs.get(a.worker)
+                    self.inbox.post(GateNotSet(a.worker, p.incarnation if p else 0, a.open, "cannot write",
+                                               self.clock()))
+                else:
+                    self.gates[a.worker] = a.open
             elif isinstance(a, Reclaim):
                 self.reclaims.append(a)
             elif isinstance(a, SignalProcess):

@@ -256,3 +256,49 @@ def test_metrics_textfile_counts_kernel_oom_kills_and_actions(tmp_path, memcg):
     assert "memguard_kernel_oom_kills_total 1" in text
     assert 'memguard_worker_up{workload="calm",worker="calm-0"}' in text
     assert "# TYPE memguard_actions_total counter" in text
+
+
+@pytest.mark.root
+def test_double_forked_descendants_without_cgroups_are_counted_and_never_survive(tmp_path, memcg):
+    """worker_cgroups: off. Each worker double-forks a setsid grandchild that allocates 150 MiB and is an
+    orphan from its first instant (adopted by memguard, a child subreaper). The grandchild counts in its
+    worker's memory (a rule on worker.memory > 120 MiB fires), dies when its worker is restarted, and none
+    of the workers' descendants survives any of 10 SIGKILLs of the daemon (zombies count as dead)."""
+    from memguard.client import admin_request
+
+    cfg = write_config(tmp_path, "scope: host\nworkloads: workloads.d/\nworker_cgroups: off\n", {"d": f"""
+        name: d
+        replicas: 2
+        command: {tree_cmd("doublefork", "150")}
+        limits: {{memory: 1GiB}}
+        rules:
+          - {{name: counted, when: "worker.memory > 120MiB", action: warn}}
+        """})
+    sock = str(tmp_path / "run" / "control.sock")
+    d = Daemon(cfg, cgroup=memcg)
+    try:
+        main, grand = d.worker_pids("d-0", timeout=30)
+        assert os.getsid(grand) != os.getsid(main)  # another session: not in the worker's group either
+        with open(f"/proc/{grand}/stat") as f:
+            assert int(f.read().rsplit(")", 1)[1].split()[1]) == d.pid  # its parent: memguard adopted it
+        warn = d.event("warn", worker="d-0", timeout=30)
+        assert warn["value"] > 120 * 1024**2  # the orphan's 150 MiB count for its worker
+        reply = admin_request("restart", sock, worker="d-0")
+        assert reply["ok"], reply
+        assert wait_gone([main, grand], 10.0) == []
+    finally:
+        d.stop()
+    for round_ in range(10):
+        d = Daemon(cfg, cgroup=memcg)
+        pids: list[int] = []
+        try:
+            for worker in ("d-0", "d-1"):
+                pids += d.worker_pids(worker, timeout=30)
+            d.kill()
+            left = wait_gone(pids, 5.0)
+            assert left == [], f"round {round_}: {left} survived a SIGKILL of the daemon"
+        finally:
+            d.kill()
+            for p in pids:
+                if not is_gone(p):
+                    os.kill(p, 9)

@@ -3,6 +3,9 @@
     worker_tree.py fork4 MB   touch MB megabytes, fork 4 children that only read them, print "pids ..."
     worker_tree.py escape MB  fork a child that forks a grandchild; the grandchild calls setsid() and
                               allocates MB megabytes, slowly; print "pids <main> <child> <grandchild>"
+    worker_tree.py doublefork MB  the classic daemon double fork: a child calls setsid(), forks a
+                              grandchild and exits at once, so the grandchild is an orphan from its
+                              first instant; it allocates MB megabytes; print "pids <main> <grandchild>"
 """
 
 import os
@@ -33,6 +36,23 @@ if mode == "fork4":
                 signal.pause()
         kids.append(pid)
     print("pids", os.getpid(), *kids, flush=True)
+    while True:
+        signal.pause()
+
+elif mode == "doublefork":
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.setsid()
+        if os.fork() == 0:
+            held = touch(mb)
+            os.write(w, f"{os.getpid()}\n".encode())
+            while True:
+                signal.pause()
+        os._exit(0)  # the grandchild is orphaned at once
+    os.waitpid(child, 0)
+    grand = int(os.read(r, 64).split()[0])
+    print("pids", os.getpid(), grand, flush=True)
     while True:
         signal.pause()
 

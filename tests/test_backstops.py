@@ -302,3 +302,72 @@ def test_double_forked_descendants_without_cgroups_are_counted_and_never_survive
             for p in pids:
                 if not is_gone(p):
                     os.kill(p, 9)
+
+
+def _memory_limit_of(pid: int) -> int:
+    """The memory limit of the cgroup ``pid`` runs in (v1 memory.limit_in_bytes or v2 memory.max)."""
+    from memguard.sense.cgroup import find_own_cgroup
+
+    cg = find_own_cgroup(pid)
+    assert cg is not None, pid
+    limit = cg.limit_bytes()
+    assert isinstance(limit, int), limit
+    return limit
+
+
+@pytest.mark.root
+def test_two_memguard_runs_from_one_cgroup_keep_their_own_limits_and_lives(memcg):
+    """Two `memguard run` jobs started from the same cgroup get a cgroup each: each has its own --memory-max,
+    and the shorter job's end (its memguard cleaning up) leaves the other job running."""
+    from daemonkit import MEMGUARD, REPO
+
+    def start(limit: str, seconds: str) -> subprocess.Popen:
+        return subprocess.Popen(memcg.wrap(MEMGUARD + ["run", "-q", "--memory-max", limit, "--", "sh", "-c",
+                                                       f"echo $$; exec sleep {seconds}"]),
+                                stdout=subprocess.PIPE, text=True, cwd=REPO)
+
+    long_job, short_job = start("300MiB", "60"), start("100MiB", "1")
+    try:
+        long_pid, short_pid = int(long_job.stdout.readline()), int(short_job.stdout.readline())
+        assert (_memory_limit_of(long_pid), _memory_limit_of(short_pid)) == (300 * MiB, 100 * MiB)
+        assert short_job.wait(30) == 0
+        assert wait_gone([long_pid], 1.0) == [long_pid]  # still running after the short job's memguard left
+        assert long_job.poll() is None
+    finally:
+        long_job.terminate()
+        long_job.wait(30)
+
+
+@pytest.mark.root
+def test_two_daemons_in_one_cgroup_never_touch_each_others_workers(tmp_path, memcg):
+    """Two daemons started in the same cgroup: SIGKILL of one ends its own workers only, and when it is
+    started again it removes the cgroups its dead instance left, not the other daemon's."""
+    def daemon(name: str):
+        d = tmp_path / name
+        d.mkdir()
+        cfg = write_config(d, "scope: host\nworkloads: workloads.d/\n", {"w": f"""
+            name: w
+            command: {worker_cmd()}
+            limits: {{memory: 256MiB}}
+            """})
+        return Daemon(cfg, cgroup=memcg)
+
+    a, b = daemon("a"), daemon("b")
+    try:
+        a_pid, b_pid = a.worker_pids("w-0")[0], b.worker_pids("w-0")[0]
+        a_dirs = {p.name for p in memcg.path.iterdir() if p.name.startswith("memguard.")}
+        assert len(a_dirs) == 2  # one instance directory each
+        a.kill()
+        assert wait_gone([a_pid], 5.0) == []
+        assert wait_gone([b_pid], 1.0) == [b_pid]  # b's worker lives on
+        a2 = Daemon(a.config, cgroup=memcg)
+        try:
+            a2.worker_pids("w-0")
+            left = {p.name for p in memcg.path.iterdir() if p.name.startswith("memguard.")}
+            assert f"memguard.{a.pid}." not in " ".join(left)  # the dead instance's directory is gone
+            assert len(left) == 2 and not is_gone(b_pid)
+        finally:
+            a2.stop()
+    finally:
+        a.kill()
+        b.stop()

@@ -426,7 +426,7 @@ class Booted:
     def etc(self) -> Path:
         return self.base / "etc"
 
-    def write_config(self, *, steady_replicas: int = 1, broken: bool = False) -> None:
+    def write_config(self, *, steady_replicas: int = 1, broken: bool = False, hostile: bool = False) -> None:
         py = json.dumps(sys.executable)
         helper = json.dumps(str(HELPERS / "worker_mem.py"))
         (self.etc / "workloads.d").mkdir(parents=True, exist_ok=True)
@@ -453,6 +453,12 @@ class Booted:
               - {{name: over-limit, when: "worker.memory > 100%", action: terminate}}
             restart: {{policy: never}}
             """))
+        hostile_file = self.etc / "workloads.d" / "hostile.yaml"
+        if hostile:  # values that once took the daemon down: a 400-digit size, 1000 nested lists
+            hostile_file.write_text("name: hostile\ncommand: [true]\nlimits: {memory: " + "9" * 400 + "MiB}\n"
+                                    "environment: {DEEP: " + "[" * 1000 + "]" * 1000 + "}\n")
+        elif hostile_file.exists():
+            hostile_file.unlink()
         broken_file = self.etc / "workloads.d" / "broken.yaml"
         if broken:
             broken_file.write_text("name: broken\ncomand: [true]\nreplicas: many\n")
@@ -694,6 +700,26 @@ def test_reload_keeps_the_last_good_policy_and_applies_a_fixed_one(memguard: Boo
     steady1 = memguard.host_pid(memguard.worker_pid(cursor, "steady-1", inv))
     assert steady1 is not None and not is_gone(steady1)
     assert memguard.show("MainPID")["MainPID"] == show["MainPID"]
+
+
+def test_reload_with_hostile_values_keeps_the_unit_active_with_its_workers(memguard: Booted) -> None:
+    """`systemctl reload` onto a file with an overflowing size and 1000 nested lists: the reload is refused
+    with the errors in the journal, the unit stays active with the same main process and its workers."""
+    show = memguard.show("InvocationID", "MainPID")
+    inv = show["InvocationID"]
+    steady0 = memguard.host_pid(memguard.worker_pid(memguard.start_cursor, "steady-0", inv))
+    memguard.write_config(hostile=True)
+    cursor = memguard.cursor()
+    memguard.systemctl("reload", UNIT)
+    memguard.wait_entry(cursor, "MEMGUARD_EVENT=reload_failed", f"_SYSTEMD_INVOCATION_ID={inv}",
+                        what="reload_failed")
+    errors = memguard.journal("-u", UNIT, "MEMGUARD_EVENT=config_error", after=cursor)
+    assert errors and all(e["MEMGUARD_FILE"].endswith("hostile.yaml") for e in errors), errors
+    state = memguard.show("ActiveState", "MainPID", "InvocationID")
+    assert state["MainPID"] == show["MainPID"] and state["InvocationID"] == inv
+    assert memguard.systemctl("is-active", UNIT, check=False).stdout.strip() in ("active", "reloading")
+    assert steady0 is not None and not is_gone(steady0), "the running worker was touched"
+    memguard.write_config()
 
 
 def test_stop_stops_every_worker_well_within_the_timeout(memguard: Booted) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from memguard.model import UNKNOWN, SetAdmission, Signal, Spawn
@@ -173,6 +173,12 @@ def _system_release_holds(available) -> bool:
 
 @SETTINGS
 @given(scripts)
+# Always tried, whatever hypothesis draws: a worker and the scope each cross into their block rule, then
+# fall back inside the hysteresis band (60-70 % of the worker's limit, 20-30 % of the scope), then out of it.
+@example([("mem", "w-0", 1.05 * GiB), ("wait", 1.0), ("mem", "w-0", 0.65 * GiB), ("wait", 1.0),
+          ("mem", "w-0", 0.3 * GiB), ("wait", 1.0)])
+@example([("avail", 0.15 * 24 * GiB), ("wait", 2.0), ("avail", 0.25 * 24 * GiB), ("wait", 1.0),
+          ("avail", 0.6 * 24 * GiB), ("wait", 1.0)])
 def test_invariant_4_release_only_past_hysteresis(script):
     """4. A block rule that is in force releases only in a step whose readings definitely satisfy its
     ``release:`` condition (past the hysteresis band, never on an Unknown), and a gate reopens only

@@ -6,16 +6,12 @@ from one inbox, ask the **observer** for an Observation, call the core's
 **reporter** has logged them), answer the requests the tick handled, and
 sleep until the next reading is due or something happens.
 
-Everything that reaches the daemon is an input of the next tick: worker
-exits and spawns, trial reports, administrators' requests (answered after
-the tick), signals (SIGHUP reloads, SIGTERM/SIGINT stop), a reloaded
-configuration. Nothing steps the core outside the tick.
-
-Two kinds of tick: a *full* one when the observer's sample (process trees,
-cgroups, GPUs; measured off the loop) is ready, and *fast* ones that
-re-read only the scope's memory figure, paced by ``decide.pacing`` so a
-fast-filling hog cannot cross a threshold unseen. Both go through the same
-``step()``.
+Everything that reaches the daemon is an input of the next tick: exits,
+spawns, trial reports, administrators' requests (answered after the tick),
+signals (SIGHUP reloads, SIGTERM/SIGINT stop), a parsed configuration.
+Nothing steps the core outside the tick. A *full* tick uses the observer's
+sample (trees, cgroups, GPUs; measured off the loop); *fast* ones re-read
+only the scope's memory, paced so a hog cannot cross a threshold unseen.
 
 The ports and the clock are constructor arguments: ``memguard daemon`` and
 ``memguard run`` compose the real ones (:mod:`memguard.compose`); tests
@@ -31,7 +27,7 @@ from typing import Any, Callable, Mapping
 
 from .clock import Clock, MonotonicClock
 from .decide.core import all_stopped, step
-from .decide.pacing import fast_path_interval, next_full_tick
+from .decide.pacing import next_wake
 from .decide.state import CoreState, Phase
 from .model import Event, Notice, Observation, Operator, Reconcile, Shutdown
 from .policy import DaemonPolicy
@@ -141,8 +137,7 @@ class Daemon:
             if sample is not None:
                 self.reporter.gpu_problems(sample.gpu_problems)
             obs = self.observer.full(sample, events, now) if sample is not None else self.observer.fast(events, now)
-            full = obs.full
-            before = self.state
+            full, before = obs.full, self.state
             self.state, actions = step(self.state, obs, self.policy, now)  # the one call
             self.reporter.decisions(actions, self.policy.dry_run)
             self.reporter.decisions(self.effects.execute(actions, self.policy, obs), False)
@@ -158,11 +153,7 @@ class Daemon:
             if self._finished():
                 break
             now = self.clock.now()
-            until_full = next_full_tick(self.state, obs, self.policy, now)
-            if full or now + until_full < next_full:
-                next_full = now + until_full
-            fast = fast_path_interval(self.state, obs, self.policy)
-            wake_at = next_full if fast is None else min(next_full, now + fast)
+            next_full, wake_at = next_wake(self.state, obs, self.policy, now, next_full, full)
             watchdog = self.reporter.max_sleep()
             if watchdog is not None:
                 wake_at = min(wake_at, now + watchdog)

@@ -21,7 +21,7 @@ from .evaluate import distance_to_fire, headroom_bytes
 from .rules import system_context, timers, worker_context, worker_rules
 from .state import CoreState, Phase
 
-__all__ = ["next_full_tick", "fast_path_interval", "NEAR"]
+__all__ = ["next_full_tick", "fast_path_interval", "next_wake", "NEAR"]
 
 # A rule is "near" when its readings are within 10 % of its scale (10
 # points of a percentage, or 10 % of an absolute threshold) from firing.
@@ -99,3 +99,17 @@ def fast_path_interval(state: CoreState, obs: Observation, policy: DaemonPolicy)
         return None
     wait = min(rooms) / policy.max_fill_rate_bytes_per_s
     return max(policy.min_fast_path_interval_s, min(wait, policy.poll_interval_s))
+
+
+def next_wake(state: CoreState, obs: Observation, policy: DaemonPolicy, now: float, next_full: float,
+              full: bool) -> tuple[float, float]:
+    """(when the next full tick is due, when to wake for the next tick of either kind).
+
+    After a full tick the next one is planned afresh; after a fast one it
+    only comes sooner, never later (a reading near a threshold pulls it in).
+    """
+    until_full = next_full_tick(state, obs, policy, now)
+    if full or now + until_full < next_full:
+        next_full = now + until_full
+    fast = fast_path_interval(state, obs, policy)
+    return next_full, (next_full if fast is None else min(next_full, now + fast))

@@ -30,6 +30,7 @@ from .decide.core import (all_stopped, begin_shutdown, operator_restart, operato
                           step)
 from .decide.pacing import fast_path_interval, next_full_tick
 from .decide.state import CoreState, Phase
+from .paths import default_runtime_dir
 from .model import (Action, Exited, GpuDeviceReading, Observation, Pressure, Spawned, WorkerEvent, WorkerSample,
                     is_known)
 from .policy import DaemonPolicy
@@ -76,13 +77,6 @@ def mlockall() -> str | None:
         err = ctypes.get_errno()
         return _errno.errorcode.get(err, str(err))
     return None
-
-
-def default_runtime_dir() -> str:
-    if os.geteuid() == 0 and os.path.isdir("/run"):
-        return "/run/memguard"
-    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/memguard-{os.getuid()}"
-    return os.path.join(base, "memguard") if os.environ.get("XDG_RUNTIME_DIR") else base
 
 
 class Daemon:
@@ -350,10 +344,11 @@ class Daemon:
             "started",
             version=__version__, pid=os.getpid(), config=self.config_path, scope=self.scope.kind,
             scope_description=self.scope.description, workloads=[w.name for w in p.workloads],
-            system_rules=len(p.rules), dry_run=p.dry_run, runtime_dir=self.runtime_dir,
+            system_rules=len(p.rules), dry_run=p.dry_run, runtime_dir=self.runtime_dir, socket=self.control.path,
             message=(f"memguard {__version__} guarding {self.scope.description}; "
                      f"{sum(w.replicas for w in p.workloads)} worker(s) in {len(p.workloads)} workload(s), "
-                     f"{len(p.rules)} system rule(s)" + ("; DRY RUN: no signals" if p.dry_run else "")),
+                     f"{len(p.rules)} system rule(s); control socket {self.control.path}"
+                     + ("; DRY RUN: no signals" if p.dry_run else "")),
         )
 
     def _protect_self(self) -> None:

@@ -124,6 +124,8 @@ MESSAGE_IDS: dict[str, str] = {
     "gpu": "b44087a55407430a8109abd281f7cd3e",
     "gpu_problem": "12604dd9eb234c52919d095fd340a0c7",
     "operator": "fe0198c953ad46a4931b39b44b8636ef",
+    "notify_failed": "1c29e172884c4a67b853fa6f1b2d5ce4",
+    "notify_recovered": "7563edf2210a4f188499a1f5d9ea6a5b",
 }
 
 # The namespace of the ids derived for events missing from the table.

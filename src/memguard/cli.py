@@ -1,5 +1,6 @@
-"""The ``memguard`` command: ``daemon``, ``check``, ``install``, ``events``. The only place that calls
-``asyncio.run``."""
+"""The ``memguard`` command: ``daemon``, ``run``, ``ctl``, ``check``, ``events``, ``install``, ``completion``.
+The only place that calls ``asyncio.run``. Descriptions and examples for ``--help`` (and the man page) are
+in :mod:`memguard.commands.helptext`."""
 
 from __future__ import annotations
 
@@ -119,11 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("daemon", help="run the supervisor in the foreground")
-    d.add_argument("--config", "-c", default="/etc/memguard/memguard.yaml", help="the daemon file")
+    d.add_argument("--config", "-c", default="/etc/memguard/memguard.yaml", help="the daemon file (YAML)")
     d.add_argument("--dry-run", action="store_true", help="decide and log, but send no signal")
     d.add_argument("--log-format", choices=["auto", "console", "json", "journald"], help="overrides log.format")
     d.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="overrides log.level")
-    d.add_argument("--runtime-dir", help="overrides runtime_dir (admission files, control socket)")
+    d.add_argument("--runtime-dir", metavar="DIR",
+                   help="overrides runtime_dir (admission files, control socket; default: /run/memguard for "
+                        "root, else $XDG_RUNTIME_DIR/memguard or /tmp/memguard-UID)")
     d.set_defaults(func=_cmd_daemon)
 
     r = sub.add_parser("run", help="run one command under memguard's ladder, without the daemon",
@@ -142,7 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("ctl", help="ask the running daemon: status, reload, stop/start/restart a worker")
     k.add_argument("op", choices=["status", "reload", "stop", "start", "restart"])
     k.add_argument("worker", nargs="?", help="the worker, for stop/start/restart (e.g. trials-0)")
-    k.add_argument("--socket", help="control socket (default: $MEMGUARD_SOCKET or /run/memguard/control.sock)")
+    k.add_argument("--socket", metavar="PATH",
+                   help="the daemon's control socket (default: $MEMGUARD_SOCKET, else this user's own daemon's, "
+                        "else /run/memguard/control.sock)")
     k.add_argument("--json", action="store_true", help="print the daemon's reply as JSON")
     k.set_defaults(func=_cmd_ctl)
 
@@ -150,11 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("path")
     c.set_defaults(func=_cmd_check)
 
-    from .commands import events, install
+    from .commands import completion, events, helptext, install
 
     install.add_parser(sub)
     events.add_parser(sub)
-    return parser
+    completion.add_parser(sub)
+    return helptext.apply(parser)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -78,6 +78,25 @@ def test_every_subcommand_help_has_a_description_examples_and_defaults() -> None
     assert "examples:" in main_help and "man memguard" in main_help
 
 
+#: An instruction that installs the name memguard from the package index (someone else's project).
+INDEX_INSTALL = re.compile(r"""pip3? install( -U| --upgrade)? +['"]?memguard(\[[a-z,]+\])?['"]?([^A-Za-z0-9_./-]|$)""")
+
+
+def test_no_instruction_installs_memguard_from_the_package_index() -> None:
+    """No line of README.md, docs/ or examples/ tells anyone to install the name `memguard` from the
+    package index, which belongs to an unrelated project; the install docs say so plainly."""
+    found = []
+    for path in [REPO / "README.md", *sorted((REPO / "docs").rglob("*")), *sorted((REPO / "examples").rglob("*"))]:
+        if path.is_file() and path.suffix in (".md", ".txt", ".py", ".yaml", ".yml", ".sh", ""):
+            for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+                if INDEX_INSTALL.search(line):
+                    found.append(f"{path.relative_to(REPO)}:{n}: {line.strip()}")
+    assert not found, found
+    assert INDEX_INSTALL.search("sudo pip install memguard") and INDEX_INSTALL.search("pip install 'memguard[optuna]'")
+    assert not INDEX_INSTALL.search("pip install ./memguard") and not INDEX_INSTALL.search("pip install memguard/dist/x.whl")
+    assert "belongs to another, unrelated project" in (REPO / "docs" / "install.md").read_text()
+
+
 # ---------------------------------------------------------------------------
 # Shell completion
 
@@ -248,7 +267,7 @@ def test_built_wheel_installs_into_a_fresh_venv_and_runs(tmp_path: Path) -> None
     reports the version, installs itself into a directory tree, checks the configuration it installed,
     and the test-suite's configuration tests pass when run from the unpacked sdist."""
     dist = tmp_path / "dist"
-    r = run([sys.executable, "-m", "build", "--outdir", str(dist), str(REPO)])
+    r = run([sys.executable, "-m", "build", "--outdir", str(dist), str(REPO)], cwd=tmp_path)
     if r.returncode != 0 and re.search(r"No matching distribution|Could not find a version|network", r.stdout
                                        + r.stderr):
         pytest.skip(f"python -m build needs setuptools from a package index: {r.stdout[-500:]}")

@@ -86,10 +86,11 @@ def stash_root() -> Path:
     return REPO / "build" / "userkit"
 
 
-def as_user(argv: list[str], uid: int, gid: int | None = None) -> list[str]:
-    """``argv`` run as ``uid`` (and group ``gid``, default the same number), no supplementary groups, with
-    this interpreter reachable."""
+def as_user(argv: list[str], uid: int, gid: int | None = None, groups: list[int] | None = None) -> list[str]:
+    """``argv`` run as ``uid`` (and group ``gid``, default the same number), with the supplementary
+    ``groups`` (default none), this interpreter reachable."""
     gid = uid if gid is None else gid
+    group_flag = f"--groups {','.join(str(g) for g in groups)}" if groups else "--clear-groups"
     blocked = _blocked()
     lines = ["set -e"]
     if blocked:
@@ -102,7 +103,7 @@ def as_user(argv: list[str], uid: int, gid: int | None = None) -> list[str]:
             for entry in sorted(entries):
                 dst = shlex.quote(str(d / entry))
                 lines.append(f'mkdir -p {dst} && mount --bind "$stash/{n}/{entry}" {dst}')
-    lines.append(f'exec setpriv --reuid {uid} --regid {gid} --clear-groups -- "$@"')
+    lines.append(f'exec setpriv --reuid {uid} --regid {gid} {group_flag} -- "$@"')
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c", "\n".join(lines), "sh", *argv]
 
 

@@ -436,6 +436,28 @@ def test_events_without_journalctl_says_so(tmp_path, capsys):
     assert "not found" in err and "systemd" in err
 
 
+def test_events_explains_journalctl_permission_errors(monkeypatch):
+    """journalctl's two ways of saying the system journal is out of reach (no file could be opened; only the
+    user's own journal could) become one message naming the user, the group systemd-journal and sudo; a
+    user already in the group (in a session older than that) is told to log in again; any other error
+    is left as journalctl wrote it."""
+    no_files = "No journal files were opened due to insufficient permissions."
+    hint = ("Hint: You are currently not seeing messages from other users and the system.\n"
+            "      Users in groups 'adm', 'systemd-journal' can see all messages.\n"
+            "      Pass -q to turn off this notice.")
+    monkeypatch.setattr(events_cmd, "_user_and_groups", lambda: ("alice", {"alice", "users"}))
+    for err in (no_files, hint):
+        text = events_cmd.permission_hint(err)
+        assert text is not None and "you (alice) may not read the system journal" in text
+        assert "sudo usermod -aG systemd-journal alice" in text and "sudo memguard events" in text
+    assert "No journal files were opened" in events_cmd.permission_hint(no_files)
+    assert "in DIR" not in events_cmd.permission_hint(no_files, "/srv/j") and "/srv/j" in \
+        events_cmd.permission_hint(no_files, "/srv/j")
+    monkeypatch.setattr(events_cmd, "_user_and_groups", lambda: ("bob", {"bob", "systemd-journal"}))
+    assert "log in again" in events_cmd.permission_hint(no_files)
+    assert events_cmd.permission_hint("Failed to parse timestamp: yesterday-ish") is None
+
+
 def test_event_entries_decode_repeated_and_binary_values():
     """journalctl -o json gives a repeated field as a list and a non-UTF-8 value as a list of bytes; both
     are read back as text."""

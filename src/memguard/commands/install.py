@@ -65,7 +65,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("install", help="install memguard as a systemd service (root)")
     p.add_argument("--root", "--prefix", dest="root", metavar="DIR", default="/",
                    help="install into this directory tree instead of / (implies --no-reload)")
-    p.add_argument("--no-reload", action="store_true", help="do not run `systemctl daemon-reload`")
+    p.add_argument("--no-reload", action="store_true",
+                   help="do not run `journalctl --update-catalog` and `systemctl daemon-reload`")
     p.add_argument("--dry-run", "-n", action="store_true", help="print what would be done; change nothing")
     p.add_argument("--exec", dest="exec_start", metavar="COMMAND",
                    help="the memguard command for ExecStart (default: the memguard running this command)")

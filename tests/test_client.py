@@ -271,4 +271,4 @@ def test_importing_the_client_loads_only_the_standard_library() -> None:
     assert ours == "memguard"
     code2 = "import sys, memguard.client; print(sorted(m for m in sys.modules if m.startswith('memguard')))"
     out2 = subprocess.run([sys.executable, "-c", code2], capture_output=True, text=True, timeout=60, check=True)
-    assert out2.stdout.strip() == "['memguard', 'memguard.client']"
+    assert out2.stdout.strip() == "['memguard', 'memguard.client', 'memguard.paths']"  # paths: standard library only

@@ -250,6 +250,21 @@ def test_a_decision_event_carries_its_numbers_as_fields():
     encode_entry(fields.items())
 
 
+def test_an_event_naming_another_process_carries_it_as_object_pid():
+    """An event that names a process other than memguard (a worker it signals, starts or lost) carries
+    its pid as OBJECT_PID, for journald to add that process's comm, exe and cmdline; an event about
+    memguard itself (its own pid, as in `started`), or with no usable pid, carries none."""
+    victim = dict(event_fields({"event": "terminate", "level": "warning", "worker": "w-0", "pid": 4242},
+                               own_pid=100))
+    assert victim["OBJECT_PID"] == 4242 and victim["MEMGUARD_PID"] == 4242
+    spawn = dict(event_fields({"event": "spawn", "pid": "77"}, own_pid=100))
+    assert spawn["OBJECT_PID"] == 77
+    for pid in (100, None, 0, -5, "x", True):
+        assert "OBJECT_PID" not in dict(event_fields({"event": "started", "pid": pid}, own_pid=100)), pid
+    assert "OBJECT_PID" not in dict(event_fields({"event": "started", "pid": os.getpid()}))
+    encode_entry(victim.items())
+
+
 @pytest.mark.parametrize("level,priority", [("debug", 7), ("info", 6), ("warning", 4), ("error", 3),
                                             ("critical", 2)])
 def test_levels_map_to_syslog_priorities(level, priority):
@@ -421,6 +436,28 @@ def test_events_without_journalctl_says_so(tmp_path, capsys):
     assert "not found" in err and "systemd" in err
 
 
+def test_events_explains_journalctl_permission_errors(monkeypatch):
+    """journalctl's two ways of saying the system journal is out of reach (no file could be opened; only the
+    user's own journal could) become one message naming the user, the group systemd-journal and sudo; a
+    user already in the group (in a session older than that) is told to log in again; any other error
+    is left as journalctl wrote it."""
+    no_files = "No journal files were opened due to insufficient permissions."
+    hint = ("Hint: You are currently not seeing messages from other users and the system.\n"
+            "      Users in groups 'adm', 'systemd-journal' can see all messages.\n"
+            "      Pass -q to turn off this notice.")
+    monkeypatch.setattr(events_cmd, "_user_and_groups", lambda: ("alice", {"alice", "users"}))
+    for err in (no_files, hint):
+        text = events_cmd.permission_hint(err)
+        assert text is not None and "you (alice) may not read the system journal" in text
+        assert "sudo usermod -aG systemd-journal alice" in text and "sudo memguard events" in text
+    assert "No journal files were opened" in events_cmd.permission_hint(no_files)
+    assert "in DIR" not in events_cmd.permission_hint(no_files, "/srv/j") and "/srv/j" in \
+        events_cmd.permission_hint(no_files, "/srv/j")
+    monkeypatch.setattr(events_cmd, "_user_and_groups", lambda: ("bob", {"bob", "systemd-journal"}))
+    assert "log in again" in events_cmd.permission_hint(no_files)
+    assert events_cmd.permission_hint("Failed to parse timestamp: yesterday-ish") is None
+
+
 def test_event_entries_decode_repeated_and_binary_values():
     """journalctl -o json gives a repeated field as a list and a non-UTF-8 value as a list of bytes; both
     are read back as text."""
@@ -435,21 +472,28 @@ def test_event_entries_decode_repeated_and_binary_values():
 
 def test_packaged_files_are_the_repositorys(tmp_path):
     """The unit and default configuration shipped in the wheel (memguard/data/) are byte-identical to
-    systemd/memguard.service and config/ (after editing those, copy them to src/memguard/data/)."""
+    systemd/memguard.service and config/ (after editing those, copy them to src/memguard/data/), and the
+    journal catalog there is the one memguard/catalog.py renders."""
     data = REPO / "src" / "memguard" / "data"
     assert (data / "memguard.service").read_bytes() == (REPO / "systemd" / "memguard.service").read_bytes()
     assert (data / "memguard.yaml").read_bytes() == (REPO / "config" / "memguard.yaml").read_bytes()
     assert (data / "workloads.d" / "example.yaml").read_bytes() == (
         REPO / "config" / "workloads.d" / "example.yaml").read_bytes()
+    from memguard.catalog import render
+
+    assert (data / "memguard.catalog").read_text() == render(), (
+        "src/memguard/data/memguard.catalog is stale: python -c 'from memguard.catalog import render; "
+        "print(render(), end=\"\")' > src/memguard/data/memguard.catalog")
 
 
 def test_install_into_a_root_places_unit_and_default_config(tmp_path, capsys):
-    """`memguard install --root DIR` writes the unit with ExecStart pointing at this memguard and the
-    default configuration, which passes `memguard check`; nothing else changes and systemd is not
-    reloaded."""
+    """`memguard install --root DIR` writes the unit where systemd.unit(5) puts an administrator's units
+    (/usr/local/lib/systemd/system, leaving /etc/systemd/system to overrides) with ExecStart pointing at
+    this memguard, the default configuration (which passes `memguard check`), the journal catalog, the man
+    page and the completions; nothing else, and systemd is not reloaded."""
     assert main(["install", "--root", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    unit = (tmp_path / "etc/systemd/system/memguard.service").read_text()
+    unit = (tmp_path / "usr/local/lib/systemd/system/memguard.service").read_text()
     exec_line = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
     assert exec_line == "ExecStart=" + " ".join(
         systemd_quote(a) for a in exec_start_argv() + ["daemon", "--config", "/etc/memguard/memguard.yaml"])
@@ -459,11 +503,17 @@ def test_install_into_a_root_places_unit_and_default_config(tmp_path, capsys):
     config = tmp_path / "etc/memguard/memguard.yaml"
     assert config.read_bytes() == (REPO / "config" / "memguard.yaml").read_bytes()
     assert (tmp_path / "etc/memguard/workloads.d/example.yaml").exists()
-    assert "daemon-reload" in out and "not installing into /" in out
+    assert "daemon-reload" in out and "--update-catalog" in out and "not installing into /" in out
     assert stat.S_IMODE(config.stat().st_mode) == 0o644
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == [
         "etc/memguard/memguard.yaml", "etc/memguard/workloads.d/example.yaml",
-        "etc/systemd/system/memguard.service"]
+        "usr/local/lib/systemd/catalog/memguard.catalog",
+        "usr/local/lib/systemd/system/memguard.service",
+        "usr/local/share/bash-completion/completions/memguard",
+        "usr/local/share/man/man8/memguard.8",
+        "usr/local/share/zsh/site-functions/_memguard"]
+    assert (tmp_path / "usr/local/lib/systemd/catalog/memguard.catalog").read_bytes() == (
+        REPO / "src/memguard/data/memguard.catalog").read_bytes()
     # The example runs as user ml in /opt/exp, which a test machine lacks: check its form only.
     assert main(["check", "--no-host-checks", str(config)]) == 0
 
@@ -476,7 +526,7 @@ def test_install_never_overwrites_an_existing_configuration(tmp_path, capsys):
     mine = "workloads: workloads.d/\n# mine\n"
     (etc / "memguard.yaml").write_text(mine)
     (etc / "workloads.d" / "trials.yaml").write_text("name: trials\ncommand: [sleep, '100']\n")
-    unit = tmp_path / "etc/systemd/system/memguard.service"
+    unit = tmp_path / "usr/local/lib/systemd/system/memguard.service"
     unit.parent.mkdir(parents=True)
     unit.write_text("[Service]\nExecStart=/old\n")
     assert main(["install", "--root", str(tmp_path)]) == 0
@@ -490,6 +540,26 @@ def test_install_never_overwrites_an_existing_configuration(tmp_path, capsys):
 
     assert main(["install", "--root", str(tmp_path)]) == 0  # again: nothing to do
     assert "unchanged" in capsys.readouterr().out
+
+
+def test_install_moves_aside_a_unit_an_earlier_install_left_in_etc(tmp_path, capsys):
+    """A memguard.service that an earlier `memguard install` wrote to /etc/systemd/system would hide the
+    new one (/etc comes first in systemd's unit path): it is moved aside to .bak, and said so. A unit
+    there that memguard did not write (the administrator's own) is kept, with a warning."""
+    etc_unit = tmp_path / "etc/systemd/system/memguard.service"
+    etc_unit.parent.mkdir(parents=True)
+    etc_unit.write_text(render_unit(["/old/memguard"]))
+    assert main(["install", "--root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert not etc_unit.exists() and etc_unit.with_name("memguard.service.bak").exists()
+    assert re.search(r"move aside\s+\S*etc/systemd/system/memguard\.service -> memguard\.service\.bak", out)
+    assert (tmp_path / "usr/local/lib/systemd/system/memguard.service").exists()
+
+    etc_unit.write_text("[Service]\nExecStart=/mine\n")
+    assert main(["install", "--root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert etc_unit.read_text() == "[Service]\nExecStart=/mine\n"
+    assert "not written by memguard install: it overrides" in out
 
 
 def test_install_dry_run_changes_nothing(tmp_path, capsys):

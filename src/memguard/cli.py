@@ -1,5 +1,6 @@
-"""The ``memguard`` command: ``daemon``, ``run``, ``ctl``, ``check``, ``schema``, ``install``, ``events``.
-The only place that calls ``asyncio.run``."""
+"""The ``memguard`` command: ``daemon``, ``run``, ``ctl``, ``check``, ``schema``, ``diagnose``, ``incidents``,
+``events``, ``install``, ``completion``. The only place that calls ``asyncio.run``. Descriptions and examples for
+``--help`` (and the man page) are in :mod:`memguard.commands.helptext`."""
 
 from __future__ import annotations
 
@@ -173,12 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("daemon", help="run the supervisor in the foreground")
-    d.add_argument("--config", "-c", default=DEFAULT_CONFIG_FILE,
-                   help=f"the daemon file (default {DEFAULT_CONFIG_FILE})")
+    d.add_argument("--config", "-c", default=DEFAULT_CONFIG_FILE, help="the daemon file (YAML)")
     d.add_argument("--dry-run", action="store_true", help="decide and log, but send no signal")
     d.add_argument("--log-format", choices=["auto", "console", "json", "journald"], help="overrides log.format")
     d.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="overrides log.level")
-    d.add_argument("--runtime-dir", help="overrides runtime_dir (admission files, control socket)")
+    d.add_argument("--runtime-dir", metavar="DIR",
+                   help="overrides runtime_dir (admission files, control socket; default: /run/memguard for "
+                        "root, else $XDG_RUNTIME_DIR/memguard or /tmp/memguard-UID)")
     d.set_defaults(func=_cmd_daemon)
 
     r = sub.add_parser("run", help="run one command under memguard's ladder, without the daemon",
@@ -197,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("ctl", help="ask the running daemon: status, reload, stop/start/restart a worker")
     k.add_argument("op", choices=["status", "reload", "stop", "start", "restart"])
     k.add_argument("worker", nargs="?", help="the worker, for stop/start/restart (e.g. trials-0)")
-    k.add_argument("--socket", help="control socket (default: $MEMGUARD_SOCKET or /run/memguard/control.sock)")
+    k.add_argument("--socket", metavar="PATH",
+                   help="the daemon's control socket (default: $MEMGUARD_SOCKET, else this user's own daemon's, "
+                        "else /run/memguard/control.sock)")
     k.add_argument("--json", action="store_true", help="print the daemon's reply as JSON")
     k.set_defaults(func=_cmd_ctl)
 
@@ -221,19 +225,21 @@ def build_parser() -> argparse.ArgumentParser:
         "schema", help="print a JSON Schema of the daemon file or of a workload file (for editors)",
         description="Print a JSON Schema (draft 2020-12) generated from the tables the loader uses. "
                     "Point an editor's YAML support at it for completion and validation.",
-        epilog="example:\n  memguard schema workload > memguard-workload.schema.json",
+        epilog="examples:\n  memguard schema workload > memguard-workload.schema.json\n"
+               "  memguard schema daemon > memguard.schema.json",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sc.add_argument("kind", nargs="?", choices=["daemon", "workload"], default="daemon",
                     help="which file (default daemon)")
     sc.set_defaults(func=_cmd_schema)
 
-    from .commands import diagnose, events, incidents, install
+    from .commands import completion, diagnose, events, helptext, incidents, install
 
     install.add_parser(sub)
     diagnose.add_parser(sub)
     incidents.add_parser(sub)
     events.add_parser(sub)
-    return parser
+    completion.add_parser(sub)
+    return helptext.apply(parser)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,6 +49,8 @@ import threading
 import time
 from typing import Any, Callable, Mapping, TypeVar
 
+from . import paths as _paths
+
 __all__ = [
     "MemguardError",
     "AdmissionTimeout",
@@ -74,9 +76,9 @@ ENV_MEMORY_LIMIT = "MEMGUARD_MEMORY_LIMIT"
 ENV_GPU_MEMORY_LIMIT = "MEMGUARD_GPU_MEMORY_LIMIT"
 _ENV_KEYS = (ENV_SOCKET, ENV_TOKEN, ENV_WORKER, ENV_ADMISSION)
 
-#: Where ``memguard`` run as root puts its socket; admin tools use it when
-#: ``MEMGUARD_SOCKET`` is not set.
-DEFAULT_ADMIN_SOCKET = "/run/memguard/control.sock"
+#: Where ``memguard`` run as root (the service) puts its socket. Admin
+#: requests look there last (see :mod:`memguard.paths`).
+DEFAULT_ADMIN_SOCKET = _paths.SYSTEM_SOCKET
 
 # Defaults, with their units and reasons.
 #: 0.2 s between two reads of the admission file while waiting: a trial
@@ -600,11 +602,17 @@ def admin_request(op: str, socket_path: str | None = None, *, timeout_s: float =
                   **fields: Any) -> dict[str, Any]:
     """Send one admin request (``status``, ``reload``, ``stop``, ``start``, ``restart``) and return the reply.
 
-    ``socket_path`` defaults to ``MEMGUARD_SOCKET``, then
-    ``/run/memguard/control.sock``. Raises :class:`ControlUnavailable` when
-    the socket cannot be reached or does not answer within ``timeout_s``.
+    ``socket_path`` defaults to ``MEMGUARD_SOCKET``, then the socket of this
+    user's own daemon, then root's ``/run/memguard/control.sock``: the first
+    that exists (:func:`memguard.paths.find_socket`). Raises
+    :class:`ControlUnavailable` when the socket cannot be reached or does not
+    answer within ``timeout_s``; when no socket exists, the message names
+    every place looked at.
     """
-    path = socket_path or os.environ.get(ENV_SOCKET) or DEFAULT_ADMIN_SOCKET
+    path, tried = _paths.find_socket(socket_path)
+    if len(tried) > 1 and not os.path.exists(path):
+        raise ControlUnavailable("no memguard control socket found (looked at " + ", ".join(tried)
+                                 + "); is memguard running? Name the socket with --socket or MEMGUARD_SOCKET")
     data = (json.dumps({"op": op, **fields, "id": 1}, separators=(",", ":")) + "\n").encode()
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:

@@ -8,7 +8,6 @@ same :class:`~memguard.daemon.Daemon` over fakes instead.
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import replace
 from typing import Any
 
@@ -16,26 +15,19 @@ from . import __version__
 from .act.effects import Effects
 from .clock import MonotonicClock
 from .daemon import Daemon
+from .paths import daemon_runtime_dir
 from .policy import DaemonPolicy
 from .report.metrics import Metrics
 from .report.reporter import Reporter
 from .sense.observer import Observer
 
-__all__ = ["build_daemon", "default_runtime_dir"]
-
-
-def default_runtime_dir() -> str:
-    """Where the control socket and admission files go: /run/memguard for root, else a per-user directory."""
-    if os.geteuid() == 0 and os.path.isdir("/run"):
-        return "/run/memguard"
-    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/memguard-{os.getuid()}"
-    return os.path.join(base, "memguard") if os.environ.get("XDG_RUNTIME_DIR") else base
+__all__ = ["build_daemon"]
 
 
 def build_daemon(policy: DaemonPolicy, config_path: str | None = None, *, reporter: Any = None,
                  one_shot: bool = False, sentinel: bool = True) -> Daemon:
     """The daemon over the real ports. Raises ScopeError when the asked-for scope cannot be guarded."""
-    runtime = policy.runtime_dir or default_runtime_dir()
+    runtime = daemon_runtime_dir(configured=policy.runtime_dir)
     policy = replace(policy, runtime_dir=runtime)
     observer = Observer(policy)
     effects = Effects(runtime_dir=runtime, worker_cgroups=policy.worker_cgroups, oom_score_adj=policy.oom_score_adj,

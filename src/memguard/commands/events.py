@@ -28,7 +28,7 @@ import subprocess
 import sys
 from typing import Any, Iterable, Iterator, TextIO
 
-__all__ = ["add_parser", "run", "journalctl_argv", "entry_to_event", "format_line"]
+__all__ = ["add_parser", "run", "journalctl_argv", "entry_to_event", "format_line", "permission_hint"]
 
 LEVELS = {0: "emergency", 1: "alert", 2: "critical", 3: "error", 4: "warning", 5: "notice", 6: "info",
           7: "debug"}
@@ -42,11 +42,7 @@ TEXT_KEYS = {"event", "worker", "workload", "rule", "message", "reason", "when",
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "events",
-        help="memguard's events from the journal (wraps journalctl)",
-        description="Show memguard's events from the systemd journal, one line each (or JSON lines).",
-    )
+    p = sub.add_parser("events", help="memguard's events from the journal (wraps journalctl)")
     p.add_argument("--since", "-S", metavar="TIME", help="from this time on (journalctl syntax: '1h ago', "
                                                           "'today', '2026-05-04 10:00')")
     p.add_argument("--until", "-U", metavar="TIME", help="up to this time (journalctl syntax)")
@@ -204,6 +200,50 @@ def _entries(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
 # --------------------------------------------------------------------------
 # Running journalctl
 
+#: What journalctl (systemd 245 and later) says on stderr when the user may not read the system journal:
+#: the error when it could open no file at all, the hint when it could open only the user's own journal.
+_NO_PERMISSION = ("insufficient permissions", "not seeing messages from other users", "Permission denied")
+JOURNAL_GROUPS = ("systemd-journal", "adm")
+
+
+def _user_and_groups() -> tuple[str, set[str]]:
+    import grp
+    import os
+    import pwd
+
+    try:
+        user = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        user = str(os.geteuid())
+    names = set()
+    for gid in {os.getegid(), *os.getgroups()}:
+        try:
+            names.add(grp.getgrgid(gid).gr_name)
+        except KeyError:
+            continue
+    return user, names
+
+
+def permission_hint(err: str, directory: str | None = None) -> str | None:
+    """What to do, when journalctl's stderr says the journal could not be read for lack of permission;
+    None for any other message."""
+    if not any(phrase in err for phrase in _NO_PERMISSION):
+        return None
+    user, groups = _user_and_groups()
+    where = f"the journal files in {directory}" if directory else "the system journal, where memguard's events are"
+    lines = [f"memguard events: you ({user}) may not read {where}."]
+    member = [g for g in JOURNAL_GROUPS if g in groups]
+    if member:
+        lines.append(f"  You are in the group {member[0]}, but this session was started before you joined it: "
+                     "log in again (or run `newgrp systemd-journal`).")
+    else:
+        lines.append(f"  Add yourself to the group systemd-journal (or adm): sudo usermod -aG systemd-journal "
+                     f"{user}, then log in again;")
+        lines.append("  or run it as root: sudo memguard events ...")
+    said = next((line.strip() for line in err.splitlines() if any(p in line for p in _NO_PERMISSION)), "")
+    lines.append(f"  (journalctl: {said})")
+    return "\n".join(lines)
+
 
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
@@ -286,7 +326,12 @@ def _read(argv: list[str], args: argparse.Namespace, sink: Any, *, limit: int | 
         err = proc.stderr.read().strip()
     if err and not (stopped and proc.returncode in (-signal.SIGTERM, 0)):
         # journalctl says "-- No entries --" on stdout; on stderr it says why it could not read.
-        print(err, file=sys.stderr)
+        hint = permission_hint(err, args.directory)
+        if hint is None:
+            print(err, file=sys.stderr)
+        elif not getattr(args, "_hinted", False):  # once, not again for the --follow run after it
+            args._hinted = True
+            print(hint, file=sys.stderr)
     rc = 0 if stopped else proc.returncode
     if rc == 1 and not err:  # no entries matched: not an error for us
         rc = 0

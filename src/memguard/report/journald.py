@@ -36,7 +36,15 @@ How an event becomes fields (see docs/service.md for the reference):
   is the worker's name (``journalctl -u memguard -t trials-0``), MESSAGE the
   line itself, ``MEMGUARD_STREAM`` stdout or stderr, PRIORITY 6 for both
   streams (systemd's own default for a service's stdout and stderr), or
-  the level of an ``sd-daemon(3)`` ``<N>`` prefix, which is stripped.
+  the level of an ``sd-daemon(3)`` ``<N>`` prefix, which is stripped;
+- ``OBJECT_PID``: an event that names a process other than memguard itself
+  (``pid``: the worker it starts, signals or lost, a kernel OOM victim)
+  carries that pid as ``OBJECT_PID``. journald then adds what it knows of
+  that process (``OBJECT_COMM``, ``OBJECT_EXE``, ``OBJECT_CMDLINE``,
+  ``OBJECT_UID``, ``OBJECT_SYSTEMD_UNIT``...), read from /proc when the
+  entry arrives, so a process that has already exited gets none. journald
+  honours the field from privileged senders only (memguard as root).
+  ``MEMGUARD_PID`` carries the same number in every case.
 """
 
 from __future__ import annotations
@@ -124,6 +132,10 @@ MESSAGE_IDS: dict[str, str] = {
     "gpu": "b44087a55407430a8109abd281f7cd3e",
     "gpu_problem": "12604dd9eb234c52919d095fd340a0c7",
     "operator": "fe0198c953ad46a4931b39b44b8636ef",
+    "notify_failed": "1c29e172884c4a67b853fa6f1b2d5ce4",
+    "notify_recovered": "7563edf2210a4f188499a1f5d9ea6a5b",
+    "start_failed": "8ae7b3d9bd814a2186aebb1837e58bad",
+    "metrics_error": "ed9ace8bda5c446bbc0a58adfca45234",
 }
 
 # The namespace of the ids derived for events missing from the table.
@@ -192,8 +204,21 @@ def encode_entry(fields: Iterable[tuple[str, Any]]) -> bytes:
     return bytes(out)
 
 
-def event_fields(event_dict: Mapping[str, Any], identifier: str = "memguard") -> list[tuple[str, Any]]:
-    """The journal fields of one structlog event (see the module docstring for the mapping)."""
+def _object_pid(value: Any, own_pid: int) -> int | None:
+    """The pid an event names, when it is a process other than memguard's own."""
+    if isinstance(value, bool):
+        return None
+    try:
+        pid = int(value)
+    except (TypeError, ValueError):
+        return None
+    return pid if pid > 0 and pid != own_pid else None
+
+
+def event_fields(event_dict: Mapping[str, Any], identifier: str = "memguard",
+                 own_pid: int | None = None) -> list[tuple[str, Any]]:
+    """The journal fields of one structlog event (see the module docstring for the mapping). ``own_pid``
+    (default: this process) is never sent as OBJECT_PID."""
     event = str(event_dict.get("event", ""))
     level = str(event_dict.get("level", "info")).lower()
     priority = PRIORITIES.get(level, 6)
@@ -229,6 +254,9 @@ def event_fields(event_dict: Mapping[str, Any], identifier: str = "memguard") ->
         ("SYSLOG_IDENTIFIER", syslog_identifier),
         ("MEMGUARD_EVENT", event),
     ]
+    object_pid = _object_pid(event_dict.get("pid"), os.getpid() if own_pid is None else own_pid)
+    if object_pid is not None:
+        fields.append(("OBJECT_PID", object_pid))
     for key, value in event_dict.items():
         if key in skip or value is None:
             continue

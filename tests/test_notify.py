@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import time
 import threading
 import uuid
 from pathlib import Path
@@ -283,11 +284,12 @@ def test_the_daemon_keeps_guarding_behind_a_stalled_notify_socket(
         d.event("terminate", worker="leak-0", timeout=30)
         assert len(list(d.all("notify_failed"))) == 1
 
-        drain(rx)
+        seen = [m.decode() for m in drain(rx)]  # READY may already be among what the drain read
         d.event("notify_recovered", timeout=10)
         rx.settimeout(10)
-        seen = []
+        deadline = time.monotonic() + 20  # watchdog pings keep coming: bound the wait for READY itself
         while not any(m.startswith("READY=1") for m in seen):
+            assert time.monotonic() < deadline, f"no READY=1 after the queue was read: {seen[-5:]}"
             seen.append(rx.recv(4096).decode())
         assert len(list(d.all("notify_failed"))) == 1
     finally:

@@ -35,7 +35,7 @@ from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from .expr import Comparison, Expr, ExprError, comparisons, parse_expr
-from .policy import (ActionKind, Brake, DaemonPolicy, Limits, Recycle, RestartPolicy, Rule, UnmanagedMatch,
+from .policy import (ALERT_LEVELS, ActionKind, AlertHook, Brake, DaemonPolicy, Limits, Recycle, RestartPolicy, Rule, UnmanagedMatch,
                      WorkloadPolicy)
 from .signals import SIGNALS, suggest
 from .units import (DURATION_EXPECTED, SIZE_EXPECTED, UnitError, format_duration, parse_duration, parse_percent,
@@ -79,6 +79,8 @@ DAEMON_KEYS = (
     "unmanaged",
     "gpu",
     "metrics_file",
+    "metrics",
+    "alerts",
 )
 UNMANAGED_KEYS = ("name", "cmdline", "user", "cgroup", "priority")
 WORKLOAD_KEYS = (
@@ -1143,6 +1145,8 @@ def _read_daemon(f: _File, root: Node) -> tuple[dict[str, Any] | None, str | Non
     metrics_file = f.get(entries, "metrics_file", "", _p_path("a file path such as "
                                                               "/var/lib/node_exporter/memguard.prom"), "a file path")
     unmanaged = _read_unmanaged(f, entries["unmanaged"][1]) if "unmanaged" in entries else ()
+    alerts = _read_alerts(f, entries["alerts"][1]) if "alerts" in entries else ()
+    metrics_listen = _read_metrics(f, entries["metrics"][1]) if "metrics" in entries else None
 
     protect: tuple[str, ...] | None = ()
     if "protect" in entries:
@@ -1206,9 +1210,108 @@ def _read_daemon(f: _File, root: Node) -> tuple[dict[str, Any] | None, str | Non
         unmanaged=unmanaged or (),
         gpu=gpu if gpu is not None else base.gpu,
         metrics_file=_resolve(f.dir, metrics_file) if metrics_file is not None else base.metrics_file,
+        metrics_listen=metrics_listen,
+        alerts=alerts or (),
         source=f"{f.display}:1",
     )
     return fields, shown_dir, wnode
+
+
+# --------------------------------------------------------------------------
+# alerts: and metrics: (docs/alerts.md, docs/fleet.md)
+
+ALERT_KEYS = ("name", "webhook", "exec", "events", "severity", "dedup", "min_interval", "max_per_hour", "timeout",
+              "retries", "backoff", "headers")
+METRICS_KEYS = ("listen",)
+_ALERT_EXAMPLE = "a list such as [{webhook: 'http://127.0.0.1:9000/memguard', events: [kill, failed]}]"
+_LISTEN = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.-]+)):(?P<port>[0-9]{1,5})$")
+
+
+def _p_url(v: object) -> str:
+    if isinstance(v, str) and re.fullmatch(r"https?://[^\s/?#]+[^\s]*", v):
+        return v
+    raise ValueError(f"expected an http:// or https:// URL such as http://127.0.0.1:9000/memguard, got {_describe(v)}")
+
+
+def _p_listen(v: object) -> str:
+    m = _LISTEN.match(v) if isinstance(v, str) else None
+    if m is None or not 0 < int(m.group("port")) < 65536:
+        raise ValueError(f"expected HOST:PORT such as 127.0.0.1:9464 (or [::1]:9464), got {_describe(v)}")
+    return v  # type: ignore[return-value]
+
+
+def _read_metrics(f: _File, node: Node) -> str | None:
+    entries = f.mapping(node, "metrics", METRICS_KEYS, what="a mapping such as {listen: 127.0.0.1:9464}")
+    if entries is None:
+        return None
+    listen = f.get(entries, "listen", "metrics", _p_listen, "HOST:PORT")
+    return listen if _ok(listen) else None
+
+
+def _read_strings(f: _File, node: Node, path: str, what: str) -> tuple[str, ...] | None:
+    items = f.sequence(node, path, what)
+    if items is None:
+        return None
+    out = [f.value(n, f"{path}[{i}]", _p_text("a non-empty string"), "a non-empty string") for i, n in enumerate(items)]
+    return None if BAD in out else tuple(out)
+
+
+def _read_alert(f: _File, item: Node, i: int) -> AlertHook | None:
+    path = f"alerts[{i}]"
+    entries = f.mapping(item, path, ALERT_KEYS, what="a mapping such as {webhook: 'http://...', events: [kill]}")
+    if entries is None:
+        return None
+    before = len(f.issues)
+    name = f.get(entries, "name", path, _p_text("a name"), "a name")
+    url = f.get(entries, "webhook", path, _p_url, "a URL")
+    argv = _read_strings(f, entries["exec"][1], f"{path}.exec", "a command as a list such as [/usr/local/bin/page-me]"
+                         ) if "exec" in entries else ()
+    events = _read_strings(f, entries["events"][1], f"{path}.events", "a list of events such as [kill, failed]"
+                           ) if "events" in entries else ()
+    severity = f.get(entries, "severity", path, _p_choice(ALERT_LEVELS), "a level")
+    dedup = f.get(entries, "dedup", path, _p_duration(0.0), DURATION_EXPECTED)
+    interval = f.get(entries, "min_interval", path, _p_duration(0.0), DURATION_EXPECTED)
+    per_hour = f.get(entries, "max_per_hour", path, _p_int(1, 3600), "a whole number from 1 to 3600")
+    timeout = f.get(entries, "timeout", path, _p_duration(0.0, strict=True), DURATION_EXPECTED)
+    retries = f.get(entries, "retries", path, _p_int(0, 10), "a whole number from 0 to 10")
+    backoff = f.get(entries, "backoff", path, _p_duration(0.0), DURATION_EXPECTED)
+    headers: tuple[tuple[str, str], ...] = ()
+    if "headers" in entries:
+        got = f.mapping(entries["headers"][1], f"{path}.headers", None,
+                        what="a mapping such as {Authorization: 'Bearer ...'}")
+        pairs = [(k, f.value(v, _join(f"{path}.headers", k), _p_text("a header value"), "a string"))
+                 for k, (_, v) in (got or {}).items()]
+        for k, v in pairs:
+            if not re.fullmatch(r"[A-Za-z0-9-]+", k) or (isinstance(v, str) and ("\n" in v or "\r" in v)):
+                f.issue(entries["headers"][1], f"{path}.headers", f"header {k!r}: expected a header name and a "
+                                                                  "one-line value")
+        headers = tuple((k, v) for k, v in pairs if v is not BAD)
+    if ("webhook" in entries) == ("exec" in entries):
+        f.issue(item, path, "give exactly one of webhook: (a URL) or exec: (a command as a list)")
+    if argv is not None and "exec" in entries and not argv:
+        f.issue(entries["exec"][1], f"{path}.exec", "expected a command as a list such as [/usr/local/bin/page-me], "
+                                                    "got an empty list")
+    if len(f.issues) != before:
+        return None
+    d = AlertHook(name="")
+    return AlertHook(
+        name=name or path, webhook=url, exec=argv or (), events=events or (),
+        severity=severity,
+        dedup_s=dedup if dedup is not None else d.dedup_s,
+        min_interval_s=interval if interval is not None else d.min_interval_s,
+        max_per_hour=per_hour if per_hour is not None else d.max_per_hour,
+        timeout_s=timeout if timeout is not None else d.timeout_s,
+        retries=retries if retries is not None else d.retries,
+        backoff_s=backoff if backoff is not None else d.backoff_s,
+        headers=headers, source=f.source(item))
+
+
+def _read_alerts(f: _File, node: Node) -> tuple[AlertHook, ...] | None:
+    items = f.sequence(node, "alerts", _ALERT_EXAMPLE)
+    if items is None:
+        return None
+    hooks = [_read_alert(f, item, i) for i, item in enumerate(items)]
+    return None if any(h is None for h in hooks) else tuple(h for h in hooks if h is not None)
 
 
 # --------------------------------------------------------------------------

@@ -1235,7 +1235,7 @@ def _p_url(v: object) -> str:
 
 def _p_listen(v: object) -> str:
     m = _LISTEN.match(v) if isinstance(v, str) else None
-    if m is None or not 0 < int(m.group("port")) < 65536:
+    if m is None or not 0 <= int(m.group("port")) < 65536:
         raise ValueError(f"expected HOST:PORT such as 127.0.0.1:9464 (or [::1]:9464), got {_describe(v)}")
     return v  # type: ignore[return-value]
 

@@ -80,6 +80,10 @@ class Metrics:
         """One alert sent, failed for good, or held back (``memguard_alerts_total{hook,outcome}``)."""
         self.alerts[(hook, outcome)] += 1
 
+    def latest(self, obs: Observation, workers: Mapping[str, object]) -> None:
+        """After every tick: the current workers and readings, for /metrics (no file is written)."""
+        self._obs, self._workers = obs, workers
+
     def text(self) -> str:
         """The metrics now: the last full tick's readings and every counter (what /metrics serves)."""
         return self.render(self._obs, self._workers, self._wall)

@@ -169,6 +169,8 @@ class Reporter(LoopOwned):
         self._last_obs = obs
         if self.notifier.enabled:
             self._notify("tick", self.status_line(state))
+        if self.metrics is not None:
+            self.metrics.latest(obs, state.workers)  # what /metrics serves between full ticks
         if obs.full and self.metrics is not None:
             self._write_metrics(obs, state)
 

@@ -63,6 +63,8 @@ class Outlets(LoopOwned):
                 entry = {"time": self.wall(), "level": level, "event": event,
                          "worker": fields.get("worker"), "workload": fields.get("workload"),
                          "message": str(fields.get("message") or event)[:_MESSAGE_MAX]}
+                if fields.get("cause") is not None:
+                    entry["cause"] = str(fields["cause"])
                 self.recent.append(entry)
                 worker = fields.get("worker")
                 if isinstance(worker, str):

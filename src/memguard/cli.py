@@ -150,12 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("path")
     c.set_defaults(func=_cmd_check)
 
-    from .commands import events, health, install, top
+    from .commands import events, health, init, install, top
 
     install.add_parser(sub)
     events.add_parser(sub)
     top.add_parser(sub)
     health.add_parser(sub)
+    init.add_parser(sub)
     return parser
 
 

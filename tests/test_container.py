@@ -243,3 +243,34 @@ def test_init_outside_a_container_guards_a_memory_cgroup(tmp_path):
         assert "rule stop-at: memory.available" in term.read_text()
     finally:
         cg.cleanup()
+
+
+def test_shipped_examples_and_doc_configs_are_valid(tmp_path):
+    """examples/container: the Dockerfile's ENTRYPOINT + CMD and the pod's command + args are command lines
+    memguard accepts, and the pod sets the memory limit memguard guards; the configuration blocks users copy
+    from docs/alerts.md and docs/fleet.md pass `memguard check`."""
+    import re
+
+    import yaml
+
+    from memguard.cli import build_parser
+    from memguard.config import check_path
+
+    docker = (REPO / "examples" / "container" / "Dockerfile").read_text()
+    entry = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", docker, re.M).group(1))
+    cmd = json.loads(re.search(r"^CMD (\[.*\])$", docker, re.M).group(1))
+    args = build_parser().parse_args(entry[1:] + cmd)
+    assert args.command == "init" and args.cmd[-2:] == ["python3", "train.py"] and args.stop_at == 90.0
+    pod = yaml.safe_load((REPO / "examples" / "container" / "pod.yaml").read_text())
+    c = pod["spec"]["containers"][0]
+    args = build_parser().parse_args(c["command"][1:] + c["args"])
+    assert args.command == "init" and args.grace == 20.0
+    assert c["resources"]["limits"]["memory"] and c["terminationMessagePath"] == "/dev/termination-log"
+    assert pod["spec"]["terminationGracePeriodSeconds"] > args.grace
+    for doc in ("alerts.md", "fleet.md"):
+        text = (REPO / "docs" / doc).read_text()
+        block = re.search(r"```yaml\n(# /etc/memguard/memguard.yaml.*?)```", text, re.S).group(1)
+        path = tmp_path / f"{doc}.yaml"
+        path.write_text(block)
+        policy, issues = check_path(str(path))
+        assert not issues and policy is not None, (doc, [str(i) for i in issues])

@@ -152,13 +152,17 @@ def _scope(obs: Observation | None, policy: Any, state: CoreState) -> dict[str, 
 # workers
 
 
-def _history(w: WorkerState) -> list[int]:
-    points = [int(m) for _, m in w.history][-HISTORY_POINTS:]
-    return points
+#: At most 3000 history points in one reply (about 30 KiB): with many workers each gets fewer, so the reply
+#: stays well inside what the control socket buffers for a client (256 KiB).
+HISTORY_BUDGET = 3000
+
+
+def _history(w: WorkerState, points: int) -> list[int]:
+    return [int(m) for _, m in w.history][-points:] if points > 0 else []
 
 
 def _worker(name: str, w: WorkerState, policy: Any, now: float | None,
-            last_events: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+            last_events: Mapping[str, Mapping[str, Any]], points: int = HISTORY_POINTS) -> dict[str, Any]:
     wl = policy.workload(w.workload) if policy is not None else None
     limit = wl.limits.memory_bytes if wl is not None else None
     gpu_limit = wl.limits.gpu_memory_bytes if wl is not None else None
@@ -173,7 +177,7 @@ def _worker(name: str, w: WorkerState, policy: Any, now: float | None,
         "workload": w.workload,
         "limit_bytes": limit,
         "memory_marks": marks,
-        "memory_history": _history(w),
+        "memory_history": _history(w, points),
         "growth_bytes_per_s": _num(growth),
         "gpu_memory_bytes": _num(sample.gpu_memory_bytes) if sample is not None else None,
         "gpu_limit_bytes": gpu_limit,
@@ -196,10 +200,12 @@ def status_reply(state: CoreState, obs: Observation | None, kernel_oom_kills: in
     rules' thresholds, and the recent events. ``policy`` (the running one) gives limits and thresholds."""
     now = obs.at if obs is not None else None
     last_events = last_events or {}
+    points = min(HISTORY_POINTS, HISTORY_BUDGET // max(len(state.workers), 1))
     return {
         "ok": True,
         "status": status_line(state, obs, kernel_oom_kills),
-        "workers": {name: _worker(name, w, policy, now, last_events) for name, w in sorted(state.workers.items())},
+        "workers": {name: _worker(name, w, policy, now, last_events, points)
+                    for name, w in sorted(state.workers.items())},
         "scope": _scope(obs, policy, state),
         "kernel_oom_kills": kernel_oom_kills,
         "firing": _firing(state),

@@ -253,7 +253,7 @@ def test_metrics_textfile_counts_kernel_oom_kills_and_actions(tmp_path, memcg):
     finally:
         assert d.stop() == 0  # the textfile is written after every full tick and once more at exit
     text = prom.read_text()
-    assert "memguard_kernel_oom_kills_total 1" in text
+    assert 'memguard_kernel_oom_kills_total{workload="hog"} 1' in text
     assert 'memguard_worker_up{workload="calm",worker="calm-0"}' in text
     assert "# TYPE memguard_actions_total counter" in text
 

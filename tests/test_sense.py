@@ -169,7 +169,7 @@ def test_pressure_real_file_documented_format_and_missing(tmp_path):
     f = tmp_path / "memory"
     f.write_text("some avg10=1.50 avg60=0.25 avg300=0.00 total=12345\n"
                  "full avg10=0.75 avg60=0.10 avg300=0.00 total=678\n")
-    assert read_pressure(str(f)) == Pressure(1.5, 0.25, 0.75, 0.1)
+    assert read_pressure(str(f)) == Pressure(1.5, 0.25, 0.75, 0.1, 0.012345, 0.000678)  # total= in µs -> s
     f.write_text("some avg10=3.00 avg60=2.00 avg300=1.00 total=1\n")  # no 'full' line
     p = read_pressure(str(f))
     assert (p.some_avg10, p.some_avg60) == (3.0, 2.0) and isinstance(p.full_avg10, Unknown)
@@ -423,7 +423,7 @@ def test_cgroup_v2_layout_is_read_through_the_same_interface(tmp_path):
     assert cg.oom_kills() == 2
     assert (cg.swap_limit(), cg.swap_usage()) == (64 * MIB, 10 * MIB)
     assert cg.pressure_path() == str(leaf / "memory.pressure")
-    assert cg.pressure() == Pressure(4.0, 1.0, 2.0, 0.5)
+    assert cg.pressure() == Pressure(4.0, 1.0, 2.0, 0.5, 9e-06, 3e-06)
 
     scope = cgroup_scope(cg, 16 << 30, host_swap_total=1 << 30)
     assert scope == ScopeMemory("cgroup", 512 * MIB, 272 * MIB, 64 * MIB, 54 * MIB, 2, str(leaf))

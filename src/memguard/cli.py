@@ -232,12 +232,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="which file (default daemon)")
     sc.set_defaults(func=_cmd_schema)
 
-    from .commands import completion, diagnose, events, helptext, incidents, install
+    from .commands import completion, diagnose, events, health, helptext, incidents, init, install, top
 
     install.add_parser(sub)
     diagnose.add_parser(sub)
     incidents.add_parser(sub)
     events.add_parser(sub)
+    top.add_parser(sub)
+    health.add_parser(sub)
+    init.add_parser(sub)
     completion.add_parser(sub)
     return helptext.apply(parser)
 

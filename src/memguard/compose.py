@@ -13,11 +13,13 @@ from typing import Any
 
 from . import __version__
 from .act.effects import Effects
+from .act.hooks import run_hook
 from .clock import MonotonicClock
 from .daemon import Daemon
 from .paths import daemon_runtime_dir
 from .policy import DaemonPolicy
 from .report.metrics import Metrics
+from .report.outlets import Outlets
 from .report.reporter import Reporter
 from .sense.observer import Observer
 
@@ -33,7 +35,8 @@ def build_daemon(policy: DaemonPolicy, config_path: str | None = None, *, report
     effects = Effects(runtime_dir=runtime, worker_cgroups=policy.worker_cgroups, oom_score_adj=policy.oom_score_adj,
                       mlock=policy.mlock, sentinel=sentinel)
     if reporter is None:
-        reporter = Reporter(metrics=Metrics(policy.metrics_file, __version__) if policy.metrics_file else None)
+        # Always a Metrics: /metrics may be turned on by a reload; without file or listener it only counts.
+        reporter = Reporter(metrics=Metrics(policy.metrics_file, __version__), outlets=Outlets(run_exec=run_hook))
     return Daemon(policy, observer, effects, reporter, MonotonicClock(), one_shot=one_shot,
                   load_config=None if config_path is None else functools.partial(_load, config_path))
 

@@ -64,7 +64,8 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from .expr import MAX_EXPR_CHARS, MAX_EXPR_DEPTH, Comparison, Expr, ExprError, comparisons, parse_expr
 from .overlap import find_overlap
-from .policy import (ActionKind, Brake, DaemonPolicy, Limits, Recycle, RestartPolicy, Rule, UnmanagedMatch,
+from .policy import (ALERT_LEVELS, ActionKind, AlertHook, Brake, DaemonPolicy, Limits, Recycle, RestartPolicy, Rule,
+                     UnmanagedMatch,
                      WorkloadPolicy)
 from .signals import SIGNALS, suggest
 from .units import (DURATION_EXPECTED, DURATION_UNITS, MAX_DURATION_S, MAX_NUMBER_CHARS, MAX_SIZE_BYTES,
@@ -846,6 +847,59 @@ UNMANAGED_SECTION = Section({
 
 _RULES = ListOf(RULE_SECTION, f"a list of rules, e.g. - {_RULE_EXAMPLE}", max_items=MAX_RULES)
 
+# alerts: and metrics: (docs/alerts.md, docs/fleet.md)
+_LISTEN = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.-]+)):(?P<port>[0-9]{1,5})$")
+_URL = re.compile(r"https?://[^\s/?#]+[^\s]*")
+_HEADER_NAME = re.compile(r"[A-Za-z0-9-]+")
+
+
+def _p_listen(v: object) -> str:
+    m = _LISTEN.match(v) if isinstance(v, str) and len(v) <= MAX_TEXT_CHARS else None
+    if m is None or not 0 <= int(m.group("port")) < 65536:  # 0: any free port (the log says which)
+        raise ValueError(f"expected HOST:PORT such as 127.0.0.1:9464 (or [::1]:9464), got {_describe(v)}")
+    return v  # type: ignore[return-value]
+
+
+def _p_url(v: object) -> str:
+    if isinstance(v, str) and len(v) <= MAX_PATH_BYTES and _URL.fullmatch(v):
+        return v
+    raise ValueError(f"expected an http:// or https:// URL such as http://127.0.0.1:9000/memguard, "
+                     f"got {_describe(v)}")
+
+
+def _p_header_value(v: object) -> str:
+    if isinstance(v, str) and len(v) <= MAX_TEXT_CHARS and "\n" not in v and "\r" not in v:
+        return v
+    raise ValueError(f"expected a one-line header value, got {_describe(v)}")
+
+
+METRICS_SECTION = Section({
+    "listen": Key(_kind(_p_listen, "HOST:PORT", {"type": "string", "maxLength": MAX_TEXT_CHARS,
+                                                 "pattern": _LISTEN.pattern}),
+                  "Serve /metrics (Prometheus text format) on this address, e.g. 127.0.0.1:9464."),
+}, "a mapping such as {listen: 127.0.0.1:9464}")
+
+ALERT_SECTION = Section({
+    "name": Key(_k_text("a name"), "A label for the hook in memguard's own events."),
+    "webhook": Key(_kind(_p_url, "a URL", {"type": "string", "pattern": r"^https?://", "maxLength": MAX_PATH_BYTES}),
+                   "POST each event there as JSON (with a Slack-compatible text field)."),
+    "exec": Key(ListOf(K_COMMAND_WORD, "a command as a list such as [/usr/local/bin/page-me]", min_items=1),
+                "Run this command per event: the event in MEMGUARD_* variables, JSON on standard input."),
+    "events": Key(ListOf(_k_text("an event kind"), "a list of events such as [kill, failed]"),
+                  "Only these event kinds (or exit causes); all when absent."),
+    "severity": Key(_k_choice(ALERT_LEVELS, "a level"), "Only events at this level or above."),
+    "dedup": Key(K_DURATION, "The same kind, worker, pid and rule within this window is sent once."),
+    "min_interval": Key(K_DURATION, "At least this long between two sends of this hook."),
+    "max_per_hour": Key(_kind(_p_int(1, 3600), "a whole number from 1 to 3600",
+                              {"type": "integer", "minimum": 1, "maximum": 3600}), "At most this many sends an hour."),
+    "timeout": Key(K_DURATION_POSITIVE, "A send (or the command) taking longer is abandoned (killed)."),
+    "retries": Key(_kind(_p_int(0, 10), "a whole number from 0 to 10",
+                         {"type": "integer", "minimum": 0, "maximum": 10}), "Tries after a failed send."),
+    "backoff": Key(K_DURATION, "The wait before the first retry; it doubles."),
+    "headers": Key(MapOf(_kind(_p_header_value, "a one-line string", {"type": "string"}), _HEADER_NAME.pattern,
+                         "a mapping such as {Authorization: 'Bearer ...'}"), "HTTP headers of a webhook."),
+}, "a mapping such as {webhook: 'http://127.0.0.1:9000/memguard', events: [kill, failed]}")
+
 DAEMON_SECTION = Section({
     "poll_interval": Key(K_DURATION_POSITIVE, "How often memory is read while no rule is near its threshold."),
     "fast_poll_interval": Key(K_DURATION_POSITIVE, "How often memory is read near a threshold."),
@@ -869,6 +923,9 @@ DAEMON_SECTION = Section({
     "gpu": Key(K_AUTOOFF, "GPU memory sensing through NVML: auto or off."),
     "metrics_file": Key(_k_path("a file path such as /var/lib/node_exporter/memguard.prom"),
                         "A Prometheus textfile rewritten after each full tick."),
+    "metrics": Key(METRICS_SECTION, "Metrics over HTTP, for Prometheus to scrape."),
+    "alerts": Key(ListOf(ALERT_SECTION, "a list such as [{webhook: 'http://127.0.0.1:9000/memguard', "
+                                        "events: [kill, failed]}]"), "Hooks told of events: webhooks and commands."),
 }, "a mapping of keys such as 'poll_interval: 1s'")
 
 LIMITS_SECTION = Section({
@@ -1912,6 +1969,11 @@ def _read_daemon(f: _File, root: Node) -> _DaemonRead:
     metrics_file = f.field(entries, S, "metrics_file", "")
     unmanaged = _read_unmanaged(f, entries["unmanaged"][1]) if "unmanaged" in entries else ()
     protect = _read_list(f, entries, S, "protect")
+    alerts = _read_alerts(f, entries["alerts"][1]) if "alerts" in entries else ()
+    metrics_listen = None
+    if "metrics" in entries:
+        got = f.mapping(entries["metrics"][1], "metrics", METRICS_SECTION.names, what=METRICS_SECTION.what)
+        metrics_listen = f.field(got, METRICS_SECTION, "listen", "metrics") if got is not None else None
 
     log_format = log_level = None
     if "log" in entries:
@@ -1969,9 +2031,65 @@ def _read_daemon(f: _File, root: Node) -> _DaemonRead:
         unmanaged=unmanaged or (),
         gpu=gpu if gpu is not None else base.gpu,
         metrics_file=_resolve(f.dir, metrics_file) if metrics_file is not None else base.metrics_file,
+        metrics_listen=metrics_listen if _ok(metrics_listen) else base.metrics_listen,
+        alerts=alerts or (),
         source=f"{f.display}:1",
     )
     return _DaemonRead(fields, shown_dir, wnode, eff_gpu, eff_cgroups)
+
+
+def _read_alerts(f: _File, node: Node) -> tuple[AlertHook, ...] | None:
+    """``alerts:``: a list of hooks, each exactly one of a webhook and a command."""
+    spec = DAEMON_SECTION.keys["alerts"].kind
+    assert isinstance(spec, ListOf)
+    S = ALERT_SECTION
+    items = f.sequence(node, "alerts", spec.what, max_items=spec.max_items)
+    if items is None:
+        return None
+    out: list[AlertHook] = []
+    bad = False
+    d = AlertHook(name="")
+    for i, item in enumerate(items):
+        path = f"alerts[{i}]"
+        before = f.n_issues
+        entries = f.mapping(item, path, S.names, what=S.what)
+        if entries is None:
+            bad = True
+            continue
+        vals = {k: f.field(entries, S, k, path) for k in ("name", "webhook", "severity", "dedup", "min_interval",
+                                                           "max_per_hour", "timeout", "retries", "backoff")}
+        argv = _read_list(f, entries, S, "exec")
+        events = _read_list(f, entries, S, "events")
+        headers: tuple[tuple[str, str], ...] = ()
+        if "headers" in entries:
+            spec_h = S.keys["headers"].kind
+            assert isinstance(spec_h, MapOf)
+            got = f.mapping(entries["headers"][1], f"{path}.headers", None, what=spec_h.what)
+            pairs = []
+            for k, (knode, vnode) in (got or {}).items():
+                if not _HEADER_NAME.fullmatch(str(k)):
+                    f.issue(knode, f"{path}.headers", f"header {_clip_text(str(k))!r}: expected a header name "
+                                                      "(letters, digits, -)")
+                    continue
+                pairs.append((str(k), f.value(vnode, f"{path}.headers.{k}", spec_h.value.parse,
+                                              spec_h.value.expected)))
+            headers = tuple((k, v) for k, v in pairs if v is not BAD)
+        if ("webhook" in entries) == ("exec" in entries):
+            f.issue(item, path, "give exactly one of webhook: (a URL) or exec: (a command as a list)")
+        if f.n_issues != before or BAD in vals.values() or argv is None or events is None:
+            bad = True
+            continue
+        out.append(AlertHook(
+            name=vals["name"] or path, webhook=vals["webhook"], exec=argv or (), events=events or (),
+            severity=vals["severity"] if vals["severity"] is not None else d.severity,
+            dedup_s=vals["dedup"] if vals["dedup"] is not None else d.dedup_s,
+            min_interval_s=vals["min_interval"] if vals["min_interval"] is not None else d.min_interval_s,
+            max_per_hour=vals["max_per_hour"] if vals["max_per_hour"] is not None else d.max_per_hour,
+            timeout_s=vals["timeout"] if vals["timeout"] is not None else d.timeout_s,
+            retries=vals["retries"] if vals["retries"] is not None else d.retries,
+            backoff_s=vals["backoff"] if vals["backoff"] is not None else d.backoff_s,
+            headers=headers, source=f.source(item)))
+    return None if bad else tuple(out)
 
 
 # --------------------------------------------------------------------------

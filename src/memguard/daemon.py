@@ -112,6 +112,7 @@ class Daemon:
             self._reloader.cancel()
             await self.effects.close()
             self.observer.close()
+            await self.reporter.close()
 
     async def _pump(self) -> int:
         assert self._wake is not None

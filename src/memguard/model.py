@@ -145,12 +145,19 @@ class ScopeMemory:
 
 @dataclass(frozen=True)
 class Pressure:
-    """PSI memory pressure of the scope, in percent of wall time (0..100)."""
+    """PSI memory pressure of the scope, in percent of wall time (0..100).
+
+    ``some_total_s`` / ``full_total_s``: the kernel's ever-growing stall
+    counters (``total=``, microseconds in the file), in seconds: the
+    ``_seconds_total`` counters of the metrics, never read by rules.
+    """
 
     some_avg10: Reading = UNKNOWN
     some_avg60: Reading = UNKNOWN
     full_avg10: Reading = UNKNOWN
     full_avg60: Reading = UNKNOWN
+    some_total_s: Reading = UNKNOWN
+    full_total_s: Reading = UNKNOWN
 
 
 NO_PRESSURE = Pressure()

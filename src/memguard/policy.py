@@ -25,6 +25,8 @@ __all__ = [
     "WorkloadPolicy",
     "UnmanagedMatch",
     "DaemonPolicy",
+    "AlertHook",
+    "ALERT_LEVELS",
     "DEFAULTS",
 ]
 
@@ -223,6 +225,40 @@ class UnmanagedMatch:
     name: str = ""
 
 
+ALERT_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class AlertHook:
+    """One ``alerts:`` entry: a webhook (HTTP POST of JSON) or an exec hook, and which events it gets.
+
+    ``events`` are event names (``kill``, ``failed``...) or, for ``exit``
+    events, their cause (``kernel_oom``); empty: every event at or above
+    ``severity``. docs/alerts.md repeats these defaults for users.
+    """
+
+    name: str  # "alerts[0]" or the entry's name:
+    webhook: str | None = None  # http:// or https:// URL
+    exec: tuple[str, ...] = ()  # argv, run without a shell
+    events: tuple[str, ...] = ()
+    # None: "warning" when no events are listed (every stop, block, failure and kernel OOM kill, none of the
+    # routine: spawn, release, exit 0), any level when they are (the list is the filter).
+    severity: str | None = None
+    # 1 min: the same event (kind, worker, rule or cause) told once a minute is news; every tick is spam.
+    dedup_s: float = 60.0
+    # 0 s: every event that passes the filters is sent; a pager sets e.g. 1m.
+    min_interval_s: float = 0.0
+    # 30 per hour: a restart storm on a 64-worker box must not become 64 pages a minute.
+    max_per_hour: int = 30
+    # 10 s per attempt: a healthy webhook answers in well under a second; a hook that hangs is cut off.
+    timeout_s: float = 10.0
+    # 3 retries, 1 s apart and doubling (1 s, 2 s, 4 s): rides over a receiver restarting.
+    retries: int = 3
+    backoff_s: float = 1.0
+    headers: tuple[tuple[str, str], ...] = ()  # extra HTTP headers (Authorization...)
+    source: str = ""
+
+
 @dataclass(frozen=True)
 class DaemonPolicy:
     # 1 s: a relaxed pace; idle, the daemon measured 0.3-0.6 % of one core (docs/benchmarks.md).
@@ -256,6 +292,8 @@ class DaemonPolicy:
     unmanaged: tuple[UnmanagedMatch, ...] = ()
     gpu: str = "auto"  # "auto": NVML sensing when a driver is there; "off"
     metrics_file: str | None = None  # Prometheus textfile, rewritten after each full tick
+    metrics_listen: str | None = None  # "127.0.0.1:9464": serve /metrics over HTTP there
+    alerts: tuple[AlertHook, ...] = ()
     log_format: str = "auto"  # "auto" | "console" | "json" | "journald"
     log_level: str = "info"
     workloads: tuple[WorkloadPolicy, ...] = ()

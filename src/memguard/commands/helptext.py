@@ -23,7 +23,7 @@ class Formatter(argparse.RawDescriptionHelpFormatter):
         text = action.help or ""
         default = action.default
         if (action.option_strings and "%(default)" not in text and "default" not in text.lower()
-                and default not in (None, False, argparse.SUPPRESS) and default != []):
+                and default not in (None, False, "", argparse.SUPPRESS) and default != []):
             text += " (default: %(default)s)"
         return text
 
@@ -40,6 +40,10 @@ examples:
 Configuration reference: docs/policy.md; the service: docs/service.md."""
 
 DESCRIPTIONS: dict[str, str] = {
+    "init": """\
+Run a command as a container's PID 1 under memguard: reap zombies, forward
+signals, stop the command gracefully before the container's memory limit
+(with the reason in /dev/termination-log) and exit with its status.""",
     "daemon": """\
 Run the supervisor in the foreground: start the workers of the configuration,
 watch memory (RAM, swap, pressure, GPU) and each worker's process tree, and act
@@ -86,6 +90,28 @@ to load one by hand:""",
 }
 
 EPILOGS: dict[str, str] = {
+    "top": """\
+examples:
+  memguard top                        # the local daemon, refreshed every second
+  memguard top --sort memory --filter trials
+  memguard top --once --ascii         # one plain frame, e.g. in a bug report
+
+keys: q quit, s sort, / filter, r restart and x stop the selected worker (administrators, after y).
+docs: docs/top.md.""",
+    "health": """\
+examples:
+  memguard health                     # "OK: 4 running, 0 failed" and exit 0
+  memguard health --window 30m
+
+exit status: 0 healthy, 1 a problem (a failed worker, a recent kernel OOM kill, a system rule
+firing), 2 unknown (no daemon to ask): node-problem-detector's custom plugin contract (docs/fleet.md).""",
+    "init": """\
+examples:
+  ENTRYPOINT ["memguard", "init", "--"]        # in a Dockerfile; CMD is the job
+  memguard init --stop-at 90% -- python3 train.py
+
+memguard runs as the container's PID 1: it reaps zombies, forwards signals, stops the job before the
+container's memory limit and exits with the job's status (docs/fleet.md).""",
     "diagnose": """\
 examples:
   memguard diagnose                         # the latest deaths on this machine

@@ -22,6 +22,7 @@ from ..units import format_size
 from .log import action_event, get_logger
 from .metrics import Metrics
 from .notify import Notifier
+from .outlets import Outlets
 from .status import status_line, status_reply
 
 __all__ = ["Reporter"]
@@ -30,7 +31,8 @@ __all__ = ["Reporter"]
 class Reporter(LoopOwned):
     """The real reporter. ``log`` is a structlog logger (the configured one by default)."""
 
-    def __init__(self, *, log: Any = None, metrics: Metrics | None = None, notifier: Notifier | None = None) -> None:
+    def __init__(self, *, log: Any = None, metrics: Metrics | None = None, notifier: Notifier | None = None,
+                 outlets: Outlets | None = None) -> None:
         self._claim_thread()
         self.log = log if log is not None else get_logger()
         self.metrics = metrics
@@ -39,6 +41,7 @@ class Reporter(LoopOwned):
         self.sink_failures: dict[str, int] = {}
         self._gpu_problems: frozenset[Any] = frozenset()
         self._last_obs: Observation | None = None
+        self.outlets = outlets if outlets is not None else Outlets()  # recent events, alerts, /metrics
 
     # ------------------------------------------------------------------ guarded sinks
 
@@ -56,6 +59,7 @@ class Reporter(LoopOwned):
             getattr(self.log, level)(event, **fields)
         except Exception as e:  # noqa: BLE001 - no sink failure stops guarding
             self._failed("log", e)
+        self.outlets.event(level, event, fields)
 
     # ------------------------------------------------------------------ what the core decided
 
@@ -68,8 +72,6 @@ class Reporter(LoopOwned):
             self.event(level, event, **fields)
             if isinstance(action, Notice) and action.event == "exit" and action.fields.get("kernel_oom"):
                 self.kernel_oom_kills += 1
-                if self.metrics is not None:
-                    self.metrics.kernel_oom_kills += 1
         if self.metrics is not None:
             self.metrics.count(actions)
 
@@ -86,6 +88,7 @@ class Reporter(LoopOwned):
         from .. import __version__
 
         p = policy
+        self.outlets.start(policy, self)
         self.event("info", "started", version=__version__, pid=os.getpid(), config=p.source or None,
                    scope=scope.get("kind"), scope_description=scope.get("description"),
                    workloads=[w.name for w in p.workloads], system_rules=len(p.rules), dry_run=p.dry_run,
@@ -135,6 +138,7 @@ class Reporter(LoopOwned):
 
     @on_owner_thread
     def reloaded(self, policy: DaemonPolicy) -> None:
+        self.outlets.configure(policy)
         self.event("info", "reloaded", workloads=[w.name for w in policy.workloads], system_rules=len(policy.rules),
                    message=f"configuration reloaded: {len(policy.workloads)} workload(s), "
                            f"{len(policy.rules)} system rule(s)")
@@ -165,6 +169,8 @@ class Reporter(LoopOwned):
         self._last_obs = obs
         if self.notifier.enabled:
             self._notify("tick", self.status_line(state))
+        if self.metrics is not None:
+            self.metrics.latest(obs, state.workers)  # what /metrics serves between full ticks
         if obs.full and self.metrics is not None:
             self._write_metrics(obs, state)
 
@@ -197,4 +203,8 @@ class Reporter(LoopOwned):
         return status_line(state, self._last_obs, self.kernel_oom_kills)
 
     def status_reply(self, state: CoreState) -> Mapping[str, Any]:
-        return status_reply(state, self._last_obs, self.kernel_oom_kills)
+        return status_reply(state, self._last_obs, self.kernel_oom_kills, **self.outlets.status_fields())
+
+    async def close(self) -> None:
+        """At the daemon's very end: queued alerts get a moment to go out; the /metrics endpoint closes."""
+        await self.outlets.close()

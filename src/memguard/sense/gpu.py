@@ -1034,7 +1034,7 @@ def attribute_all(reading: GpuReading, trees: Mapping[str, Iterable[int]],
 
     ``trees`` maps each worker to the pids of its whole process tree
     (ints, or the ``(pid, start time)`` pairs of
-    :meth:`~memguard.sense.procs.TreeTracker.members`). ``pid_map``
+    ``WorkerSample.members``). ``pid_map``
     translates NVML's pids into those pids: None means they are the same;
     with a mapping, an NVML pid not in it belongs to no worker; Unknown
     (from :func:`host_pid_map`) means no pid can be matched, and every

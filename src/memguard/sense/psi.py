@@ -5,7 +5,9 @@ The file has two lines::
     some avg10=0.00 avg60=0.00 avg300=0.00 total=0
     full avg10=0.00 avg60=0.00 avg300=0.00 total=0
 
-The averages are percentages of wall time. A missing file (kernel without
+The averages are percentages of wall time; ``total`` is the time stalled
+since boot (or since the cgroup was made), in microseconds, read as seconds
+for the metrics' counters. A missing file (kernel without
 PSI, booted with ``psi=0``, cgroup v1) or a line that does not parse gives
 :class:`Unknown` readings carrying the reason; :func:`read_pressure` never
 raises.
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import re
 
-from memguard.model import Pressure, Unknown
+from memguard.model import Pressure, Reading, Unknown
 from memguard.sense.host import read_bytes
 
 __all__ = ["PSI_MEMORY_PATH", "read_pressure", "parse_pressure"]
@@ -23,6 +25,7 @@ __all__ = ["PSI_MEMORY_PATH", "read_pressure", "parse_pressure"]
 PSI_MEMORY_PATH = "/proc/pressure/memory"
 
 _LINE = re.compile(rb"^(some|full) avg10=(\d+(?:\.\d+)?) avg60=(\d+(?:\.\d+)?)", re.M)
+_TOTAL = re.compile(rb"^(some|full) .*\btotal=(\d+)\s*$", re.M)
 
 
 def parse_pressure(data: bytes, where: str = "pressure file") -> Pressure:
@@ -42,7 +45,9 @@ def parse_pressure(data: bytes, where: str = "pressure file") -> Pressure:
         f10 = f60 = u
     else:
         f10, f60 = full
-    return Pressure(s10, s60, f10, f60)
+    totals: dict[bytes, Reading] = {m.group(1): int(m.group(2)) / 1e6 for m in _TOTAL.finditer(data)}
+    no_total = Unknown(f"no 'total=' field in {where}")
+    return Pressure(s10, s60, f10, f60, totals.get(b"some", no_total), totals.get(b"full", no_total))
 
 
 def read_pressure(path: str = PSI_MEMORY_PATH) -> Pressure:

@@ -256,6 +256,12 @@ class DaemonPolicy:
     unmanaged: tuple[UnmanagedMatch, ...] = ()
     gpu: str = "auto"  # "auto": NVML sensing when a driver is there; "off"
     metrics_file: str | None = None  # Prometheus textfile, rewritten after each full tick
+    # Incident records and the kernel log position: $STATE_DIRECTORY (systemd's StateDirectory=), else
+    # /var/lib/memguard for root, ~/.local/state/memguard otherwise. Takes effect at the next start.
+    state_dir: str | None = None
+    # The flight recorder's memory: 10 minutes show a leak's slope before a death and cost well under a MiB
+    # (docs/benchmarks.md).
+    recorder_window_s: float = 600.0
     log_format: str = "auto"  # "auto" | "console" | "json" | "journald"
     log_level: str = "info"
     workloads: tuple[WorkloadPolicy, ...] = ()

@@ -7,9 +7,11 @@
   (:func:`~memguard.sense.containers.attribute_cgroup`), named through the
   container runtime off the loop, and written as an incident with the
   flight recorder's timeline before it; the seconds after it are appended
-  ``after_s`` later. The kernel log cursor is saved in the store after each
-  batch, so a restarted daemon resumes where it stopped and records the
-  kills that happened while it was down;
+  ``after_s`` later. The kernel log cursor is saved in the store when
+  reading starts, after each kill and every :data:`CURSOR_SAVE_S` while
+  other lines come, so a restarted daemon (even one that was SIGKILLed)
+  resumes where it stopped and records the kills that happened while it
+  was down;
 - the container runtime's events (``die``, ``oom``, ``kill``, fed by the
   daemon from :meth:`~memguard.sense.containers.DockerClient.follow_events`
   in a thread): a container that died gets one incident with its name,
@@ -54,6 +56,10 @@ AFTER_S = 5.0
 """Seconds after a death whose timeline is appended to its incident: long
 enough to see the memory come back (or not) and memguard's next steps."""
 
+CURSOR_SAVE_S = 10.0
+"""Seconds between saves of the kernel log position while only lines other than OOM reports come: after a
+restart at most this much is read again (and merged, not doubled)."""
+
 RECENT_KILLS_S = 120.0
 """How long a container's kernel OOM kill is remembered for its ``die`` event, seconds."""
 
@@ -89,6 +95,8 @@ class DeathWatch:
         self.problem: str | None = None
         self.runtime_problem: str | None = None
         self._lock: asyncio.Lock | None = None
+        self._saved: KmsgCursor | None = None
+        self._saved_at = 0.0
         self._stop_events: threading.Event | None = None
 
     # -- wiring helpers -------------------------------------------------------
@@ -162,9 +170,13 @@ class DeathWatch:
         out = []
         for kill in kills:
             out.append(await self.record_kill(kill))
-        if self.reader is not None and self.reader.cursor is not None and (kills or self.gaps):
-            cursor = self.reader.cursor
+        cursor = self.reader.cursor if self.reader is not None else None
+        if cursor is not None and cursor != self._saved and (
+                kills or self.gaps or self._saved is None or self._clock() - self._saved_at >= CURSOR_SAVE_S):
+            # Saved at the first drain (a daemon killed before any kill still resumes from its start), after
+            # every kill, and at most every CURSOR_SAVE_S otherwise (what is read again after a restart is merged).
             await asyncio.to_thread(self.store.save_state, KMSG_STATE, cursor.to_dict())
+            self._saved, self._saved_at = cursor, self._clock()
         return out
 
     async def record_kill(self, kill: OomKill) -> Incident:

@@ -60,7 +60,7 @@ import threading
 import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from ..model import Exited, Explanation, Signal, SignalProcess, signal_name
 from ..sense.containers import ContainerEvent, ContainerInfo, Owner
@@ -780,6 +780,17 @@ class IncidentStore:
             if inc is None:
                 return None
             inc = replace(inc, **changes)
+            self.write(inc, prune=False)
+            return inc
+
+    def amend(self, incident_id: str, change: Callable[[Incident], Incident]) -> Incident | None:
+        """Replace a record with ``change(record)`` (read, changed and written under the store's lock); None if
+        the record is gone."""
+        with self._lock:
+            inc = self.load(incident_id)
+            if inc is None:
+                return None
+            inc = change(inc)
             self.write(inc, prune=False)
             return inc
 

@@ -124,6 +124,7 @@ MESSAGE_IDS: dict[str, str] = {
     "gpu": "b44087a55407430a8109abd281f7cd3e",
     "gpu_problem": "12604dd9eb234c52919d095fd340a0c7",
     "operator": "fe0198c953ad46a4931b39b44b8636ef",
+    "incident": "cbaec00dd7504007b6d8a70a35baf058",
 }
 
 # The namespace of the ids derived for events missing from the table.

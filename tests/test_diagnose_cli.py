@@ -106,13 +106,13 @@ def test_binary_garbage_is_read_not_rejected(tmp_path):
     (["--log", "x.log", "--signal", "NOPE"], "no signal named NOPE"),
     (["--log", "x.log", "--lines", "0"], "--lines must be 1 or more"),
     (["--log", "x.log", "--memory-limit", "lots"], "expected a size"),
-    ([], "no incident records"),
-    (["trials-0"], "no incident records to diagnose 'trials-0'"),
-    (["4242"], "no incident records to diagnose process 4242"),
+    (["--latest", "0"], "--latest must be 1 or more"),
+    (["--dir", "none", "trials-0"], "no recorded death of 'trials-0': no incident record in none names it"),
+    (["--dir", "none", "99999999"], "no recorded death of process 99999999"),  # beyond any pid_max
 ])
 def test_bad_input_exits_2_with_a_clear_message(tmp_path, args, message):
-    """A missing or unreadable file, a bad option, or nothing to read incidents from: exit 2, one line on stderr
-    saying why, no traceback."""
+    """A missing or unreadable file, a bad option, or no record of the target anywhere: exit 2, one line on
+    stderr saying why, no traceback."""
     (tmp_path / "x.log").write_text("MemoryError\n", encoding="utf-8")
     proc = subprocess.run([*MEMGUARD, "diagnose", *args], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert proc.returncode == 2

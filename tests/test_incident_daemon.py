@@ -96,6 +96,16 @@ def _record(store: IncidentStore, incident_id: str, pred, timeout: float = 30.0)
         os.close(fd)
 
 
+def _every_incident(d: Daemon, **match: object) -> list[dict]:
+    """After the daemon exited: every incident entry it logged (the rest of its output read to the end)."""
+    while True:
+        ev = d.lines.get(timeout=30)
+        if ev is None:
+            break
+        d.events.append(ev)
+    return list(d.all("incident", **match))
+
+
 def _incident(d: Daemon, timeout: float = 30.0, **match: object) -> dict:
     return d.wait_for(lambda e: e.get("event") == "incident" and all(e.get(k) == v for k, v in match.items()),
                       timeout, what=f"incident {match}")
@@ -123,7 +133,34 @@ def test_kernel_kill_outside_the_workers_is_recorded_with_its_timeline(tmp_path:
         assert tl["scope"]["available_bytes"][0] > 0
     finally:
         assert d.stop() == 0
-    assert len(list(d.all("incident", pid=pid))) == 1
+    assert len(_every_incident(d, pid=pid)) == 1
+
+
+def test_kernel_kill_of_a_worker_is_one_record_with_its_exit(tmp_path: Path) -> None:
+    """A worker allocating past its limits.memory is OOM-killed by the kernel in its own cgroup: the kernel's
+    report and the worker's exit as memguard reaped it are one death, so one record (both views merged, the
+    worker named through its cgroup) and one journal entry."""
+    memcg = make_cgroup(512 * MiB)
+    cfg = write_config(tmp_path, "scope: host\nworkloads: workloads.d/\n", {
+        "hog": f"name: hog\ncommand: {worker_cmd('--rate', '300')}\nlimits: {{memory: 64MiB}}\n"
+               "restart: {policy: never}\n"})
+    d = Daemon(cfg, cgroup=memcg)
+    try:
+        if "per-worker cgroups" not in d.event("cgroups")["message"]:
+            pytest.skip("memguard cannot create worker cgroups here")
+        pid = d.worker_pids("hog-0")[0]
+        entry = _incident(d, pid=pid)
+        assert entry["cause"] == "host_oom" and entry["worker"] == "hog-0"
+        inc = _record(IncidentStore(d.state_dir / "incidents"), entry["incident"],
+                      lambda i: {"exit", "kernel"} <= set(i.sources))
+        assert inc.owner.kind == "memguard-worker" and inc.owner.worker == "hog-0"
+        assert inc.what["command"][-2:] == ["--rate", "300"] and inc.how["oom"]["limit_bytes"] == 64 * MiB
+        assert any("Killed process" in line for line in inc.evidence)
+        d.event("exit", worker="hog-0")
+    finally:
+        assert d.stop() == 0
+        memcg.cleanup()
+    assert len(_every_incident(d, pid=pid)) == 1
 
 
 def test_sigkill_after_a_decision_leaves_its_record_and_the_restart_catches_up(tmp_path: Path) -> None:
@@ -180,7 +217,8 @@ LIMIT = ["-m", "32m", "--memory-swap", "32m"]
 
 @pytest.fixture(scope="module")
 def watched(tmp_path_factory):
-    """A private dockerd, and a memguard daemon following it (its socket through DOCKER_HOST)."""
+    """A private dockerd, and a memguard daemon following it (its socket through DOCKER_HOST). At the end: each
+    container's death made one journal entry."""
     if os.geteuid() != 0:
         pytest.skip("a private dockerd needs root")
     from dockerkit import start_dockerd
@@ -195,6 +233,10 @@ def watched(tmp_path_factory):
         assert "container events" in note["message"], note
         assert admin_request("status", started["socket"], timeout_s=20)["ok"]
         yield dockerd, d
+        assert d.stop() == 0
+        # One death, one journal entry: the kernel's report and the runtime's death of a container are one.
+        names = [e["container"] for e in _every_incident(d) if e.get("container")]
+        assert len(names) == len(set(names)), names
     finally:
         d.stop()
         dockerd.stop()
@@ -230,7 +272,6 @@ def test_container_oom_killed_at_its_limit(watched, tmp_path: Path) -> None:
         assert (got["cause"], got["signal"], got["exit_code"], got["limit_bytes"]) == ("host_oom", 9, 137, 32 * MiB)
         assert any("Killed process" in line for line in got["evidence"])
         assert got["container"]["name"] == name and "--memory" in got["recommendation"]
-    assert len(list(d.all("incident", container=name))) == 1
 
 
 def test_docker_kill_is_killed_not_an_oom(watched, tmp_path: Path) -> None:

@@ -370,8 +370,7 @@ def _advice(inc: Any, sig: int | None, limit: int | None) -> str:
         return (f"memguard stopped it: rule {why['rule']} ({why.get('when', '')}). " + text).strip()
     text = recommend(inc.cause, sig=sig, limit_bytes=limit, kernel_oom=True if sent_by == "kernel" else None)
     if inc.cause == "host_oom" and container:
-        text = "Raise the container's --memory (the record says which limit was hit) or " + \
-            text[0].lower() + text[1:].replace("Raise the memory limit", "raise the limit", 1)
+        text = text.replace("Raise the memory limit", "Raise the container's --memory limit", 1)
     return text
 
 
@@ -390,6 +389,8 @@ def report_of_incident(inc: Any, path: str | None = None) -> Report:
         sig = exit_code - 128
     limit = oom.get("limit_bytes") or why.get("limit_bytes")
     evidence = tuple(inc.evidence) or ((str(how["output_line"]),) if how.get("output_line") else ())
+    if not evidence and inc.source == "memguard" and why.get("rule"):
+        evidence = (f"rule {why['rule']} ({why.get('when', '')}): {why.get('text', '')}",)  # its numbers
     verdict = Verdict(inc.cause, inc.summary, _advice(inc, sig if isinstance(sig, int) else None, limit), evidence,
                       exit_code if isinstance(exit_code, int) else None, sig if isinstance(sig, int) else None,
                       limit if isinstance(limit, int) else None)

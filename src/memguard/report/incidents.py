@@ -365,7 +365,8 @@ def incident_for_action(action: Signal | SignalProcess, *, wall: float, monotoni
                    "incarnation": getattr(action, "incarnation", None),
                    "owner": owner.to_dict() if owner else None})
     how = _clean({"signal": action.signum, "signal_name": sig, "sent_by": "memguard", "event": action.event,
-                  "meaning": exit_meaning(signal=action.signum), "dry_run": dry_run or None})
+                  "meaning": f"{sig}: {action.reason}" if action.reason else exit_meaning(signal=action.signum),
+                  "dry_run": dry_run or None})
     why = _clean({**_explain_dict(explain), "reason": action.reason, "ranking": [dict(r) for r in ranking] or None})
     cause = cause_of_rule(explain, action.event)
     return Incident(id=incident_id(wall, death_key(boot_id, action.pid)), key=death_key(boot_id, action.pid),
@@ -376,10 +377,15 @@ def incident_for_action(action: Signal | SignalProcess, *, wall: float, monotoni
 def complete_action(incident: Incident, *, wall: float, returncode: int | None = None, signal: int | None = None,
                     note: str | None = None, after: dict[str, Any] | None = None) -> Incident:
     """The pending record completed with what happened after the signal."""
+    sent = {incident.how.get("signal")} | {e.get("signal") for e in incident.how.get("escalations", [])
+                                           if isinstance(e, dict)}
+    if signal is not None and signal in sent:
+        meaning: str | None = f"killed by {signal_name(signal)}, the signal memguard sent"
+    else:
+        meaning = exit_meaning(returncode, signal) if (returncode, signal) != (None, None) else None
     outcome = _clean({"wall": wall, "after_s": round(wall - incident.wall, 3), "returncode": returncode,
                       "signal": signal, "signal_name": signal_name(signal) if signal is not None else None,
-                      "meaning": exit_meaning(returncode, signal) if (returncode, signal) != (None, None) else None,
-                      "note": note})
+                      "meaning": meaning, "note": note})
     return replace(incident, state="complete", outcome=outcome, after=after or incident.after)
 
 

@@ -310,6 +310,28 @@ def test_a_failing_exit_is_one_incident_and_a_clean_one_none(tmp_path):
     run(main())
 
 
+def test_dry_run_records_no_stop_but_still_records_failures(tmp_path):
+    """In a dry run memguard's decisions send nothing, so they leave no incident; a worker that fails on its
+    own is still one."""
+    from memguard.report.incidents import IncidentStore
+
+    store = IncidentStore(tmp_path / "incidents")
+
+    async def main():
+        pol = policy(workload("w", rules=(rule("worker.memory > 100%", "kill"),)), dry_run=True)
+        rig = await Rig(pol, incidents=store).start()
+        await rig.advance(1.0)
+        rig.observer.memory = {"w-0": 2 * GiB}
+        await rig.advance(1.5)
+        assert rig.log.named("kill", worker="w-0") and not rig.effects.signals
+        rig.effects.exit("w-0", returncode=1, last_lines=("OSError: [Errno 28] No space left on device",))
+        await rig.advance(0.1)
+        _flushed(rig)
+        await rig.advance(0.1)
+        assert [(i.cause, i.source) for i in store.list()] == [("disk_full", "exit")]
+    run(main())
+
+
 @pytest.mark.parametrize("bad", ["log", "metrics", "incidents", "recorder"])
 def test_a_failing_sink_never_stops_guarding(bad, tmp_path):
     """A log whose writes raise, a metrics file or an incident store that cannot be written, a flight recorder

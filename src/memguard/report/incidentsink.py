@@ -41,7 +41,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from ..decide.state import CoreState, Phase
 from ..model import Action, Exited, NotDone, Notice, Observation, Signal, SignalProcess, is_known, signal_name
@@ -60,6 +60,10 @@ fsync takes milliseconds; a disk that takes longer must not hold the exit."""
 MAX_ANNOUNCED = 4096
 """Incident ids remembered as already logged (one journal entry each); the
 oldest are forgotten first. Merges arrive within minutes of the first write."""
+
+MAX_PENDING = 1024
+"""Records of memguard's own stops waiting for their exit, at most (the oldest forgotten first; a stop is
+normally followed by its exit within the grace period)."""
 
 RANKING_MAX = 8
 """Victim candidates kept in a record of memguard's own stop (the chosen one first)."""
@@ -224,10 +228,12 @@ class IncidentSink:
 
     # ------------------------------------------------------------------ what the core decided
 
-    def decided(self, action: Action) -> None:
-        """Before the decision is logged (and so before the signal): memguard's own stop, written down."""
-        if isinstance(action, (Signal, SignalProcess)) and not getattr(action, "lifecycle", False):
-            self.own_stop(action)
+    def decided(self, action: Action, dry_run: bool = False) -> None:
+        """Before the decision is logged (and so before the signal): memguard's own stop, written down (not in a
+        dry run: nothing is sent, nothing dies); an exit, kept for the end of the tick."""
+        if isinstance(action, (Signal, SignalProcess)):
+            if not dry_run and not getattr(action, "lifecycle", False) and action.pid > 0:
+                self.own_stop(action)
         elif isinstance(action, Notice) and action.event == "exit":
             self._exit_notice(action)
 
@@ -261,6 +267,8 @@ class IncidentSink:
             self._failed("incidents", e)
             return None
         self._pending[pid] = _Pending(inc.id, mono)
+        while len(self._pending) > MAX_PENDING:  # a stop whose exit never came: its record stays pending
+            del self._pending[next(iter(self._pending))]
         self._finish.append((inc.id, mono))
         self.announce(inc, str(path))
         return inc
@@ -340,6 +348,8 @@ class IncidentSink:
                         at=now, returncode=f.get("returncode") if isinstance(f.get("returncode"), int) else None,
                         signal=_signum(f.get("exit_signal")), kernel_oom=bool(f.get("kernel_oom")) or None,
                         last_lines=tuple(str(x) for x in f.get("last_lines", ()) or ()))
+        if f.get("kernel_oom") and not ev.kernel_oom:  # the core saw the scope's OOM counter rise with it
+            ev = replace(ev, kernel_oom=True)
         wl = self.policy.workload(n.workload) if self.policy is not None and n.workload else None
         mono_now, wall_now = self._clock(), self._wall()
         inc = incident_from_exit(

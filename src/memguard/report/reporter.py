@@ -112,8 +112,8 @@ class Reporter(LoopOwned):
         """
         actions = list(actions)
         for action in actions:
-            if self.incidents is not None and not dry_run:
-                self._guarded("incidents", self.incidents.decided, action)
+            if self.incidents is not None:
+                self._guarded("incidents", self.incidents.decided, action, dry_run)
             level, event, fields = action_event(action, dry_run=dry_run)
             self.event(level, event, **fields)
             if isinstance(action, Notice) and action.event == "exit" and action.fields.get("kernel_oom"):

@@ -60,6 +60,9 @@ def _kernel_log() -> None:
 def _oom_kill_outside(limit: int = 48 * MiB) -> tuple[int, str]:
     """A process (not memguard's) OOM-killed by the kernel in a memory cgroup of its own: (pid, cgroup)."""
     cg = make_cgroup(limit)
+    memsw = cg.path / "memory.memsw.limit_in_bytes"
+    if memsw.exists():  # cgroup v1: no swapping past the limit when the machine has swap (v2: memory.swap.max 0)
+        memsw.write_text(str(limit))
     try:
         proc = subprocess.Popen(cg.wrap(EAT_PY), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         assert proc.wait(timeout=60) == -signal.SIGKILL
@@ -142,7 +145,7 @@ def test_kernel_kill_of_a_worker_is_one_record_with_its_exit(tmp_path: Path) -> 
     worker named through its cgroup) and one journal entry."""
     memcg = make_cgroup(512 * MiB)
     cfg = write_config(tmp_path, "scope: host\nworkloads: workloads.d/\n", {
-        "hog": f"name: hog\ncommand: {worker_cmd('--rate', '300')}\nlimits: {{memory: 64MiB}}\n"
+        "hog": f"name: hog\ncommand: {worker_cmd('--rate', '300')}\nlimits: {{memory: 64MiB, swap: 0}}\n"
                "restart: {policy: never}\n"})
     d = Daemon(cfg, cgroup=memcg)
     try:

@@ -73,6 +73,7 @@ class DeathWatch:
                  boot_id: str | None = None, timeline_s: float = TIMELINE_S, after_s: float = AFTER_S,
                  on_incident: Callable[[Incident, str], None] | None = None,
                  on_gap: Callable[[KmsgGap], None] | None = None,
+                 on_error: Callable[[BaseException], None] | None = None,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
         self.store = store
         self.reader = reader
@@ -85,6 +86,7 @@ class DeathWatch:
         self.after_s = after_s
         self.on_incident = on_incident
         self.on_gap = on_gap
+        self.on_error = on_error  # a write that failed, the kernel log that stopped: said by the reporter
         self._clock = clock
         self._wall = wall
         self._parser = OomReportParser()
@@ -131,7 +133,15 @@ class DeathWatch:
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: "asyncio.Task[Any]") -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None and self.on_error is not None:
+            self.on_error(error)
 
     def _on_readable(self) -> None:
         self._spawn(self.drain())
@@ -151,6 +161,8 @@ class DeathWatch:
             elif isinstance(item, KmsgProblem):
                 self.problem = item.reason
                 self.stop()
+                if self.on_error is not None:
+                    self.on_error(OSError(f"the kernel log is no longer followed: {item.reason}"))
             kills.extend(self._parser.feed(item))
         return kills
 
@@ -230,16 +242,21 @@ class DeathWatch:
             nonlocal since
             docker = DockerClient(self.docker.socket_path, timeout_s=self.docker.timeout_s)
             while not self._stop_events.is_set():
-                for item in docker.follow_events(since=since):
-                    if self._stop_events.is_set():
-                        return
-                    if isinstance(item, ContainerEvent):
-                        if item.time_ns:
-                            since = max(since, item.time_ns + 1)
-                        loop.call_soon_threadsafe(feed, item)
-                    else:
-                        self.runtime_problem = item.reason
-                        break
+                try:
+                    for item in docker.follow_events(since=since):
+                        if self._stop_events.is_set():
+                            return
+                        if isinstance(item, ContainerEvent):
+                            if item.time_ns:
+                                since = max(since, item.time_ns + 1)
+                            loop.call_soon_threadsafe(feed, item)
+                        else:
+                            self.runtime_problem = item.reason
+                            break
+                except RuntimeError:  # the loop is closed: the daemon is exiting
+                    return
+                except Exception as e:  # noqa: BLE001 - a bug here must not end the following for good
+                    self.runtime_problem = f"{type(e).__name__}: {e}"
                 self._stop_events.wait(RUNTIME_RETRY_S)
 
         t = threading.Thread(target=run, name="memguard-container-events", daemon=True)

@@ -191,6 +191,7 @@ class IncidentSink:
         if deaths is not None:
             deaths.on_incident = self.announce
             deaths.on_gap = lambda gap: say("kmsg_gap", gap.describe(), level="warning")
+            deaths.on_error = lambda error: failed("deaths", error)
 
     # ------------------------------------------------------------------ start, stop
 

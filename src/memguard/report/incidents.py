@@ -897,7 +897,16 @@ class IncidentStore:
     # -- queries (for `memguard diagnose`) ------------------------------------
 
     def latest(self, n: int = 10) -> list[Incident]:
-        return self.list(limit=n)
+        """The ``n`` newest records, reading only those (names start with the UTC second of the death)."""
+        out: list[Incident] = []
+        for p in sorted(self._files(), key=lambda p: p.name, reverse=True):
+            if len(out) >= n:
+                break
+            got = self._read(p)
+            if isinstance(got, Incident):
+                out.append(got)
+        out.sort(key=lambda i: (i.wall, i.id), reverse=True)
+        return out
 
     def by_pid(self, pid: int) -> list[Incident]:
         return [i for i in self.list() if i.pid == pid or i.what.get("container", {}).get("pid") == pid]

@@ -65,6 +65,10 @@ MAX_PENDING = 1024
 """Records of memguard's own stops waiting for their exit, at most (the oldest forgotten first; a stop is
 normally followed by its exit within the grace period)."""
 
+STALE_SCAN = 200
+"""Newest records looked at, at start, for stops a previous instance left pending (it died within seconds of
+writing them, so they are among the newest)."""
+
 RANKING_MAX = 8
 """Victim candidates kept in a record of memguard's own stop (the chosen one first)."""
 
@@ -219,9 +223,10 @@ class IncidentSink:
         return self.writer.close()
 
     def _close_stale(self, before: float) -> int:
-        """Records of memguard's own stops a previous instance wrote and never completed (it died)."""
+        """Records of memguard's own stops a previous instance wrote and never completed (it died): among the
+        newest :data:`STALE_SCAN` records, not the whole store (a start must not read 64 MiB of JSON)."""
         n = 0
-        for inc in self.store.list():
+        for inc in self.store.latest(STALE_SCAN):
             if inc.state == "pending" and inc.source == "memguard" and inc.wall < before:
                 self.store.amend(inc.id, lambda i: complete_action(i, wall=self._wall(), note=STALE_NOTE))
                 n += 1

@@ -496,6 +496,7 @@ def write_config(d: str, action: str) -> dict[str, str]:
         "scope: auto\n"
         "workloads: workloads.d/\n"
         "log: {format: json, level: info}\n"
+        f"state_dir: {json.dumps(d + '/state')}\n"  # incident records stay with the run, not in /var/lib
         + (f"worker_cgroups: {json.dumps(WORKER_CGROUPS)}\n" if WORKER_CGROUPS else "")
         + f"rules:\n  - {json.dumps(rule)}\n"
     )

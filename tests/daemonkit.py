@@ -187,14 +187,18 @@ def write_config(tmp: Path, daemon_yaml: str, workloads: dict[str, str]) -> Path
 class Daemon:
     """``memguard daemon`` as a child process, its JSON events read by a thread into a queue."""
 
-    def __init__(self, config: Path, *, cgroup: TestCgroup | None = None, extra: list[str] = ()) -> None:
+    def __init__(self, config: Path, *, cgroup: TestCgroup | None = None, extra: list[str] = (),
+                 state_dir: Path | None = None, env: dict[str, str] | None = None) -> None:
         self.config = config
         runtime = config.parent / "run"
+        # Incident records and the kernel log position stay in the test's directory (as systemd's
+        # StateDirectory= would pass it), never in the machine's /var/lib/memguard.
+        self.state_dir = state_dir if state_dir is not None else config.parent / "state"
         argv = MEMGUARD + ["daemon", "--config", str(config), "--log-format", "json",
                            "--runtime-dir", str(runtime), *extra]
         if cgroup is not None:
             argv = cgroup.wrap(argv)
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", STATE_DIRECTORY=str(self.state_dir), **(env or {}))
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO,
                                      start_new_session=True)
         self.events: list[dict] = []

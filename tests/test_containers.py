@@ -60,6 +60,11 @@ TABLE = [
     ("/system.slice/memguard.service/trials-1.12", "memguard-worker", None, None, None, None, "trials-1", None),
     ("/system.slice/memguard.service/supervisor", "systemd-unit", None, None, None, "memguard.service", None, None),
     ("/system.slice/memguard.service/etl.4@d1a2", "memguard-worker", None, None, None, None, "etl", None),
+    # The daemon's own directory (memguard.<pid>.<start time>) below its unit, and below any cgroup (v1).
+    ("/system.slice/memguard.service/memguard.812.99031/trials-0.2", "memguard-worker", None, None, None, None,
+     "trials-0", None),
+    ("/user.slice/memguard-test-1/memguard.4242.1234567/hog-0.1", "memguard-worker", None, None, None, None,
+     "hog-0", None),
 ]
 
 

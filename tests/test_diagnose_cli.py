@@ -106,15 +106,57 @@ def test_binary_garbage_is_read_not_rejected(tmp_path):
     (["--log", "x.log", "--signal", "NOPE"], "no signal named NOPE"),
     (["--log", "x.log", "--lines", "0"], "--lines must be 1 or more"),
     (["--log", "x.log", "--memory-limit", "lots"], "expected a size"),
-    ([], "no incident records"),
-    (["trials-0"], "no incident records to diagnose 'trials-0'"),
-    (["4242"], "no incident records to diagnose process 4242"),
+    (["--latest", "0"], "--latest must be 1 or more"),
+    (["--dir", "none", "trials-0"], "no recorded death of 'trials-0': no incident record in none names it"),
+    (["--dir", "none", "99999999"], "no recorded death of process 99999999"),  # beyond any pid_max
 ])
 def test_bad_input_exits_2_with_a_clear_message(tmp_path, args, message):
-    """A missing or unreadable file, a bad option, or nothing to read incidents from: exit 2, one line on stderr
-    saying why, no traceback."""
+    """A missing or unreadable file, a bad option, or no record of the target anywhere: exit 2, one line on
+    stderr saying why, no traceback."""
     (tmp_path / "x.log").write_text("MemoryError\n", encoding="utf-8")
     proc = subprocess.run([*MEMGUARD, "diagnose", *args], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert proc.stdout == ""
+
+
+def _records(tmp_path):
+    """Two records in a store: memguard's own stop of trials-0 and a failing exit of etl-0 (newer)."""
+    import time
+
+    from memguard.model import Exited, Explanation, Signal
+    from memguard.report.incidents import IncidentStore, complete_action, incident_for_action, incident_from_exit
+
+    store = IncidentStore(tmp_path / "incidents")
+    ex = Explanation("host-low", "memory.available < 10%", "memory.available", 1.2e9, 1.6e9, "bytes",
+                     "memory.available 1.1GiB (7.5% of 15.6GiB) < 10% (1.6GiB)")
+    now = time.time()
+    own = incident_for_action(Signal("trials-0", "trials", 4242, 3, 15, "terminate", "rule host-low", ex),
+                              wall=now - 60, monotonic=1.0, boot_id="b", command=["python", "t.py"])
+    store.write(complete_action(own, wall=now - 59, signal=15))
+    failed = incident_from_exit(Exited("etl-0", 1, 4343, 2.0, returncode=1,
+                                       last_lines=("OSError: [Errno 28] No space left on device",)),
+                                wall=now - 30, boot_id="b", workload="etl")
+    store.write(failed)
+    return store, own, failed
+
+
+def test_diagnose_a_worker_and_the_latest_deaths_from_the_records(tmp_path):
+    """`memguard diagnose WORKER --json` answers from the incident records with the documented fields; without
+    a target the recorded deaths come newest first; an incident id and a pid find the same record."""
+    store, own, failed = _records(tmp_path)
+    proc = diagnose("--dir", str(store.dir), "trials-0", "--json")
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert (got["cause"], got["signal"], got["signal_name"], got["exit_code"]) == ("host_oom", 15, "SIGTERM", None)
+    assert got["incident"] == own.id and got["worker"] == "trials-0" and got["pid"] == 4242
+    assert got["evidence"] and "rule host-low" in got["evidence"][0] and "memguard stopped it" in \
+        got["recommendation"]
+    for target in (own.id[:18], "4242"):
+        assert json.loads(diagnose("--dir", str(store.dir), target, "--json").stdout)["incident"] == own.id
+    proc = diagnose("--dir", str(store.dir), "--json", "--latest", "50")
+    ids = [json.loads(line).get("incident") for line in proc.stdout.splitlines()]
+    ours = [i for i in ids if i in (own.id, failed.id)]
+    assert ours == [failed.id, own.id]  # newest first (kernel log kills on this machine may come between)
+    text = diagnose("--dir", str(store.dir), "etl-0").stdout
+    assert text.startswith(f"incident {failed.id}") and "cause:     disk_full" in text

@@ -300,6 +300,9 @@ def test_memguards_own_action_before_the_signal(tmp_path: Path) -> None:
 
 def _kill_in_cgroup(limit: int) -> tuple[int, str]:
     cg = make_cgroup(limit)
+    memsw = cg.path / "memory.memsw.limit_in_bytes"
+    if memsw.exists():  # cgroup v1: no swapping past the limit when the machine has swap (v2: memory.swap.max 0)
+        memsw.write_text(str(limit))
     try:
         proc = subprocess.Popen(cg.wrap(EAT), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         assert proc.wait(timeout=60) == -9
@@ -385,3 +388,21 @@ def test_restarted_daemon_records_kills_from_while_it_was_down(tmp_path: Path) -
     asyncio.run(_until_incident(third, store, pid))
     third.reader.close()
     assert len(store.by_pid(pid)) == 1
+
+
+def test_a_death_that_cannot_be_written_is_reported_not_raised(tmp_path: Path) -> None:
+    """A store that cannot be written (its directory is a file): the kernel's kill is handed to ``on_error`` (the
+    reporter says it once and goes on guarding); nothing raises out of the watch."""
+    (tmp_path / "file").write_text("not a directory")
+    errors: list[BaseException] = []
+    watch = DeathWatch(IncidentStore(tmp_path / "file" / "incidents"), on_error=errors.append)
+    [kill] = parse_oom_reports(["[ 10.0] Memory cgroup out of memory: Killed process 4242 (python) total-vm:1kB, "
+                                "anon-rss:1kB, file-rss:0kB, shmem-rss:0kB, UID:0 pgtables:1kB oom_score_adj:0"])
+
+    async def main() -> None:
+        watch._spawn(watch.record_kill(kill))
+        await watch.wait_idle()
+        await asyncio.sleep(0)
+
+    asyncio.run(main())
+    assert len(errors) == 1 and isinstance(errors[0], OSError)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 
 import pytest
 
@@ -26,12 +27,14 @@ from corekit import rule, workload
 class Rig:
     """A daemon over fakes, running as a task; tests move virtual time with ``advance``."""
 
-    def __init__(self, policy: DaemonPolicy, *, load=None, capture_signals: bool = False) -> None:
+    def __init__(self, policy: DaemonPolicy, *, load=None, capture_signals: bool = False, effects=FakeEffects,
+                 **reporter) -> None:
         self.clock = VirtualClock()
         self.observer = FakeObserver()
-        self.effects = FakeEffects(clock=self.clock.now)
+        self.effects = effects(clock=self.clock.now)
         self.log = RecordingLog()
-        self.daemon = Daemon(policy, self.observer, self.effects, Reporter(log=self.log), self.clock,
+        self.daemon = Daemon(policy, self.observer, self.effects, Reporter(log=self.log, clock=self.clock.now,
+                                                                           **reporter), self.clock,
                              load_config=load, capture_signals=capture_signals, executor=InlineExecutor())
         self.task: asyncio.Task | None = None
 
@@ -225,10 +228,115 @@ def test_dry_run_decides_but_still_stops_when_asked():
     run(main())
 
 
-@pytest.mark.parametrize("bad", ["log", "metrics"])
+def _flushed(rig: Rig) -> None:
+    """Every incident write the reporter queued so far is done (its thread), and its answers are queued."""
+    assert rig.daemon.reporter.incidents.writer.flush(10.0)
+
+
+def test_own_stop_is_recorded_before_the_effects_send_the_signal(tmp_path):
+    """memguard's own kill is on disk (a pending incident naming the worker, its command, the rule and the
+    numbers) when the effects port is asked to send it, and its journal entry precedes the kill's log line;
+    after the exit the record is completed with what the signal did and carries the recorder's timeline."""
+    from memguard.report.incidents import IncidentStore
+    from memguard.report.recorder import FlightRecorder
+
+    store = IncidentStore(tmp_path / "incidents")
+    on_disk_at_signal: list = []
+
+    class Watching(FakeEffects):
+        def execute(self, actions, policy, obs=None):
+            for a in actions:
+                if isinstance(a, Signal):
+                    on_disk_at_signal.append([(i.pid, i.state, i.how.get("signal_name")) for i in store.list()])
+            return super().execute(actions, policy, obs)
+
+    async def main():
+        pol = policy(workload("w", rules=(rule("worker.memory > 100%", "kill", name="over-limit"),)))
+        rig = await Rig(pol, effects=Watching, incidents=store, recorder=FlightRecorder(60)).start()
+        await rig.advance(2.0)
+        pid = rig.effects.pid("w-0")
+        # The reporter's writer thread is held: what is on disk at the signal was written on the loop, in time.
+        held = threading.Event()
+        rig.daemon.reporter.incidents.writer.submit("test", lambda: held.wait(30))
+        rig.observer.memory = {"w-0": 2 * GiB}
+        await rig.advance(1.5)
+        held.set()
+        assert [s.event for s in rig.effects.signals] == ["kill"]
+        assert on_disk_at_signal == [[(pid, "pending", "SIGKILL")]]
+        names = [e["event"] for e in rig.log.events]
+        assert names.index("incident") < names.index("kill")
+        rig.observer.memory = {}  # the next incarnation stays small
+        _flushed(rig)
+        await rig.advance(6.0)  # the exit completes it; 5 s later the seconds after are appended
+        _flushed(rig)
+        [inc] = store.list()
+        assert inc.state == "complete" and inc.cause == "host_oom" and inc.source == "memguard"
+        assert inc.what["worker"] == "w-0" and inc.what["command"] == ["python3", "worker.py"]
+        assert inc.why["rule"] == "over-limit" and inc.why["value"] == 2 * GiB and inc.why["threshold"] == GiB
+        assert inc.outcome["signal_name"] == "SIGKILL"
+        assert inc.timeline is not None and inc.timeline["full"]["worker[w-0].memory_bytes"][-1] == 2 * GiB
+        assert any(m["event"] == "kill" for m in inc.timeline["marks"])
+        assert inc.after is not None
+        assert len(rig.log.named("incident")) == 1  # the exit that followed is the same death, not a second
+        await rig.advance(0.1)
+    run(main())
+
+
+def test_a_failing_exit_is_one_incident_and_a_clean_one_none(tmp_path):
+    """A worker killed by the kernel OOM killer is one incident carrying the core's verdict (host_oom, the
+    limit, the evidence) and one journal entry; a worker that exits 0 leaves no incident."""
+    from memguard.report.incidents import IncidentStore
+    from memguard.report.recorder import FlightRecorder
+
+    store = IncidentStore(tmp_path / "incidents")
+
+    async def main():
+        rig = await Rig(policy(workload("w", replicas=2)), incidents=store, recorder=FlightRecorder(60)).start()
+        await rig.advance(2.0)
+        pid = rig.effects.pid("w-0")
+        rig.effects.exit("w-0", signal=signal.SIGKILL, kernel_oom=True, oom_detail="at its cgroup limit 1GiB",
+                         last_lines=("step 812", "allocating"))
+        rig.effects.exit("w-1", returncode=0)
+        await rig.advance(0.1)
+        _flushed(rig)
+        await rig.advance(0.1)
+        [inc] = store.list()
+        assert inc.pid == pid and inc.cause == "host_oom" and inc.source == "exit"
+        assert inc.how["signal_name"] == "SIGKILL" and inc.how["oom"]["limit_bytes"] == GiB
+        assert "kernel OOM killer" in inc.summary and inc.why["recommendation"]
+        assert inc.evidence[-1] == "allocating" and inc.timeline is not None
+        [entry] = rig.log.named("incident")
+        assert entry["incident"] == inc.id and entry["worker"] == "w-0" and entry["cause"] == "host_oom"
+    run(main())
+
+
+def test_dry_run_records_no_stop_but_still_records_failures(tmp_path):
+    """In a dry run memguard's decisions send nothing, so they leave no incident; a worker that fails on its
+    own is still one."""
+    from memguard.report.incidents import IncidentStore
+
+    store = IncidentStore(tmp_path / "incidents")
+
+    async def main():
+        pol = policy(workload("w", rules=(rule("worker.memory > 100%", "kill"),)), dry_run=True)
+        rig = await Rig(pol, incidents=store).start()
+        await rig.advance(1.0)
+        rig.observer.memory = {"w-0": 2 * GiB}
+        await rig.advance(1.5)
+        assert rig.log.named("kill", worker="w-0") and not rig.effects.signals
+        rig.effects.exit("w-0", returncode=1, last_lines=("OSError: [Errno 28] No space left on device",))
+        await rig.advance(0.1)
+        _flushed(rig)
+        await rig.advance(0.1)
+        assert [(i.cause, i.source) for i in store.list()] == [("disk_full", "exit")]
+    run(main())
+
+
+@pytest.mark.parametrize("bad", ["log", "metrics", "incidents", "recorder"])
 def test_a_failing_sink_never_stops_guarding(bad, tmp_path):
-    """A log whose writes raise, or a metrics file that cannot be written, is counted and said once; the
-    daemon keeps deciding and acting (a worker over its limit is still killed)."""
+    """A log whose writes raise, a metrics file or an incident store that cannot be written, a flight recorder
+    that raises: counted and said once; the daemon keeps deciding and acting (a worker over its limit is still
+    killed)."""
     class Broken(RecordingLog):
         def _log(self, level, event, **fields):
             raise OSError(28, "No space left on device")
@@ -240,6 +348,19 @@ def test_a_failing_sink_never_stops_guarding(bad, tmp_path):
         rig = Rig(pol)
         if bad == "log":
             rig.daemon.reporter = Reporter(log=Broken())
+        elif bad == "incidents":
+            from memguard.report.incidents import IncidentStore
+
+            (tmp_path / "file").write_text("not a directory")
+            rig.daemon.reporter = Reporter(log=rig.log, incidents=IncidentStore(tmp_path / "file" / "incidents"))
+        elif bad == "recorder":
+            class BrokenRecorder:
+                latest_at = None
+
+                def record(self, obs):
+                    raise MemoryError("recorder")
+
+            rig.daemon.reporter = Reporter(log=rig.log, recorder=BrokenRecorder())
         else:
             rig.daemon.reporter = Reporter(log=rig.log, metrics=Metrics(str(tmp_path / "no" / "such" / "dir.prom"),
                                                                        "test"))
@@ -249,8 +370,8 @@ def test_a_failing_sink_never_stops_guarding(bad, tmp_path):
         await rig.advance(1.5)
         assert [s.event for s in rig.effects.signals] == ["kill"]
         assert rig.daemon.reporter.sink_failures.get(bad, 0) >= 1
-        if bad == "metrics":
-            assert len(rig.log.named("sink_error", sink="metrics")) == 1
+        if bad != "log":
+            assert len(rig.log.named("sink_error", sink=bad)) == 1
     run(main())
 
 

@@ -609,6 +609,16 @@ def test_breach_is_in_the_journal_with_its_fields(memguard: Booted) -> None:
     assert entry["_SYSTEMD_UNIT"] == UNIT and entry["_TRANSPORT"] == "journal"
     assert "leak-0" in entry["MESSAGE"] and "terminate" in entry["MESSAGE"]
 
+    # The stop is an incident: one journal entry referencing its record under StateDirectory=, logged before
+    # the decision's own entry (the record is written before the signal).
+    both = memguard.journal("-u", "memguard", f"MEMGUARD_PID={pid}", f"_SYSTEMD_INVOCATION_ID={inv}")
+    incidents = [e for e in both if e.get("MEMGUARD_EVENT") == "incident"]
+    assert len(incidents) == 1 and incidents[0]["MESSAGE_ID"] == MESSAGE_IDS["incident"]
+    assert incidents[0]["MEMGUARD_FILE"].startswith("/var/lib/memguard/incidents/")
+    assert incidents[0]["MEMGUARD_WORKER"] == "leak-0" and incidents[0]["MEMGUARD_ORIGIN"] == "memguard"
+    order = [e.get("MEMGUARD_EVENT") for e in both]
+    assert order.index("incident") < order.index("terminate")
+
     out = memguard.journal("-u", "memguard", "-t", "leak-0", f"_SYSTEMD_INVOCATION_ID={inv}")
     line = next(e for e in out if e["MESSAGE"] == f"pids {pid}")
     assert (line["MEMGUARD_WORKER"], line["MEMGUARD_STREAM"], line["PRIORITY"]) == ("leak-0", "stdout", "6")

@@ -743,6 +743,21 @@ _SIZE_SCHEMA = {"anyOf": [
 
 K_DURATION = _k_duration(">= 0")
 K_DURATION_POSITIVE = _k_duration("> 0")
+
+
+def _p_recorder_window(v: object) -> float:
+    s = parse_duration(v)
+    if not RECORDER_WINDOW_MIN_S <= s <= RECORDER_WINDOW_MAX_S:
+        raise ValueError(f"expected a duration from 10s to 1h, got {_describe(v)}")
+    return s
+
+
+# The flight recorder's window: under 10 s an incident shows no "before"; past 1 h its rings hold
+# 4 MiB per 100 workers and a record's timeline grows past what a picture can show.
+RECORDER_WINDOW_MIN_S, RECORDER_WINDOW_MAX_S = 10.0, 3600.0
+K_RECORDER_WINDOW = _kind(_p_recorder_window, "a duration from 10s to 1h", {
+    "type": "string", "pattern": DURATION_PATTERN, "maxLength": MAX_NUMBER_CHARS,
+    "description": "A duration from 10s to 1h: 5m, 10m, 30m."})
 K_SIZE = _kind(_p_size_nonneg, SIZE_EXPECTED, _SIZE_SCHEMA)
 K_SIZE_POSITIVE = _kind(_p_size_positive, SIZE_EXPECTED, _SIZE_SCHEMA)
 K_RATE = _kind(_p_rate, "a size per second", {"anyOf": [
@@ -926,6 +941,9 @@ DAEMON_SECTION = Section({
     "metrics": Key(METRICS_SECTION, "Metrics over HTTP, for Prometheus to scrape."),
     "alerts": Key(ListOf(ALERT_SECTION, "a list such as [{webhook: 'http://127.0.0.1:9000/memguard', "
                                         "events: [kill, failed]}]"), "Hooks told of events: webhooks and commands."),
+    "state_dir": Key(_k_path("a directory path such as /var/lib/memguard"),
+                     "Incident records and the kernel log position (default: systemd's StateDirectory)."),
+    "recorder_window": Key(K_RECORDER_WINDOW, "How far back the flight recorder remembers (default 10m)."),
 }, "a mapping of keys such as 'poll_interval: 1s'")
 
 LIMITS_SECTION = Section({
@@ -1967,6 +1985,8 @@ def _read_daemon(f: _File, root: Node) -> _DaemonRead:
     mlock = f.field(entries, S, "mlock", "")
     gpu = f.field(entries, S, "gpu", "")
     metrics_file = f.field(entries, S, "metrics_file", "")
+    state_dir = f.field(entries, S, "state_dir", "")
+    recorder_window = f.field(entries, S, "recorder_window", "")
     unmanaged = _read_unmanaged(f, entries["unmanaged"][1]) if "unmanaged" in entries else ()
     protect = _read_list(f, entries, S, "protect")
     alerts = _read_alerts(f, entries["alerts"][1]) if "alerts" in entries else ()
@@ -2033,6 +2053,8 @@ def _read_daemon(f: _File, root: Node) -> _DaemonRead:
         metrics_file=_resolve(f.dir, metrics_file) if metrics_file is not None else base.metrics_file,
         metrics_listen=metrics_listen if _ok(metrics_listen) else base.metrics_listen,
         alerts=alerts or (),
+        state_dir=_resolve(f.dir, state_dir) if state_dir is not None else base.state_dir,
+        recorder_window_s=recorder_window if recorder_window is not None else base.recorder_window_s,
         source=f"{f.display}:1",
     )
     return _DaemonRead(fields, shown_dir, wnode, eff_gpu, eff_cgroups)

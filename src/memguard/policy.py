@@ -294,6 +294,12 @@ class DaemonPolicy:
     metrics_file: str | None = None  # Prometheus textfile, rewritten after each full tick
     metrics_listen: str | None = None  # "127.0.0.1:9464": serve /metrics over HTTP there
     alerts: tuple[AlertHook, ...] = ()
+    # Incident records and the kernel log position: $STATE_DIRECTORY (systemd's StateDirectory=), else
+    # /var/lib/memguard for root, ~/.local/state/memguard otherwise. Takes effect at the next start.
+    state_dir: str | None = None
+    # The flight recorder's memory: 10 minutes show a leak's slope before a death and cost well under a MiB
+    # (docs/benchmarks.md).
+    recorder_window_s: float = 600.0
     log_format: str = "auto"  # "auto" | "console" | "json" | "journald"
     log_level: str = "info"
     workloads: tuple[WorkloadPolicy, ...] = ()

@@ -23,13 +23,26 @@ the fields ``cause``, ``detail``, ``recommendation``, ``evidence``,
 ``evidence_lines``).
 
 ``memguard diagnose`` without ``--log`` (the latest deaths on the box) and
-``memguard diagnose PID|WORKER|CONTAINER`` read memguard's incident records;
-they answer through :data:`LATEST_SOURCES` and :data:`TARGET_RESOLVERS`,
-which the incident store fills. Where none is registered they say so.
+``memguard diagnose PID|WORKER|CONTAINER`` answer from what was written down,
+without the daemon running:
+
+- memguard's incident records (``--dir``, by default the state directory's
+  ``incidents/``), found by pid, incident id, worker, container name or id
+  prefix, or systemd unit;
+- the kernel log read directly (``/dev/kmsg``, this boot's ring): the OOM
+  kills no record holds (memguard was not running, or not installed then);
+- the container runtime (Docker's or Podman's socket) for a container no
+  record holds: its exit code, ``OOMKilled``, its last log lines and its
+  ``kill`` events, joined with the kernel's report of its cgroup.
+
+Each answer carries the cause, ``limit_bytes``, ``signal``, ``exit_code`` and
+the evidence lines like ``--log`` does, plus the incident's id, time, pid
+and owner. The sources are tried through :data:`LATEST_SOURCES` and
+:data:`TARGET_RESOLVERS` (a resolver returning None passes to the next).
 
 Exit status: 0 a diagnosis was printed, whatever the cause; 2 nothing could be
-diagnosed: no such file, an unreadable one, a bad option, or no incident
-source for a target.
+diagnosed: no such file, an unreadable one, a bad option, or no record of a
+target anywhere.
 """
 
 from __future__ import annotations
@@ -41,14 +54,14 @@ import os
 import re
 import sys
 import textwrap
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, BinaryIO, Callable, TextIO
 
-from ..diagnose import Verdict, diagnose_exit, split_lines
+from ..diagnose import Verdict, diagnose_exit, recommend, split_lines
 from ..model import signal_name
 
 __all__ = ["add_parser", "run", "Report", "diagnose_log", "read_tail", "format_report", "report_json",
-           "LATEST_SOURCES", "TARGET_RESOLVERS", "Unavailable"]
+           "report_of_incident", "LATEST_SOURCES", "TARGET_RESOLVERS", "Unavailable"]
 
 MAX_BYTES = 4 * 1024 * 1024
 """Bytes read from the end of a log, default. A job's last error and the teardown after it fit many times over;
@@ -60,6 +73,13 @@ shutdown chatter after it."""
 
 WRAP = 100
 """Width of the human-readable output, in characters."""
+
+LATEST = 5
+"""Deaths shown by ``memguard diagnose`` without a target, default: the latest few are what a person arriving
+after the fact asks about; ``memguard incidents list`` has them all."""
+
+CONTAINER_LOG_LINES = 50
+"""A container's last log lines read for its diagnosis (as the daemon reads them at its death)."""
 
 
 class Unavailable(Exception):
@@ -76,6 +96,7 @@ class Report:
     verdict: Verdict
     locations: tuple[str, ...] = ()
     fields: dict[str, Any] = field(default_factory=dict)
+    heading: str = ""  # a first line for people (an incident's id, time and owner); none for a log
 
 
 # Hooks for the incident store: ``memguard diagnose`` (no target) asks every LATEST_SOURCES entry for its reports;
@@ -106,6 +127,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--lines", "-n", type=int, default=MAX_LINES, metavar="N",
                    help=f"diagnose the last N lines (default {MAX_LINES})")
     p.add_argument("--max-bytes", type=int, default=MAX_BYTES, help=argparse.SUPPRESS)
+    p.add_argument("--dir", metavar="DIR", help="where memguard's incident records are (default: the state "
+                                                 "directory's incidents/)")
+    p.add_argument("--latest", type=int, default=LATEST, metavar="N",
+                   help=f"without a target: the latest N deaths (default {LATEST})")
     p.set_defaults(func=run)
     return p
 
@@ -242,7 +267,8 @@ def format_report(report: Report, width: int = WRAP) -> str:
         wrapped = textwrap.wrap(text, width=max(40, width - label)) or [""]
         return [f"{name + ':':<{label}}{wrapped[0]}"] + [" " * label + w for w in wrapped[1:]]
 
-    out = field_lines("cause", v.cause) + field_lines("what", v.detail) + field_lines("status", _status(v))
+    out = [report.heading] if report.heading else []
+    out += field_lines("cause", v.cause) + field_lines("what", v.detail) + field_lines("status", _status(v))
     if v.evidence:
         for i, line in enumerate(v.evidence):
             where = report.locations[i] if i < len(report.locations) else ""
@@ -263,6 +289,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     try:
         if args.lines is not None and args.lines < 1:
             raise ValueError("--lines must be 1 or more")
+        if args.latest < 1:
+            raise ValueError("--latest must be 1 or more")
         if args.log is not None and args.target is not None:
             raise ValueError("give either --log FILE or a target, not both")
         if args.log is not None:
@@ -295,20 +323,210 @@ def _from_target(target: str, args: argparse.Namespace) -> list[Report]:
         found = resolve(target, args)
         if found is not None:
             return found
-    if re.fullmatch(r"\d+", target):
-        what = f"process {target}"
-    else:
-        what = f"{target!r}"
-    raise Unavailable(f"no incident records to diagnose {what} from; diagnose its output with --log FILE "
-                      "(a container's: docker logs NAME > FILE, then --log FILE --exit-code "
-                      "$(docker inspect -f '{{.State.ExitCode}}' NAME))")
+    what = f"process {target}" if re.fullmatch(r"\d+", target) else repr(target)
+    raise Unavailable(f"no recorded death of {what}: no incident record in {_store(args).dir} names it"
+                      + ("" if re.fullmatch(r"\d+", target) else ", no container runtime knows it")
+                      + " and the kernel log holds no OOM kill of it; diagnose its output with --log FILE")
 
 
 def _from_latest(args: argparse.Namespace) -> list[Report]:
-    if not LATEST_SOURCES:
-        raise Unavailable("no incident records to read the latest deaths from; diagnose a job's output with "
-                          "--log FILE")
     reports: list[Report] = []
     for source in LATEST_SOURCES:
         reports.extend(source(args))
-    return reports
+    reports.sort(key=lambda r: r.fields.get("wall") or 0.0, reverse=True)
+    return reports[:args.latest]
+
+
+# ----------------------------------------------------------------------------------------------
+# Deaths written down: memguard's incident records, the kernel log, the container runtime
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from ..report.incidents import IncidentStore, default_incident_dir
+
+    return IncidentStore(getattr(args, "dir", None) or default_incident_dir())
+
+
+def _when(wall: float) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(wall))
+
+
+def _advice(inc: Any, sig: int | None, limit: int | None) -> str:
+    """What to do, for an incident: the classifier's advice, or the seed table's for its cause and sender."""
+    why, how = inc.why, inc.how
+    if why.get("recommendation"):
+        return str(why["recommendation"])
+    sent_by = str(how.get("sent_by") or "")
+    owner = inc.owner
+    container = owner is not None and owner.kind == "container"
+    if inc.cause == "killed" and "runtime" in sent_by:
+        return ("Find who stopped it (a deploy script, an orchestrator, a person): the runtime sent the signal "
+                "(docker kill, or docker stop past its timeout). docker stop sends SIGTERM, then SIGKILL after 10 s "
+                "by default: a job that needs longer to save a checkpoint needs a longer --stop-timeout.")
+    if inc.source == "memguard" and why.get("rule"):
+        text = recommend(inc.cause, sig=sig, limit_bytes=limit) if inc.cause != "killed" else ""
+        return (f"memguard stopped it: rule {why['rule']} ({why.get('when', '')}). " + text).strip()
+    text = recommend(inc.cause, sig=sig, limit_bytes=limit, kernel_oom=True if sent_by == "kernel" else None)
+    if inc.cause == "host_oom" and container:
+        text = text.replace("Raise the memory limit", "Raise the container's --memory limit", 1)
+    return text
+
+
+def report_of_incident(inc: Any, path: str | None = None) -> Report:
+    """A :class:`Report` of one incident record: its verdict in the fields ``--log`` prints, and who died."""
+    how, why = inc.how, inc.why
+    oom = how.get("oom") if isinstance(how.get("oom"), dict) else {}
+    outcome = inc.outcome or {}
+    exit_code = how.get("exit_code", how.get("returncode"))
+    if exit_code is None:
+        exit_code = outcome.get("returncode")
+    sig = how.get("signal")
+    if inc.source == "memguard" and outcome.get("signal") is not None:
+        sig = outcome["signal"]  # what ended it (memguard's SIGTERM may have been escalated to SIGKILL)
+    if sig is None and isinstance(exit_code, int) and 128 < exit_code < 193:
+        sig = exit_code - 128
+    limit = oom.get("limit_bytes") or why.get("limit_bytes")
+    evidence = tuple(inc.evidence) or ((str(how["output_line"]),) if how.get("output_line") else ())
+    if not evidence and inc.source == "memguard" and why.get("rule"):
+        evidence = (f"rule {why['rule']} ({why.get('when', '')}): {why.get('text', '')}",)  # its numbers
+    verdict = Verdict(inc.cause, inc.summary, _advice(inc, sig if isinstance(sig, int) else None, limit), evidence,
+                      exit_code if isinstance(exit_code, int) else None, sig if isinstance(sig, int) else None,
+                      limit if isinstance(limit, int) else None)
+    what = inc.what
+    owner = inc.owner
+    who = owner.describe() if owner is not None else "a process"
+    pid = inc.pid
+    fields: dict[str, Any] = {"incident": inc.id if inc.state != "unrecorded" else None, "time": _when(inc.wall),
+                              "wall": inc.wall, "origin": inc.source, "sources": list(inc.sources),
+                              "state": inc.state, "pid": pid, "comm": what.get("comm"),
+                              "command": what.get("command"), "cgroup": what.get("cgroup"),
+                              "worker": what.get("worker") or (owner.worker if owner is not None else None)}
+    if owner is not None and owner.container_id:
+        fields["container"] = {"id": owner.container_id, "name": owner.name, "image": owner.image}
+    if owner is not None and owner.unit:
+        fields["unit"] = owner.unit
+    if path:
+        fields["file"] = path
+    fields = {k: v for k, v in fields.items() if v not in (None, [], "")}
+    head = f"incident {inc.id}" if inc.state != "unrecorded" else \
+        "from the container runtime (no incident record)" if inc.source == "container" else \
+        "from the kernel log (no incident record)"
+    heading = f"{head}  {_when(inc.wall)}  {who}" + (f", pid {pid}" if pid is not None else "")
+    return Report(inc.id, verdict, (), fields, heading)
+
+
+def _kernel_kills() -> tuple[list[Any], str | None, str | None]:
+    """Every OOM kill still in this boot's kernel log ring, read directly; (kills, boot id, why not)."""
+    from ..sense.kmsg import KmsgCursor, KmsgReader, KmsgUnavailable, OomReportParser, read_boot_id
+
+    boot = read_boot_id()
+    if not isinstance(boot, str) or not boot:
+        return [], None, "this boot's id is unknown"
+    try:
+        reader = KmsgReader.open(resume=KmsgCursor(boot, 0), boot_id=boot)
+    except KmsgUnavailable as e:
+        return [], boot, str(e.strerror or e)
+    parser = OomReportParser()
+    kills: list[Any] = []
+    with reader:
+        while True:
+            items = reader.read(4096)
+            if not items:
+                break
+            kills.extend(parser.feed_all(items))
+    kills.extend(parser.flush())
+    return kills, boot, None
+
+
+def _unrecorded(kills: list[Any], boot: str | None, known: set[str]) -> list[Any]:
+    """Incidents (not written) of the kernel's kills that no record holds."""
+    import time
+
+    from ..report.incidents import death_key, incident_from_oom_kill
+    from ..sense.containers import attribute_cgroup
+    from ..sense.kmsg import kernel_time_to_wall
+
+    out = []
+    now_wall, now_mono = time.time(), time.monotonic()
+    for kill in kills:
+        if death_key(boot, kill.pid) in known:
+            continue
+        owner = attribute_cgroup(kill.cgroup) if kill.cgroup else None
+        inc = incident_from_oom_kill(kill, owner, wall=kernel_time_to_wall(kill.ts_us, now_wall, now_mono),
+                                     boot_id=boot)
+        out.append(replace(inc, state="unrecorded"))
+    return out
+
+
+def _latest_deaths(args: argparse.Namespace) -> list[Report]:
+    store = _store(args)
+    records, broken = store.scan()
+    for b in broken:
+        print(f"memguard diagnose: skipped {b.path}: {b.reason}", file=sys.stderr)
+    kills, boot, why_not = _kernel_kills()
+    extra = _unrecorded(kills, boot, {i.key for i in records})
+    if not records and not extra:
+        where = f"no incident records in {store.dir}"
+        raise Unavailable(where + (f" and the kernel log cannot be read ({why_not})" if why_not else
+                                   " and no OOM kill in the kernel log") + "; diagnose a job's output with --log FILE")
+    incs = sorted(records + extra, key=lambda i: i.wall, reverse=True)[:args.latest]
+    return [report_of_incident(i, str(store.path_of(i.id)) if i.state != "unrecorded" else None) for i in incs]
+
+
+def _recorded_target(target: str, args: argparse.Namespace) -> list[Report] | None:
+    store = _store(args)
+    found = store.find(target)
+    if target.isdigit():
+        kills, boot, _ = _kernel_kills()
+        pid = int(target)
+        found = found + _unrecorded([k for k in kills if k.pid == pid], boot, {i.key for i in found})
+    if not found:
+        return None
+    found.sort(key=lambda i: i.wall, reverse=True)
+    return [report_of_incident(i, str(store.path_of(i.id)) if i.state != "unrecorded" else None) for i in found]
+
+
+def _rfc3339(text: str) -> float | None:
+    """Epoch seconds of a runtime's time stamp (``2026-11-28T22:50:58.123456789Z``); None for the zero time."""
+    import datetime as _dt
+
+    m = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)", text.strip())
+    if m is None or text.startswith("0001-"):
+        return None
+    zone = "+00:00" if m.group(3) == "Z" else m.group(3)
+    t = _dt.datetime.fromisoformat(m.group(1) + zone).timestamp()
+    return t + (float("0." + m.group(2)) if m.group(2) else 0.0)
+
+
+def _container_target(target: str, args: argparse.Namespace) -> list[Report] | None:
+    """A container no record holds, asked of the runtime and joined with the kernel's report of its cgroup."""
+    import time
+
+    from ..report.incidents import incident_from_container
+    from ..sense.containers import ContainerInfo, DockerClient, attribute_cgroup
+
+    if target.isdigit():
+        return None
+    docker = DockerClient()
+    info = docker.inspect(target)
+    if not isinstance(info, ContainerInfo):
+        return None
+    if info.running:
+        raise Unavailable(f"container {info.name or target} is running (pid {info.pid}): nothing has died yet")
+    kills, boot, _ = _kernel_kills()
+    mine = [k for k in kills if k.cgroup and attribute_cgroup(k.cgroup).container_id == info.id]
+    logs = docker.logs(info.id, CONTAINER_LOG_LINES)
+    started = _rfc3339(info.started_at) or time.time() - 86400
+    finished = _rfc3339(info.finished_at) or time.time()
+    events = docker.events(since=started - 1, until=min(time.time(), finished + 1), container=info.id)
+    owner = attribute_cgroup(mine[-1].cgroup) if mine else None
+    inc = incident_from_container(info, wall=finished, boot_id=boot, owner=owner, kills=mine,
+                                  events=events if isinstance(events, list) else (),
+                                  log_lines=logs if isinstance(logs, list) else ())
+    return [report_of_incident(replace(inc, state="unrecorded"))]
+
+
+LATEST_SOURCES.append(_latest_deaths)
+TARGET_RESOLVERS.extend([_recorded_target, _container_target])

@@ -183,7 +183,11 @@ def format_show(inc: Incident, width: int = 60) -> list[str]:
         o = inc.outcome
         L.append("Outcome")
         after = f", {o['after_s']}s after the signal" if o.get("after_s") is not None else ""
-        L.append(f"  {o.get('meaning') or o.get('note') or 'completed'}{after}")
+        if o.get("meaning"):
+            L.append(f"  exited: {o['meaning']}{after}")
+            after = ""
+        if o.get("note") or not o.get("meaning"):
+            L.append(f"  {o.get('note') or 'completed'}{after}")
     if inc.evidence:
         L.append("Evidence")
         L.extend(f"  {line[:200]}" for line in inc.evidence[-8:])

@@ -7,9 +7,11 @@
   (:func:`~memguard.sense.containers.attribute_cgroup`), named through the
   container runtime off the loop, and written as an incident with the
   flight recorder's timeline before it; the seconds after it are appended
-  ``after_s`` later. The kernel log cursor is saved in the store after each
-  batch, so a restarted daemon resumes where it stopped and records the
-  kills that happened while it was down;
+  ``after_s`` later. The kernel log cursor is saved in the store when
+  reading starts, after each kill and every :data:`CURSOR_SAVE_S` while
+  other lines come, so a restarted daemon (even one that was SIGKILLed)
+  resumes where it stopped and records the kills that happened while it
+  was down;
 - the container runtime's events (``die``, ``oom``, ``kill``, fed by the
   daemon from :meth:`~memguard.sense.containers.DockerClient.follow_events`
   in a thread): a container that died gets one incident with its name,
@@ -54,6 +56,10 @@ AFTER_S = 5.0
 """Seconds after a death whose timeline is appended to its incident: long
 enough to see the memory come back (or not) and memguard's next steps."""
 
+CURSOR_SAVE_S = 10.0
+"""Seconds between saves of the kernel log position while only lines other than OOM reports come: after a
+restart at most this much is read again (and merged, not doubled)."""
+
 RECENT_KILLS_S = 120.0
 """How long a container's kernel OOM kill is remembered for its ``die`` event, seconds."""
 
@@ -67,6 +73,7 @@ class DeathWatch:
                  boot_id: str | None = None, timeline_s: float = TIMELINE_S, after_s: float = AFTER_S,
                  on_incident: Callable[[Incident, str], None] | None = None,
                  on_gap: Callable[[KmsgGap], None] | None = None,
+                 on_error: Callable[[BaseException], None] | None = None,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
         self.store = store
         self.reader = reader
@@ -79,6 +86,7 @@ class DeathWatch:
         self.after_s = after_s
         self.on_incident = on_incident
         self.on_gap = on_gap
+        self.on_error = on_error  # a write that failed, the kernel log that stopped: said by the reporter
         self._clock = clock
         self._wall = wall
         self._parser = OomReportParser()
@@ -89,6 +97,8 @@ class DeathWatch:
         self.problem: str | None = None
         self.runtime_problem: str | None = None
         self._lock: asyncio.Lock | None = None
+        self._saved: KmsgCursor | None = None
+        self._saved_at = 0.0
         self._stop_events: threading.Event | None = None
 
     # -- wiring helpers -------------------------------------------------------
@@ -123,7 +133,15 @@ class DeathWatch:
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: "asyncio.Task[Any]") -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None and self.on_error is not None:
+            self.on_error(error)
 
     def _on_readable(self) -> None:
         self._spawn(self.drain())
@@ -143,6 +161,8 @@ class DeathWatch:
             elif isinstance(item, KmsgProblem):
                 self.problem = item.reason
                 self.stop()
+                if self.on_error is not None:
+                    self.on_error(OSError(f"the kernel log is no longer followed: {item.reason}"))
             kills.extend(self._parser.feed(item))
         return kills
 
@@ -162,9 +182,13 @@ class DeathWatch:
         out = []
         for kill in kills:
             out.append(await self.record_kill(kill))
-        if self.reader is not None and self.reader.cursor is not None and (kills or self.gaps):
-            cursor = self.reader.cursor
+        cursor = self.reader.cursor if self.reader is not None else None
+        if cursor is not None and cursor != self._saved and (
+                kills or self.gaps or self._saved is None or self._clock() - self._saved_at >= CURSOR_SAVE_S):
+            # Saved at the first drain (a daemon killed before any kill still resumes from its start), after
+            # every kill, and at most every CURSOR_SAVE_S otherwise (what is read again after a restart is merged).
             await asyncio.to_thread(self.store.save_state, KMSG_STATE, cursor.to_dict())
+            self._saved, self._saved_at = cursor, self._clock()
         return out
 
     async def record_kill(self, kill: OomKill) -> Incident:
@@ -218,16 +242,21 @@ class DeathWatch:
             nonlocal since
             docker = DockerClient(self.docker.socket_path, timeout_s=self.docker.timeout_s)
             while not self._stop_events.is_set():
-                for item in docker.follow_events(since=since):
-                    if self._stop_events.is_set():
-                        return
-                    if isinstance(item, ContainerEvent):
-                        if item.time_ns:
-                            since = max(since, item.time_ns + 1)
-                        loop.call_soon_threadsafe(feed, item)
-                    else:
-                        self.runtime_problem = item.reason
-                        break
+                try:
+                    for item in docker.follow_events(since=since):
+                        if self._stop_events.is_set():
+                            return
+                        if isinstance(item, ContainerEvent):
+                            if item.time_ns:
+                                since = max(since, item.time_ns + 1)
+                            loop.call_soon_threadsafe(feed, item)
+                        else:
+                            self.runtime_problem = item.reason
+                            break
+                except RuntimeError:  # the loop is closed: the daemon is exiting
+                    return
+                except Exception as e:  # noqa: BLE001 - a bug here must not end the following for good
+                    self.runtime_problem = f"{type(e).__name__}: {e}"
                 self._stop_events.wait(RUNTIME_RETRY_S)
 
         t = threading.Thread(target=run, name="memguard-container-events", daemon=True)

@@ -60,7 +60,7 @@ import threading
 import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from ..model import Exited, Explanation, Signal, SignalProcess, signal_name
 from ..sense.containers import ContainerEvent, ContainerInfo, Owner
@@ -365,7 +365,8 @@ def incident_for_action(action: Signal | SignalProcess, *, wall: float, monotoni
                    "incarnation": getattr(action, "incarnation", None),
                    "owner": owner.to_dict() if owner else None})
     how = _clean({"signal": action.signum, "signal_name": sig, "sent_by": "memguard", "event": action.event,
-                  "meaning": exit_meaning(signal=action.signum), "dry_run": dry_run or None})
+                  "meaning": f"{sig}: {action.reason}" if action.reason else exit_meaning(signal=action.signum),
+                  "dry_run": dry_run or None})
     why = _clean({**_explain_dict(explain), "reason": action.reason, "ranking": [dict(r) for r in ranking] or None})
     cause = cause_of_rule(explain, action.event)
     return Incident(id=incident_id(wall, death_key(boot_id, action.pid)), key=death_key(boot_id, action.pid),
@@ -376,10 +377,15 @@ def incident_for_action(action: Signal | SignalProcess, *, wall: float, monotoni
 def complete_action(incident: Incident, *, wall: float, returncode: int | None = None, signal: int | None = None,
                     note: str | None = None, after: dict[str, Any] | None = None) -> Incident:
     """The pending record completed with what happened after the signal."""
+    sent = {incident.how.get("signal")} | {e.get("signal") for e in incident.how.get("escalations", [])
+                                           if isinstance(e, dict)}
+    if signal is not None and signal in sent:
+        meaning: str | None = f"killed by {signal_name(signal)}, the signal memguard sent"
+    else:
+        meaning = exit_meaning(returncode, signal) if (returncode, signal) != (None, None) else None
     outcome = _clean({"wall": wall, "after_s": round(wall - incident.wall, 3), "returncode": returncode,
                       "signal": signal, "signal_name": signal_name(signal) if signal is not None else None,
-                      "meaning": exit_meaning(returncode, signal) if (returncode, signal) != (None, None) else None,
-                      "note": note})
+                      "meaning": meaning, "note": note})
     return replace(incident, state="complete", outcome=outcome, after=after or incident.after)
 
 
@@ -783,6 +789,17 @@ class IncidentStore:
             self.write(inc, prune=False)
             return inc
 
+    def amend(self, incident_id: str, change: Callable[[Incident], Incident]) -> Incident | None:
+        """Replace a record with ``change(record)`` (read, changed and written under the store's lock); None if
+        the record is gone."""
+        with self._lock:
+            inc = self.load(incident_id)
+            if inc is None:
+                return None
+            inc = change(inc)
+            self.write(inc, prune=False)
+            return inc
+
     def append_after(self, incident_id: str, after: dict[str, Any]) -> Incident | None:
         """Add the timeline of the seconds after the death; None if the record is gone."""
         with self._lock:
@@ -880,7 +897,16 @@ class IncidentStore:
     # -- queries (for `memguard diagnose`) ------------------------------------
 
     def latest(self, n: int = 10) -> list[Incident]:
-        return self.list(limit=n)
+        """The ``n`` newest records, reading only those (names start with the UTC second of the death)."""
+        out: list[Incident] = []
+        for p in sorted(self._files(), key=lambda p: p.name, reverse=True):
+            if len(out) >= n:
+                break
+            got = self._read(p)
+            if isinstance(got, Incident):
+                out.append(got)
+        out.sort(key=lambda i: (i.wall, i.id), reverse=True)
+        return out
 
     def by_pid(self, pid: int) -> list[Incident]:
         return [i for i in self.list() if i.pid == pid or i.what.get("container", {}).get("pid") == pid]

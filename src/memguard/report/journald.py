@@ -136,6 +136,7 @@ MESSAGE_IDS: dict[str, str] = {
     "notify_recovered": "7563edf2210a4f188499a1f5d9ea6a5b",
     "start_failed": "8ae7b3d9bd814a2186aebb1837e58bad",
     "metrics_error": "ed9ace8bda5c446bbc0a58adfca45234",
+    "incident": "cbaec00dd7504007b6d8a70a35baf058",
 }
 
 # The namespace of the ids derived for events missing from the table.

@@ -5,6 +5,16 @@ otherwise), the Prometheus textfile, and systemd's notification socket
 (READY, STATUS, WATCHDOG, RELOADING, STOPPING) are all behind one object,
 so the daemon's loop says *what* happened and never *how* it is written.
 
+It also keeps what a post-mortem needs (all optional; None turns one off):
+the **flight recorder** (every observation and decision of the last
+minutes, :class:`~memguard.report.recorder.FlightRecorder`), the **incident
+store** (one record per death, :mod:`memguard.report.incidents`, written by
+:class:`~memguard.report.incidentsink.IncidentSink`: memguard's own stops
+before the signal goes out, failing worker exits) and the **death watch**
+(the kernel's OOM kills anywhere on the box and containers' deaths,
+:class:`~memguard.report.deaths.DeathWatch`). Each incident gets one log
+entry, event ``incident``.
+
 No sink failure stops guarding: a sink that raises is counted, said once
 (on the sinks that still work), and tried again later; the tick goes on.
 """
@@ -12,27 +22,40 @@ No sink failure stops guarding: a sink that raises is counted, said once
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Mapping
+import time
+from typing import Any, Callable, Iterable, Mapping
 
 from ..decide.state import CoreState
 from ..model import Action, Notice, Observation, is_known
 from ..policy import DaemonPolicy
 from ..threads import LoopOwned, on_owner_thread
 from ..units import format_size
+from .deaths import DeathWatch
+from .incidents import Incident, IncidentStore
+from .incidentsink import IncidentSink, announced_fields
 from .log import action_event, get_logger
 from .metrics import Metrics
 from .notify import Notifier
 from .outlets import Outlets
+from .recorder import FlightRecorder
 from .status import status_line, status_reply
 
 __all__ = ["Reporter"]
 
 
 class Reporter(LoopOwned):
-    """The real reporter. ``log`` is a structlog logger (the configured one by default)."""
+    """The real reporter. ``log`` is a structlog logger (the configured one by default).
+
+    ``incidents``, ``recorder`` and ``deaths`` are the post-mortem sinks (see
+    the module doc); ``clock`` is the daemon's clock (the observations'
+    ``at``), ``wall`` the wall clock of the records.
+    """
 
     def __init__(self, *, log: Any = None, metrics: Metrics | None = None, notifier: Notifier | None = None,
-                 outlets: Outlets | None = None) -> None:
+                 incidents: IncidentStore | None = None, recorder: FlightRecorder | None = None,
+                 deaths: DeathWatch | None = None, deaths_problem: str | None = None, boot_id: str | None = None,
+                 outlets: Outlets | None = None, clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time) -> None:
         self._claim_thread()
         self.log = log if log is not None else get_logger()
         self.metrics = metrics
@@ -42,6 +65,14 @@ class Reporter(LoopOwned):
         self._gpu_problems: frozenset[Any] = frozenset()
         self._last_obs: Observation | None = None
         self.outlets = outlets if outlets is not None else Outlets()  # recent events, alerts, /metrics
+        self.recorder = recorder
+        self._tick_actions: list[Action] = []
+        self.deaths_problem = deaths_problem
+        self.incidents: IncidentSink | None = None
+        if incidents is not None:
+            self.incidents = IncidentSink(incidents, recorder=recorder, deaths=deaths, boot_id=boot_id,
+                                          announce=self._announce, failed=self._failed, say=self.note, clock=clock,
+                                          wall=wall)
 
     # ------------------------------------------------------------------ guarded sinks
 
@@ -61,19 +92,40 @@ class Reporter(LoopOwned):
             self._failed("log", e)
         self.outlets.event(level, event, fields)
 
+    def _guarded(self, sink: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)``, a failure counted against ``sink`` and said once; None then."""
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 - no sink failure stops guarding
+            self._failed(sink, e)
+            return None
+
+    def _announce(self, inc: Incident, path: str) -> None:
+        """The one log (journald) entry of a new incident record."""
+        level = "info" if inc.cause == "none" else "warning"
+        self.event(level, "incident", **announced_fields(inc, path))
+
     # ------------------------------------------------------------------ what the core decided
 
     @on_owner_thread
     def decisions(self, actions: Iterable[Action], dry_run: bool) -> None:
-        """Log each action (before it is carried out) and count it for the metrics."""
+        """Log each action (before it is carried out) and count it for the metrics.
+
+        memguard's own stops are written down (an incident record) before their log line, and so before the
+        daemon's effects send the signal.
+        """
         actions = list(actions)
         for action in actions:
+            if self.incidents is not None:
+                self._guarded("incidents", self.incidents.decided, action, dry_run)
             level, event, fields = action_event(action, dry_run=dry_run)
             self.event(level, event, **fields)
             if isinstance(action, Notice) and action.event == "exit" and action.fields.get("kernel_oom"):
                 self.kernel_oom_kills += 1
         if self.metrics is not None:
             self.metrics.count(actions)
+        if self.recorder is not None:
+            self._tick_actions.extend(actions)
 
     @on_owner_thread
     def output(self, worker: str, stream: str, line: str) -> None:
@@ -106,6 +158,11 @@ class Reporter(LoopOwned):
                            message=f"GPU sensing on: {names}" + (f"; {gpu.reason}" if gpu.reason else ""))
             else:
                 self.event("info", "gpu", jetson=gpu.jetson, message=f"GPU sensing off: {gpu.reason}")
+        if self.deaths_problem:
+            self.event("warning", "incidents", message=f"kernel OOM kills outside memguard's workers are not "
+                                                       f"recorded: {self.deaths_problem}")
+        if self.incidents is not None:
+            self._guarded("deaths", self.incidents.start, policy)
 
     @on_owner_thread
     def note(self, event: str, message: str, level: str = "info", **fields: Any) -> None:
@@ -139,6 +196,8 @@ class Reporter(LoopOwned):
     @on_owner_thread
     def reloaded(self, policy: DaemonPolicy) -> None:
         self.outlets.configure(policy)
+        if self.incidents is not None:
+            self.incidents.policy = policy
         self.event("info", "reloaded", workloads=[w.name for w in policy.workloads], system_rules=len(policy.rules),
                    message=f"configuration reloaded: {len(policy.workloads)} workload(s), "
                            f"{len(policy.rules)} system rule(s)")
@@ -165,14 +224,27 @@ class Reporter(LoopOwned):
 
     @on_owner_thread
     def tick(self, obs: Observation, state: CoreState) -> None:
-        """After every completed tick: the watchdog ping and STATUS; the metrics file after a full one."""
+        """After every completed tick: the flight recorder, the incident records this tick made (their
+        timelines, fsync and merges in a thread), the watchdog ping and STATUS; the metrics file after a full
+        one."""
         self._last_obs = obs
+        if self.recorder is not None:
+            actions, self._tick_actions = self._tick_actions, []
+            self._guarded("recorder", self._record, obs, actions)
+        if self.incidents is not None:
+            self._guarded("incidents", self.incidents.ticked, obs, state)
         if self.notifier.enabled:
             self._notify("tick", self.status_line(state))
         if self.metrics is not None:
             self.metrics.latest(obs, state.workers)  # what /metrics serves between full ticks
         if obs.full and self.metrics is not None:
             self._write_metrics(obs, state)
+
+    def _record(self, obs: Observation, actions: list[Action]) -> None:
+        assert self.recorder is not None
+        self.recorder.record(obs)
+        if actions:
+            self.recorder.record_actions(obs.at, actions)
 
     def _write_metrics(self, obs: Observation | None, state: CoreState) -> None:
         assert self.metrics is not None
@@ -194,6 +266,9 @@ class Reporter(LoopOwned):
     def stopped(self, state: CoreState) -> None:
         if self.metrics is not None:
             self._write_metrics(self._last_obs, state)
+        if self.incidents is not None and self._guarded("incidents", self.incidents.stop) is False:
+            self.event("warning", "incidents", message="incident records still being written when memguard "
+                                                       "exits: the last ones may lack their timeline")
         self.event("info", "stopped", message="all workers stopped; memguard exits")
         self._notify("stopping")
 

@@ -9,8 +9,9 @@ prints it (``oom_memcg=``/``task_memcg=`` of an OOM report, or
 - memguard's own workers: a ``<worker>.<incarnation>`` cgroup (optionally
   ``<worker>.<incarnation>@<tag>``) directly below a ``memguard-workers``
   cgroup (cgroup v1) or below a ``memguard*.service`` cgroup (cgroup v2,
-  where memguard itself sits in the ``supervisor`` leaf), or below any
-  ``worker_roots`` the daemon passes in;
+  where memguard itself sits in the ``supervisor`` leaf), or below a
+  daemon's own ``memguard.<pid>.<start time>`` directory (under either),
+  or below any ``worker_roots`` the daemon passes in;
 - Docker: ``/docker/<id>`` (cgroupfs driver), ``docker-<id>.scope``
   (systemd driver);
 - Podman: ``libpod-<id>.scope``, ``/libpod_parent/libpod-<id>``, and its
@@ -65,6 +66,7 @@ __all__ = [
     "ContainerNamer",
     "attribute_cgroup",
     "cgroup_of_pid",
+    "cmdline_of_pid",
     "kube_pod_name",
     "default_docker_socket",
     "DOCKER_SOCKET",
@@ -103,6 +105,7 @@ _POD_DIR = re.compile(r"^pod([0-9a-f-]{36})$")
 _QOS_SLICE = re.compile(r"^kubepods(?:-(burstable|besteffort))?\.slice$")
 _WORKER = re.compile(r"^(?P<worker>.+)\.(?P<inc>\d+)(?:@(?P<tag>[^/]+))?$")
 _MEMGUARD_SERVICE = re.compile(r"^memguard[\w@.-]*\.service$")
+_MEMGUARD_INSTANCE = re.compile(r"^memguard\.\d+\.\d+$")  # one daemon's directory: memguard.<pid>.<start time>
 _USER_SLICE = re.compile(r"^user-(\d+)\.slice$")
 _USER_MANAGER = re.compile(r"^user@(\d+)\.service$")
 _LXC = re.compile(r"^lxc\.payload\.(.+)$")
@@ -217,7 +220,9 @@ def attribute_cgroup(path: str, *, worker_roots: Sequence[str] = ()) -> Owner:
             if got is not None:
                 return got
     for i, p in enumerate(parts):
-        if p == "memguard-workers" or _MEMGUARD_SERVICE.match(p):
+        if p == "memguard-workers" or _MEMGUARD_SERVICE.match(p) or _MEMGUARD_INSTANCE.match(p):
+            if i + 1 < len(parts) and _MEMGUARD_INSTANCE.match(parts[i + 1]):
+                continue  # the daemon's own directory below its unit: the workers are one level down
             got = _worker_from(parts, i + 1, path)
             if got is not None:
                 return got
@@ -297,6 +302,19 @@ def cgroup_of_pid(pid: int, proc: str = "/proc") -> str | Unknown:
         if controllers == "" and line.startswith("0::"):
             v2 = path
     return v2 if v2 is not None else Unknown(f"/proc/{pid}/cgroup names no memory cgroup")
+
+
+def cmdline_of_pid(pid: int, proc: str = "/proc") -> list[str] | Unknown:
+    """A live process's command line (``/proc/<pid>/cmdline``), or Unknown saying why not (gone, a kernel thread)."""
+    try:
+        with open(f"{proc}/{pid}/cmdline", "rb") as f:
+            raw = f.read(65536)
+    except OSError as e:
+        return Unknown(f"/proc/{pid}/cmdline unreadable: {e.strerror or e}")
+    args = [a.decode(errors="replace") for a in raw.split(b"\0")]
+    if args and args[-1] == "":
+        args.pop()
+    return args if args else Unknown(f"process {pid} has no command line (a kernel thread, or a zombie)")
 
 
 def kube_pod_name(pod_uid: str, log_root: str = "/var/log/pods") -> tuple[str, str] | None:

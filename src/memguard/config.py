@@ -107,7 +107,7 @@ WORKLOAD_KEYS = (
 RULE_KEYS = ("name", "when", "for", "action", "release", "grace")
 LOG_KEYS = ("format", "level")
 LIMITS_KEYS = ("memory", "runtime", "memory_high", "swap", "cpu", "gpu_memory")
-RESTART_KEYS = ("policy", "backoff", "budget")
+RESTART_KEYS = ("policy", "backoff", "budget", "planned")
 BRAKE_KEYS = ("refusals", "after")
 RECYCLE_KEYS = ("max_trials", "max_age", "jitter")
 
@@ -952,7 +952,8 @@ def _read_restart(f: _File, node: Node) -> RestartPolicy | None:
     mode = f.get(entries, "policy", "restart", _p_choice(RESTART_MODES), "a restart policy")
     backoff = f.get(entries, "backoff", "restart", _p_backoff, "a backoff range")
     budget = f.get(entries, "budget", "restart", _p_budget, "a restart budget")
-    if BAD in (mode, backoff, budget):
+    planned = f.get(entries, "planned", "restart", _p_budget, "a planned-restart limit")
+    if BAD in (mode, backoff, budget, planned):
         return None
     return RestartPolicy(
         mode=mode if mode is not None else base.mode,
@@ -960,12 +961,18 @@ def _read_restart(f: _File, node: Node) -> RestartPolicy | None:
         backoff_max_s=backoff[1] if backoff is not None else base.backoff_max_s,
         budget_count=budget[0] if budget is not None else base.budget_count,
         budget_window_s=budget[1] if budget is not None else base.budget_window_s,
+        planned_count=planned[0] if planned is not None else base.planned_count,
+        planned_window_s=planned[1] if planned is not None else base.planned_window_s,
     )
 
 
 def _read_brake(f: _File, node: Node) -> Brake | None:
-    entries = f.mapping(node, "restart_when_blocked", BRAKE_KEYS,
-                        what="a mapping such as {refusals: 10, after: 2m}")
+    """``restart_when_blocked: true``, ``false``, or ``{after: 30s}``; ``refusals`` is read but ignored
+    (the core says so in the log), so files written for the old brake still load."""
+    if isinstance(node, ScalarNode) and not f.is_null(node):
+        on = f.value(node, "restart_when_blocked", _p_bool, "true, false or a mapping such as {after: 30s}")
+        return None if on is BAD else Brake(enabled=on)
+    entries = f.mapping(node, "restart_when_blocked", BRAKE_KEYS, what="true, false or a mapping such as {after: 30s}")
     if entries is None:
         return None
     refusals = f.get(entries, "refusals", "restart_when_blocked", _p_int(1, None), "a whole number of refusals")
@@ -973,9 +980,9 @@ def _read_brake(f: _File, node: Node) -> Brake | None:
     if BAD in (refusals, after):
         return None
     if refusals is None and after is None:
-        f.issue(node, "restart_when_blocked", "expected refusals:, after: or both, e.g. {refusals: 10, after: 2m}")
+        f.issue(node, "restart_when_blocked", "expected after: (a duration), e.g. {after: 30s}, or true")
         return None
-    return Brake(refusals=refusals, after_s=after)
+    return Brake(enabled=True, after_s=after if after is not None else Brake().after_s, refusals=refusals)
 
 
 def _p_fraction(v: object) -> float:

@@ -24,6 +24,27 @@ optuna = pytest.importorskip("optuna")
 from optuna.trial import TrialState  # noqa: E402
 
 from controlkit import ServerThread  # noqa: E402
+from memguard.integrations.optuna import _retry_callback  # noqa: E402
+
+_RETRY = _retry_callback(1)
+
+
+def retried_trial_number(trial: Any) -> int | None:
+    """Optuna's own answer (RetryFailedTrialCallback.retried_trial_number, renamed in Optuna 4.9)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return type(_RETRY).retried_trial_number(trial)
+
+
+def retry_history(trial: Any) -> list[int]:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return type(_RETRY).retry_history(trial)
+
 from daemonkit import Daemon, write_config  # noqa: E402
 from memguard.act.control import pid_in_tree  # noqa: E402
 
@@ -125,9 +146,9 @@ def by_state(storage: str, state: TrialState) -> list[Any]:
 
 def test_sigint_mid_trial_fails_the_trial_and_requeues_it_once(storage: str, workers: list[Worker]) -> None:
     """SIGINT in the middle of a trial leaves that trial FAIL (not RUNNING) with the memguard_stopped
-    attribute, enqueues one retry with the same parameters (retry_of, memguard), and the process ends
-    by SIGINT. When the retry is interrupted too (by SIGTERM this time) it is FAIL as well and not
-    enqueued again: max_retry=1."""
+    attribute, queues one retry with the same parameters through Optuna's own retry callback (so
+    retried_trial_number() names the original), and the process ends by SIGINT. When the retry is
+    interrupted too (by SIGTERM this time) it is FAIL as well and not queued again: max_retry=1."""
     w = Worker(storage, n_trials=3, hold="2")
     workers.append(w)
     number, params = w.in_trial()
@@ -142,8 +163,8 @@ def test_sigint_mid_trial_fails_the_trial_and_requeues_it_once(storage: str, wor
     assert t[1].state == TrialState.FAIL
     assert t[1].user_attrs["memguard_stopped"] == "SIGINT" and t[1].user_attrs["memguard_started"] is True
     assert t[2].state == TrialState.WAITING
-    assert t[2].user_attrs == {"retry_of": 1, "memguard": "SIGINT", "memguard_retries": 1}
-    assert t[2].system_attrs["fixed_params"] == params == t[1].params
+    assert retried_trial_number(t[2]) == 1 and retry_history(t[2]) == [1]
+    assert t[2].params == params == t[1].params
     assert not by_state(storage, TrialState.RUNNING)
 
     w2 = Worker(storage, n_trials=3, hold="1")
@@ -176,7 +197,7 @@ def test_study_completes_its_trials_across_a_restart(storage: str, workers: list
     assert w2.wait() == 0
     complete = by_state(storage, TrialState.COMPLETE)
     assert len(complete) == 5
-    retry = [t for t in complete if t.user_attrs.get("retry_of") == 2]
+    retry = [t for t in complete if retried_trial_number(t) == 2]
     assert len(retry) == 1 and retry[0].params == params
     assert [t.number for t in by_state(storage, TrialState.FAIL)] == [2]
     assert not by_state(storage, TrialState.RUNNING) and not by_state(storage, TrialState.WAITING)
@@ -232,11 +253,13 @@ def test_stop_while_blocked_between_trials_touches_no_trial(storage: str, worker
         holder["pid"] = w.proc.pid
         number, _ = w.in_trial()
         assert number == 1
-        ev = [srv.next_event() for _ in range(3)]
-        assert [(e.kind, e.name, e.ok) for e in ev] == [("start", "trial-0", None), ("end", "trial-0", True),
-                                                       ("start", "trial-1", None)]
+        ev = [srv.next_event() for _ in range(5)]
+        # Each trial is claimed before Optuna creates it (no name yet), then named, then ended.
+        assert [(e.kind, e.name, e.ok) for e in ev] == [
+            ("start", None, None), ("start", "trial-0", None), ("end", "trial-0", True),
+            ("start", None, None), ("start", "trial-1", None)]
         gate.write_text("closed: rule hold-trials\n")
-        w.release()  # trial 1 finishes; the next one must wait at the gate
+        w.release()  # trial 1 finishes; the next one must wait at the gate, before it is claimed
         assert [(e.kind, e.ok) for e in (srv.next_event(),)] == [("end", True)]
         refused = srv.next_event()
         assert (refused.kind, refused.detail) == ("refused", "rule hold-trials")
@@ -357,7 +380,7 @@ def test_daemon_restarts_a_leaking_blocked_worker_and_the_study_completes(tmp_pa
         assert d.stop() == 0
     assert len(by_state(storage, TrialState.COMPLETE)) >= 12
     assert not by_state(storage, TrialState.RUNNING) and not by_state(storage, TrialState.WAITING)
-    retried = {t.user_attrs.get("retry_of") for t in trials(storage)}
+    retried = {retried_trial_number(t) for t in trials(storage)}
     for t in by_state(storage, TrialState.FAIL):
         assert "memguard_stopped" in t.user_attrs and t.number in retried, t
 
@@ -393,7 +416,7 @@ def test_daemon_terminates_a_stuck_trial_which_is_failed_and_retried(tmp_path: P
         assert d.stop() == 0
     t = {tr.number: tr for tr in trials(storage)}
     assert t[1].state == TrialState.FAIL and t[1].user_attrs["memguard_stopped"].startswith("SIGINT")
-    retry = [tr for tr in t.values() if tr.user_attrs.get("retry_of") == 1]
+    retry = [tr for tr in t.values() if retried_trial_number(tr) == 1]
     assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE and retry[0].params == t[1].params
     assert len(by_state(storage, TrialState.COMPLETE)) == 4
     assert not by_state(storage, TrialState.RUNNING)

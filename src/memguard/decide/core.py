@@ -719,14 +719,14 @@ def _brake(s: _Step, w: WorkerState, wl: WorkloadPolicy) -> bool:
     if now < w.planned_wait_until:
         return True
     mem = w.memory
-    held = f"rule {rule.name}" + (f", release: {rule.release_text}" if rule.release_text else "")
+    held = f"rule {rule.name}" + (f" (release: {rule.release_text})" if rule.release_text else "")
     if w.brake_verdict is None:
         if w.brake_asked_at is None:
             ex = w.rules[rule.key].explain
             s.update(w, brake_asked_at=now, brake_memory=mem, reclaimed_at=None, fulls_since_reclaimed=0)
             if w.pid is not None:
                 s.emit(Reclaim(worker=w.name, workload=w.workload, pid=w.pid, incarnation=w.incarnation,
-                               reason=(f"restart_when_blocked: its own memory holds its gate closed ({held}); "
+                               reason=(f"restart_when_blocked: its own memory holds its gate closed, {held}; "
                                        f"asking it to give memory back before deciding whether it must restart"),
                                explain=ex))
             return True
@@ -741,13 +741,13 @@ def _brake(s: _Step, w: WorkerState, wl: WorkloadPolicy) -> bool:
                    f"(memory {was} then, {format_size(float(mem))} now)")
             verdict = _builtin("restart_when_blocked", f"worker.memory still holds the gate after a reclaim ({held})",
                                "worker.memory", float(mem), None, "bytes",
-                               f"{how}, still not past the release of {held}: only a restart gives leaked "
+                               f"{how}, not enough to release {held}: only a restart gives leaked "
                                f"memory back", wl.source)
         elif waited >= brake.after_s:
             verdict = _builtin("restart_when_blocked", f"worker.blocked_for >= {format_duration(brake.after_s)}",
                                "worker.blocked_for", waited, brake.after_s, "seconds",
-                               f"waited {format_duration(waited)} at a gate its own memory holds closed ({held}; "
-                               f"restart_when_blocked.after {format_duration(brake.after_s)})", wl.source)
+                               f"waited {format_duration(waited)} at a gate its own memory holds closed, {held} "
+                               f"(restart_when_blocked.after {format_duration(brake.after_s)})", wl.source)
         else:
             return True
         if w.trials == 0 and w.refusals > 0:
@@ -756,7 +756,7 @@ def _brake(s: _Step, w: WorkerState, wl: WorkloadPolicy) -> bool:
             s.update(w, brake_verdict=verdict, planned_wait_until=math.inf)
             s.emit(Notice("brake_futile", level="error", worker=w.name, workload=w.workload, pid=w.pid,
                           reason=(f"its own memory ({format_size(float(mem)) if is_known(mem) else 'unknown'}) "
-                                  f"holds its gate closed before it finished a single trial ({held}): a restart "
+                                  f"holds its gate closed before it finished a single trial, {held}: a restart "
                                   f"would start it at the same size, so restart_when_blocked leaves it waiting. "
                                   f"Raise the rule's threshold above the worker's size at start."),
                           explain=verdict))

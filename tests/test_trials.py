@@ -480,14 +480,15 @@ def test_admission_closes_under_pressure_and_a_waiting_trial_starts_after_releas
         d.stop()
 
 
-def test_brake_restarts_a_worker_after_n_refusals(tmp_path, memcg):
-    """restart_when_blocked.refusals: 3 — a worker whose trials keep being refused admission by its own rule
-    is restarted after the third refusal, and the restart says why."""
+def test_an_old_brake_config_loads_and_the_brake_restarts_on_the_reclaims_evidence(tmp_path, memcg):
+    """restart_when_blocked: {refusals: 3}, written for the old brake: the daemon starts, says the key is ignored,
+    and when the worker's own 250 MB (which no gc can free) closes its gate, asks it once to reclaim, hears the
+    real client's answer, measures again and restarts it, explaining with the memory before and after."""
     control = tmp_path / "want"
     control.write_text("250")
     cfg = write_config(tmp_path, "scope: host\nworkloads: workloads.d/\n", {"g": f"""
         name: g
-        command: {helper_cmd("worker_gate.py", str(control), "--retry-timeout", "0.3")}
+        command: {helper_cmd("worker_gate.py", str(control))}
         limits: {{memory: 400MiB}}
         rules:
           - {{name: hold, when: "worker.memory > 50%", action: block, release: "worker.memory < 25%"}}
@@ -495,13 +496,47 @@ def test_brake_restarts_a_worker_after_n_refusals(tmp_path, memcg):
         """})
     d = Daemon(cfg, cgroup=memcg)
     try:
+        dep = d.event("deprecated", timeout=20)
+        assert "restart_when_blocked.refusals is ignored" in dep["message"]
         first = d.worker_pids("g-0")[0]
         d.event("block", timeout=20)
+        ask = d.wait_for(lambda e: e.get("event") == "reclaim" and "restart_when_blocked" in e.get("message", ""),
+                         timeout=20, what="the brake's reclaim request")
+        d.event("reclaimed", worker="g-0", timeout=20)
         restart = d.event("restart", timeout=20)
-        assert restart["rule"] == "restart_when_blocked" and restart["value"] >= 3
-        assert "3 trials refused in a row" in restart["message"]
+        assert restart["rule"] == "restart_when_blocked" and "reclaim took its memory from" in restart["message"]
+        assert restart["timestamp"] >= ask["timestamp"]
         control.write_text("0")
         assert d.worker_pids("g-0")[0] != first
+        assert not list(d.all("failed"))
+    finally:
+        d.stop()
+
+
+def test_thousands_of_fast_trials_on_recycled_workers_and_no_worker_fails(tmp_path):
+    """Two workers that leak nothing run 3000 trials of about 1 ms, recycled every 25 trials, with a failure
+    budget of 3: the study completes (every trial exactly once), both workers exit 0, none is failed, and far
+    more planned restarts than the failure budget were made (restart.planned paces them)."""
+    work = tmp_path / "study"
+    cfg = write_config(tmp_path, "scope: host\nworkloads: workloads.d/\n", {"fast": f"""
+        name: fast
+        command: {helper_cmd("worker_fast_trials.py", str(work), "3000")}
+        replicas: 2
+        recycle: {{max_trials: 25}}
+        restart: {{backoff: 100ms..1s, budget: 3/10m}}
+        """})
+    d = Daemon(cfg)
+    try:
+        for w in ("fast-0", "fast-1"):
+            d.wait_for(lambda e, w=w: e.get("event") == "completed" and e.get("worker") == w, timeout=240,
+                       what=f"{w} finished the study")
+        done = sorted(int(n) for n in (work / "done").read_text().split())
+        assert done == list(range(3000))
+        recycles = [e for e in d.events if e.get("event") == "restart" and e.get("rule") == "recycle.max_trials"]
+        assert len(recycles) > 3 * 3, len(recycles)
+        assert not [e for e in d.events if e.get("event") == "failed"]
+        planned = [e for e in d.events if e.get("event") == "restart_scheduled"]
+        assert planned and all(e["planned"] for e in planned)
     finally:
         d.stop()
 

@@ -534,3 +534,27 @@ def test_memguard_killed_just_after_a_trial_starts_leaves_no_trial_running(tmp_p
     assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE and retry[0].params == t[number].params
     assert not by_state(storage, TrialState.RUNNING)
     assert len(by_state(storage, TrialState.COMPLETE)) == 6
+
+
+def test_the_oldest_supported_optuna_passes_the_integration_tests(tmp_path: Path) -> None:
+    """The integration uses only Optuna's public API, so it works on the oldest Optuna pyproject.toml allows as
+    well as on the newest: this installs that release (from the package index, into a temporary directory)
+    and runs the tests of stops, retries and trials left RUNNING against it."""
+    import re
+    import subprocess
+
+    floor = re.search(r'"optuna>=([0-9.]+)"', (Path(__file__).parent.parent / "pyproject.toml").read_text())
+    assert floor is not None
+    target = tmp_path / "optuna-old"
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
+                          f"optuna=={floor.group(1)}"], capture_output=True, text=True, timeout=300)
+    if pip.returncode != 0:
+        pytest.skip(f"optuna=={floor.group(1)} cannot be installed here: {pip.stderr.strip()[-300:]}")
+    env = dict(os.environ, PYTHONPATH=str(target))
+    probe = subprocess.run([sys.executable, "-c", "import optuna; print(optuna.__version__)"], env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert probe.stdout.strip().startswith(floor.group(1)), probe.stdout + probe.stderr
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                          "sigint_mid_trial or memguard_killed or held_until"],
+                         env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent.parent)
+    assert run.returncode == 0 and " passed" in run.stdout, run.stdout[-3000:] + run.stderr[-2000:]

@@ -14,7 +14,8 @@ inside a memory cgroup this script creates, with a hard limit of 1.25 GiB
 * **without memguard**: each worker runs under a shell loop that starts it
   again when it dies (the watchdog the incident wished it had); when the
   box is full the kernel's OOM killer ends a worker, and its trial stays
-  RUNNING in the study;
+  RUNNING in the study. At the end of the run each worker gets SIGINT, as
+  memguard would stop it, so a trial left RUNNING is one the kernel cut;
 * **with memguard**: ``memguard daemon`` in the box runs the workers with
   the recipe's workload (docs/recipes/hyperparameter-search.md) scaled to
   512 MiB per worker: reclaim at 60 %, block at 75 % (release 60 %),
@@ -129,6 +130,18 @@ class Box:
                 pass
 
 
+def _wait_empty(box: Box, timeout: float) -> None:
+    """Until no process is left in the box (the workers recorded their interrupted trials), or the timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if not (box.path / "cgroup.procs").read_text().split():
+                return
+        except OSError:
+            return
+        time.sleep(0.1)
+
+
 def study_counts(url: str) -> dict[str, int]:
     import optuna
 
@@ -158,8 +171,15 @@ def run_without(tmp: Path, leak: int, seconds: float) -> dict[str, Any]:
         time.sleep(seconds)
     finally:
         for p in procs:
-            os.killpg(p.pid, signal.SIGKILL)
+            p.kill()  # the restart loop first, then its worker the way memguard would stop it
             p.wait()
+            os.killpg(p.pid, signal.SIGINT)
+        _wait_empty(box, 30.0)
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         ooms = box.oom_kills()
         box.cleanup()
     counts = study_counts(url)

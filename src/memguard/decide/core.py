@@ -1074,4 +1074,4 @@ def _start_due(s: _Step) -> None:
         first = w.incarnation == 0
         w = s.set(w, phase=Phase.STARTING, inc=Incarnation(number=w.incarnation + 1), spec=wl.spec_key())
         s.emit(Spawn(worker=name, workload=w.workload, incarnation=w.incarnation, restart=not first,
-                     reason="start" if first else f"restart #{len(w.restarts)} (after: {w.last_exit})"))
+                     reason="start" if first else f"restart #{w.incarnation - 1} (after: {w.last_exit})"))

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import os
 import sys
-from datetime import datetime
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings

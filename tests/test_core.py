@@ -309,54 +309,10 @@ def test_fast_path_tick_uses_scope_reading_and_acts_at_once():
 # Trials: the brake, recycling, stuck trials, reclaim, growth
 
 from memguard.model import Reclaim  # noqa: E402
-from memguard.policy import Brake, Recycle  # noqa: E402
+from memguard.policy import Recycle  # noqa: E402
 
 
-def _blocking_workload(**extra):
-    return workload(rules=(rule("worker.memory > 80%", "block", release="worker.memory < 50%", name="hold"),),
-                    **extra)
-
-
-def test_brake_restarts_a_worker_refused_n_times_while_its_own_memory_holds_the_gate():
-    """restart_when_blocked.refusals: after N refused trials in a row with its own block in force, the worker
-    is restarted (it is between trials), explained by the brake."""
-    sim = Sim(daemon(_blocking_workload(brake=Brake(refusals=3))))
-    sim.start()
-    sim.tick(0.1)
-    sim.memory["w-0"] = 0.9 * GiB
-    sim.tick(0.1)
-    assert sim.state.workers["w-0"].admission_open is False
-    for _ in range(2):
-        sim.trial("w-0", "refused")
-        assert signals(sim.tick(0.1)) == []
-    sim.trial("w-0", "refused")
-    sig = signals(sim.tick(0.1))
-    assert len(sig) == 1 and sig[0].event == "restart" and sig[0].explain.rule == "restart_when_blocked"
-    assert "only a restart gives leaked memory back" in sig[0].explain.display
-
-
-def test_brake_after_time_blocked():
-    """restart_when_blocked.after: a worker blocked by its own rule for longer than `after` is restarted."""
-    sim = Sim(daemon(_blocking_workload(brake=Brake(after_s=120))))
-    sim.start()
-    sim.tick(0.1)
-    sim.memory["w-0"] = 0.9 * GiB
-    sim.tick(0.1)
-    assert signals(sim.run(119, 1.0)) == []
-    sig = signals(sim.run(2, 0.5))
-    assert [s.event for s in sig] == ["restart"] and sig[0].explain.signal == "worker.blocked_for"
-
-
-def test_brake_does_not_fire_mid_trial():
-    """The brake waits for the running trial to end (a trial started before the gate closed)."""
-    sim = Sim(daemon(_blocking_workload(brake=Brake(after_s=10))))
-    sim.start()
-    sim.tick(0.1)
-    sim.trial("w-0", "start")
-    sim.memory["w-0"] = 0.9 * GiB
-    assert signals(sim.run(30, 1.0)) == []
-    sim.trial("w-0", "end", ok=True)
-    assert [s.event for s in signals(sim.tick(0.1))] == ["restart"]
+# The brake (restart_when_blocked) is tested in test_trials.py.
 
 
 def test_recycle_after_max_trials_at_the_trial_boundary():

@@ -20,9 +20,11 @@ Under memguard:
 
 - :func:`trial` waits while the worker's admission gate is closed (memguard
   closed it because memory is short: new trials wait, running ones go on),
-  reports ``refused`` once when it has to wait, then ``trial_start``; on
-  exit it reports ``trial_end`` (``ok`` false when an exception, including
-  KeyboardInterrupt, is propagating).
+  reports ``refused`` once when it has to wait, then claims the trial
+  (``trial_start``) and reads the gate once more, withdrawing the claim and
+  waiting again if it closed meanwhile; on exit it reports ``trial_end``
+  (``ok`` false when an exception, including KeyboardInterrupt, is
+  propagating).
 - The client keeps one connection to memguard's control socket, opened on
   first use, and a daemon thread that reads what memguard pushes. On a
   ``reclaim`` push it runs ``gc.collect()``, returns freed heap to the
@@ -371,6 +373,43 @@ class Client:
                 return time.monotonic() - start
             reason = now_reason or reason
 
+    def claim(self, wait_timeout: float | None = 3600.0, name: str | None = None) -> float:
+        """Wait at the gate, then claim the next trial before it is created; returns the seconds waited.
+
+        The claim (``trial_start``) goes to memguard first and the gate is
+        read again after it: a gate that closed in between is answered with
+        ``trial_withdraw`` and another wait. So a trial never starts behind
+        a closed gate, and memguard, which recycles or brakes a worker only
+        between trials, has heard of any trial whose start crossed the
+        closing before that trial begins. Without the control socket the
+        claim is the wait alone.
+        """
+        waited = 0.0
+        while True:
+            waited += self.wait_for_admission(None if wait_timeout is None else max(0.0, wait_timeout - waited),
+                                              name=name)
+            if not self._send("trial_start", name=name):
+                return waited  # no socket: nobody to race with but the file itself
+            if self.admission()[0]:
+                return waited
+            self._send("trial_withdraw")
+
+    def name_trial(self, name: str) -> bool:
+        """Name the claimed trial once it exists (Optuna gives a trial its number only when it creates it)."""
+        return self._send("trial_start", name=name)
+
+    def end_trial(self, name: str | None, ok: bool, detail: str | None = None) -> bool:
+        """Report the end of the claimed trial: ``ok`` False for a failure, ``detail`` what failed."""
+        return self._send("trial_end", name=name, ok=ok, detail=detail)
+
+    def withdraw(self) -> bool:
+        """Give a claim back: the trial was not created after all (nothing is counted)."""
+        return self._send("trial_withdraw")
+
+    def report_requeued(self, name: str, detail: str) -> bool:
+        """Tell memguard that a trial an earlier start of this worker left running was failed and requeued."""
+        return self._send("trial_requeued", name=name, detail=detail)
+
     def trial(self, name: str | None = None, *, wait_timeout: float | None = 3600.0) -> "_Trial":
         return _Trial(self, name, wait_timeout)
 
@@ -472,8 +511,7 @@ class _Trial(contextlib.ContextDecorator):
         c = self.client or default_client()
         if not c.active:
             return self
-        c.wait_for_admission(self.wait_timeout, name=self.name)
-        c._send("trial_start", name=self.name)
+        c.claim(self.wait_timeout, name=self.name)
         self._started = c
         return self
 
@@ -481,7 +519,7 @@ class _Trial(contextlib.ContextDecorator):
         c, self._started = self._started, None
         if c is not None:
             detail = f"{et.__name__}: {ev}"[:500] if et is not None else None
-            c._send("trial_end", name=self.name, ok=et is None, detail=detail)
+            c.end_trial(self.name, et is None, detail)
         return False
 
 

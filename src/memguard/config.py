@@ -698,10 +698,12 @@ class Key:
 
 @dataclass(frozen=True)
 class Section:
-    """A mapping with known keys; any other key is an error."""
+    """A mapping with known keys; any other key is an error. ``scalar``: a scalar the key may hold instead
+    (``restart_when_blocked: true``)."""
 
     keys: Mapping[str, Key]
     what: str  # "a mapping such as {format: auto, level: info}"
+    scalar: "Kind | None" = None
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -958,14 +960,18 @@ LIMITS_SECTION = Section({
 RESTART_SECTION = Section({
     "policy": Key(_k_choice(RESTART_MODES, "a restart policy"), "When a stopped worker is started again."),
     "backoff": Key(K_BACKOFF, "Wait before a restart: doubles from MIN up to MAX."),
-    "budget": Key(K_BUDGET, "At most COUNT restarts within WINDOW, then the worker is failed."),
+    "budget": Key(K_BUDGET, "At most COUNT failures (crashes, kernel OOM kills, stops by a rule) within WINDOW, "
+                            "then the worker is failed."),
+    "planned": Key(K_BUDGET, "At most COUNT planned restarts (recycle, the brake, limits.runtime, an operator) "
+                             "within WINDOW; more wait for room, they never fail a worker."),
 }, "a mapping such as {policy: on-failure, backoff: 1s..60s, budget: 10/10m}")
 
 BRAKE_SECTION = Section({
-    "refusals": Key(_k_count("a whole number of refusals"),
-                    "Restart a worker its own block rule holds after this many trials in a row waited."),
-    "after": Key(K_DURATION_POSITIVE, "Restart a worker its own block rule has held this long."),
-}, "a mapping such as {refusals: 10, after: 2m}")
+    "after": Key(K_DURATION_POSITIVE, "The longest a worker waits at a gate its own memory holds closed before it "
+                                      "is restarted (the reclaim evidence usually decides far sooner)."),
+    "refusals": Key(_k_count("a whole number of refusals"), "Deprecated and ignored (a trial waits once at the "
+                                                            "gate; it is not refused again and again)."),
+}, "true, false or a mapping such as {after: 30s}", scalar=K_BOOL)
 
 RECYCLE_SECTION = Section({
     "max_trials": Key(_k_count("a whole number of trials"), "Restart after this many trials, between trials."),
@@ -1782,7 +1788,8 @@ def _read_restart(f: _File, node: Node) -> RestartPolicy | None:
     mode = f.field(entries, S, "policy", "restart")
     backoff = f.field(entries, S, "backoff", "restart")
     budget = f.field(entries, S, "budget", "restart")
-    if BAD in (mode, backoff, budget):
+    planned = f.field(entries, S, "planned", "restart")
+    if BAD in (mode, backoff, budget, planned):
         return None
     return RestartPolicy(
         mode=mode if mode is not None else base.mode,
@@ -1790,11 +1797,19 @@ def _read_restart(f: _File, node: Node) -> RestartPolicy | None:
         backoff_max_s=backoff[1] if backoff is not None else base.backoff_max_s,
         budget_count=budget[0] if budget is not None else base.budget_count,
         budget_window_s=budget[1] if budget is not None else base.budget_window_s,
+        planned_count=planned[0] if planned is not None else base.planned_count,
+        planned_window_s=planned[1] if planned is not None else base.planned_window_s,
     )
 
 
 def _read_brake(f: _File, node: Node) -> Brake | None:
+    """``restart_when_blocked: true``, ``false``, or ``{after: 30s}``; ``refusals`` is read but ignored
+    (the core says so in the log), so files written for the old brake still load."""
     S = BRAKE_SECTION
+    if isinstance(node, ScalarNode) and not f.is_null(node):
+        assert S.scalar is not None
+        on = f.value(node, "restart_when_blocked", S.scalar.parse, S.what)
+        return None if on is BAD else Brake(enabled=on)
     entries = f.mapping(node, "restart_when_blocked", S.names, what=S.what)
     if entries is None:
         return None
@@ -1803,9 +1818,9 @@ def _read_brake(f: _File, node: Node) -> Brake | None:
     if BAD in (refusals, after):
         return None
     if refusals is None and after is None:
-        f.issue(node, "restart_when_blocked", "expected refusals:, after: or both, e.g. {refusals: 10, after: 2m}")
+        f.issue(node, "restart_when_blocked", "expected after: (a duration), e.g. {after: 30s}, or true")
         return None
-    return Brake(refusals=refusals, after_s=after)
+    return Brake(enabled=True, after_s=after if after is not None else Brake().after_s, refusals=refusals)
 
 
 def _read_recycle(f: _File, node: Node) -> Recycle | None:

@@ -113,6 +113,21 @@ class Rule:
 
 @dataclass(frozen=True)
 class RestartPolicy:
+    """When a stopped worker starts again, and the two budgets that keep restarts from becoming a storm.
+
+    Two kinds of restart are counted apart:
+
+    * **failures** (a crash or a non-zero exit, a death by a signal memguard
+      did not send, a kernel OOM kill, a spawn that failed, a stop by a rule:
+      over a limit, a system rule's victim, a stuck trial) spend
+      ``budget_count`` in ``budget_window_s``; past it the worker is ``failed``;
+    * **planned** restarts (recycling, the brake, ``limits.runtime``, an
+      operator's restart, a reload that changed the worker, a clean exit under
+      ``always``) are the configuration doing its job: they never mark a worker
+      failed. At most ``planned_count`` in ``planned_window_s`` are carried out;
+      beyond that a recycle or brake restart waits for room in the window.
+    """
+
     # on-failure: restart after a non-zero exit, a signal, or a stop by memguard;
     # a worker that exits 0 on its own has finished its work (an Optuna worker
     # that ran its n_trials) and stays stopped.
@@ -121,10 +136,16 @@ class RestartPolicy:
     # +1 s per try is the most common complaint about it (supervisor#487).
     backoff_min_s: float = 1.0
     backoff_max_s: float = 60.0
-    # Restart budget: more than `budget_count` restarts in `budget_window_s`
+    # Failure budget: more than `budget_count` failures in `budget_window_s`
     # marks the worker `failed` (no restart storm; circus' flapping plugin).
     budget_count: int = 10
     budget_window_s: float = 600.0
+    # Planned restarts: at most 5 in 10 s, systemd's own start limit
+    # (StartLimitBurst=5 in StartLimitIntervalSec=10s): more is a loop, not
+    # maintenance. Past it a recycle or brake restart waits (the worker goes on
+    # working, or waiting at its gate) instead of failing.
+    planned_count: int = 5
+    planned_window_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -145,13 +166,26 @@ class Limits:
 class Brake:
     """``restart_when_blocked``: the fix for an emergency brake that cannot give memory back.
 
-    A worker whose own rule keeps its admission closed, and that was refused
-    ``refusals`` trials in a row or stayed blocked ``after_s``, is restarted:
-    only a restart returns leaked memory.
+    When one of the worker's own ``block`` rules holds its gate closed and no
+    trial runs, memguard asks the worker once to give memory back (a reclaim),
+    measures it again as soon as the worker says its reclaim callbacks are
+    done, and restarts it if its memory did not come back past the rule's
+    release threshold: only a restart returns leaked memory. ``after_s`` is a
+    ceiling: a worker is never left waiting at a gate its own memory holds
+    closed for longer, whatever the evidence (an unanswered reclaim, readings
+    that cannot be taken).
+
+    ``refusals`` is the old trigger (N trials in a row had to wait); a trial
+    waits once rather than being refused again, so it never counted anything
+    useful. It is still read, so old files load, and reported as ignored.
     """
 
-    refusals: int | None = None
-    after_s: float | None = None
+    enabled: bool = False
+    # 30 s: far longer than a reclaim pass (gc.collect() and malloc_trim() of a
+    # few GiB take about a second) plus the two readings that judge it, so the
+    # evidence decides and not this timer; short against trials of minutes.
+    after_s: float = 30.0
+    refusals: int | None = None  # deprecated, ignored (see above)
 
 
 @dataclass(frozen=True)

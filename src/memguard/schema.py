@@ -52,6 +52,8 @@ def _section(section: Section, nullable: bool) -> dict[str, Any]:
     required = [name for name, key in section.keys.items() if key.required]
     if required:
         out["required"] = required
+    if section.scalar is not None:
+        return {"anyOf": [dict(section.scalar.schema), out]}
     return out
 
 

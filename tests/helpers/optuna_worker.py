@@ -8,7 +8,9 @@ and then wait for a line on stdin before returning, so a test can signal
 the worker in the middle of a trial, or let the trial finish when it wants.
 ``HANG_CALLS`` names calls that hang (sleep) until a signal ends them,
 for workers whose stdin is not the test's; only in the first start of a
-worker under memguard (``MEMGUARD_INCARNATION`` 1), so a restart recovers. ``LEAK_MIB`` MiB of every trial
+worker under memguard (``MEMGUARD_INCARNATION`` 1), so a restart recovers.
+``HANG_ONCE`` (a path) instead: the first call, in any process, that finds
+no file there creates it, prints ``hanging NUMBER``, and hangs. ``LEAK_MIB`` MiB of every trial
 are kept for ever (a leak). ``MAX_RETRY`` is passed to optimize(). ``HEARTBEAT_S`` set: the storage
 is memguard's rdb_storage() with that heartbeat interval. ``TRIAL_SECONDS``:
 how long each trial takes (training time). Prints ``done`` when optimize()
@@ -51,6 +53,15 @@ def main() -> None:
         if calls in hang and os.environ.get("MEMGUARD_INCARNATION", "1") == "1":
             print(f"hanging {trial.number}", flush=True)
             time.sleep(3600)
+        once = os.environ.get("HANG_ONCE")
+        if once:
+            try:
+                os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                pass
+            else:
+                print(f"hanging {trial.number} {time.monotonic():.6f}", flush=True)
+                time.sleep(3600)
         if leak_mib:
             kept.append(b"\x01" * (leak_mib * 1024 * 1024))
         if trial_s:

@@ -7,8 +7,9 @@ object per line each way. Every request names an ``op``; it may carry an
 
 Who may do what:
 
-- **Worker ops** (``hello``, ``trial_start``, ``trial_end``, ``heartbeat``,
-  ``refused``, ``reclaimed``) carry ``worker`` and ``token``. The token is
+- **Worker ops** (``hello``, ``trial_start``, ``trial_end``,
+  ``trial_withdraw``, ``trial_requeued``, ``heartbeat``, ``refused``,
+  ``reclaimed``) carry ``worker`` and ``token``. The token is
   a fresh secret per incarnation (:meth:`ControlServer.new_token`, given to
   the worker as ``MEMGUARD_TOKEN``), and the peer process (``SO_PEERCRED``)
   must belong to that worker's process tree (``identify``). A token alone,
@@ -74,6 +75,8 @@ DEFAULT_SOCKET_NAME = "control.sock"
 _EVENT_KIND = {
     "trial_start": "start",
     "trial_end": "end",
+    "trial_withdraw": "withdrawn",  # a claimed trial was not created: the gate closed meanwhile
+    "trial_requeued": "requeued",  # a trial a dead incarnation left running was failed and requeued
     "heartbeat": "heartbeat",
     "refused": "refused",
     "reclaimed": "reclaimed",

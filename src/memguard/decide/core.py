@@ -53,10 +53,10 @@ from ..model import (
     is_known,
     signal_name,
 )
-from ..policy import ActionKind, DaemonPolicy, Rule, RuleKey, WorkloadPolicy
+from ..policy import ActionKind, DaemonPolicy, Rule, RuleKey, RuleKind, WorkloadPolicy
 from ..units import format_duration, format_size
 from .evaluate import Context, evaluate, explain
-from .rules import system_context, worker_context, worker_rules
+from .rules import BRAKE_ANSWER_S, system_context, worker_context, worker_rules
 from .state import CoreState, Incarnation, Phase, ProcessStop, RuleState, StopState, WorkerState, check_transition
 
 __all__ = ["step", "all_stopped"]
@@ -64,6 +64,9 @@ __all__ = ["step", "all_stopped"]
 _ALIVE = (Phase.STARTING, Phase.RUNNING, Phase.STOPPING)
 # Stops someone asked for, not decided by a rule or limit: carried out even in dry run.
 _LIFECYCLE_REASONS = frozenset({"shutdown", "operator", "removed", "config changed"})
+# Restarts the configuration or an operator asked for: counted in restart.planned, never a failure.
+# (limits.runtime is planned too: its stop carries planned=True, though its reason is "rule".)
+_PLANNED_REASONS = frozenset({"recycle", "brake", "operator", "config changed"})
 
 
 class _Step:
@@ -173,6 +176,14 @@ def _reconcile(s: _Step, reason: str) -> None:
     for wl in policy.workloads:
         for i, name in enumerate(wl.worker_names()):
             wanted[name] = (wl, i)
+    for wl in policy.workloads:
+        if wl.brake.refusals is not None:
+            s.emit(Notice("deprecated", level="warning", workload=wl.name,
+                          reason=(f"{wl.source or wl.name}: restart_when_blocked.refusals is ignored: a trial waits "
+                                  f"at a closed gate instead of being refused, so it never counted anything. The "
+                                  f"brake now asks the worker to give memory back and restarts it if that did not "
+                                  f"bring its memory back (ceiling: restart_when_blocked.after "
+                                  f"{format_duration(wl.brake.after_s)})")))
     keep_system = {r.key for r in policy.rules}
     s.system_rules = {k: v for k, v in s.system_rules.items() if k in keep_system}
     for name, w in list(s.workers.items()):
@@ -273,7 +284,7 @@ def _apply_events(s: _Step, obs: Observation) -> None:
                 # A stop asked for while it was starting (operator, reload): carried out now it has a pid.
                 _begin_stop(s, w, event=pending.event, reason=pending.reason, then=pending.then,
                             severity=pending.severity, rule=pending.rule, explain=pending.explain,
-                            system=pending.system, rule_key=pending.rule_key)
+                            system=pending.system, rule_key=pending.rule_key, planned=pending.planned)
         elif isinstance(ev, SpawnFailed):
             if w.phase != Phase.STARTING:
                 continue
@@ -306,28 +317,54 @@ def _not_done(s: _Step, w: WorkerState, ev: NotDone) -> None:
     rules = dict(w.rules)
     if stop.rule_key is not None:
         rules[stop.rule_key] = replace(rules.get(stop.rule_key, RuleState()), quiet_until=quiet, pending_since=None)
-    s.set(w, phase=Phase.RUNNING, inc=replace(w.inc, stop=None, rules=rules))
+    inc = replace(w.inc, stop=None, rules=rules)
+    if stop.reason in ("recycle", "brake"):
+        # Not carried out (dry run, or protected): the recycle or the brake starts over after the delay.
+        inc = replace(inc, draining_since=None, drain_explain=None, brake_asked_at=None, reclaimed_at=None,
+                      brake_verdict=None, planned_wait_until=quiet)
+    s.set(w, phase=Phase.RUNNING, inc=inc)
     if s.victim == (w.name, w.incarnation):
         s.delay_until = quiet
 
 
 def _on_trial(s: _Step, w: WorkerState, ev: TrialEvent) -> None:
+    """A report of the worker's client: a trial claimed, named, ended or withdrawn, a heartbeat, a reclaim done.
+
+    A client claims a trial (``start``, no name) *before* it creates it and
+    then looks at its gate again: a gate that closed meanwhile is answered
+    with ``withdrawn``, so no trial is created behind a closed gate, and a
+    recycle or brake restart never cuts a trial whose claim crossed the
+    closing. The trial's name follows in a second ``start`` once it exists.
+    """
     if ev.kind == "start":
-        s.update(w, trial_started_at=ev.at, trial_name=ev.name, last_heartbeat=ev.at, refusals=0)
+        if w.trial_started_at is not None and w.trial_name is None and ev.name is not None:
+            s.update(w, trial_name=ev.name, last_heartbeat=ev.at)  # the claimed trial now has a name
+        else:
+            s.update(w, trial_started_at=ev.at, trial_name=ev.name, last_heartbeat=ev.at, refusals=0)
     elif ev.kind == "end":
         ran = ev.at - w.trial_started_at if w.trial_started_at is not None else None
-        s.update(w, trial_started_at=None, trial_name=None, last_heartbeat=ev.at, trials=w.trials + 1)
+        s.update(w, trial_started_at=None, trial_name=None, last_heartbeat=ev.at, trials=w.trials + 1,
+                 last_trial_end=ev.at)
         if ev.ok is False:
             s.emit(Notice("trial_failed", level="warning", worker=w.name, workload=w.workload, pid=w.pid,
                           reason=f"trial {ev.name or w.trials + 1} failed" + (f": {ev.detail}" if ev.detail else ""),
                           fields={"trial": ev.name, "ran_for_s": round(ran, 3) if ran is not None else None}))
+    elif ev.kind == "withdrawn":
+        # The gate closed between the claim and the trial: nothing was created, nothing is counted.
+        if w.trial_started_at is not None:
+            s.update(w, trial_started_at=None, trial_name=None, last_trial_end=ev.at)
     elif ev.kind == "heartbeat":
         s.update(w, last_heartbeat=ev.at)
     elif ev.kind == "refused":
         s.update(w, refusals=w.refusals + 1)
+    elif ev.kind == "requeued":
+        s.emit(Notice("trial_requeued", level="warning", worker=w.name, workload=w.workload, pid=w.pid,
+                      reason=ev.detail or f"trial {ev.name} was failed and requeued", fields={"trial": ev.name}))
     elif ev.kind == "reclaimed":
         s.emit(Notice("reclaimed", worker=w.name, workload=w.workload, pid=w.pid,
                       reason="the worker ran its reclaim callbacks" + (f": {ev.detail}" if ev.detail else "")))
+        if w.brake_asked_at is not None and w.reclaimed_at is None and ev.at >= w.brake_asked_at:
+            s.update(w, reclaimed_at=ev.at, fulls_since_reclaimed=0)
 
 
 def _on_exit(s: _Step, w: WorkerState, ev: Exited) -> None:
@@ -376,8 +413,17 @@ def _on_exit(s: _Step, w: WorkerState, ev: Exited) -> None:
         fields["leftovers_killed"] = ev.leftovers
     if failed and ev.last_lines:
         fields["last_lines"] = list(ev.last_lines[-5:])
+    if w.trial_started_at is not None:
+        fields["trial"] = w.trial_name
     s.emit(Notice("exit", level="warning" if failed else "info", worker=w.name, workload=w.workload, pid=ev.pid,
                   reason=detail, explain=stop.explain if stop else None, fields=fields))
+    if w.trial_started_at is not None and (ev.signal == SIGKILL or failed):
+        # Killed outright: the worker could not record the trial's end, so its study still shows it running.
+        name = w.trial_name or "(not yet named)"
+        s.emit(Notice("trial_interrupted", level="warning", worker=w.name, workload=w.workload, pid=ev.pid,
+                      reason=(f"trial {name} was running when it ended ({detail}); the next start of "
+                              f"{w.name} fails it and asks for it again (memguard.integrations.optuna)"),
+                      fields={"trial": w.trial_name, "ran_for_s": round(max(0.0, ev.at - w.trial_started_at), 3)}))
     if s.victim == (w.name, w.incarnation):
         s.delay_until = ev.at + s.policy.post_action_delay_s
     _after_exit(s, w, ran_for=ran_for, detail=detail, failed=failed, by_memguard=stop is not None)
@@ -385,7 +431,12 @@ def _on_exit(s: _Step, w: WorkerState, ev: Exited) -> None:
 
 def _after_exit(s: _Step, w: WorkerState, *, ran_for: float, detail: str, failed: bool,
                 by_memguard: bool = False) -> None:
-    """Decide what follows an exit: stay stopped, restart now, restart after backoff, or fail."""
+    """Decide what follows an exit: stay stopped, restart now, restart after backoff, or fail.
+
+    A planned restart (the stop said so, or a clean exit under ``always``) is
+    counted in ``restart.planned`` and never fails the slot; anything else is
+    a failure and spends ``restart.budget``.
+    """
     wl = s.workload(w)
     stop = w.stop
     # The incarnation ended: its record is replaced whole (nothing of it survives into the next start).
@@ -397,27 +448,41 @@ def _after_exit(s: _Step, w: WorkerState, *, ran_for: float, detail: str, failed
         s.set(w, phase=Phase.STOPPED, **base)
         return
     restart_now = stop is not None and stop.then == "restart"
+    finished = not failed and not by_memguard  # it exited cleanly on its own: its work is done
     if not restart_now:
         mode = wl.restart.mode
-        finished = not failed and not by_memguard  # it exited cleanly on its own: its work is done
         if mode == "never" or (mode == "on-failure" and finished):
             s.set(w, phase=Phase.STOPPED, **base)
             if finished:
                 s.emit(Notice("completed", worker=w.name, workload=w.workload,
                               reason="exited 0 on its own; restart policy on-failure leaves it stopped"))
             return
-    window = wl.restart.budget_window_s
+    rp = wl.restart
+    window = rp.budget_window_s
     recent = tuple(t for t in w.restarts if s.now - t < window)
-    if len(recent) >= wl.restart.budget_count:
+    planned = (stop is not None and stop.planned) or finished
+    lo, hi = rp.backoff_min_s, rp.backoff_max_s
+    if planned:
+        done = tuple(t for t in w.planned if s.now - t < rp.planned_window_s) + (s.now,)
+        delay = 0.0 if restart_now else (w.backoff_s or lo) if ran_for < hi else lo
+        next_backoff = lo if restart_now else min(max(delay * 2, lo), hi)
+        s.set(w, phase=Phase.PENDING, spawn_at=s.now + delay, backoff_s=next_backoff, restarts=recent,
+              planned=done, **base)
+        s.emit(Notice("restart_scheduled", worker=w.name, workload=w.workload,
+                      reason=f"planned restart in {format_duration(delay)} after: {detail}",
+                      fields={"delay_s": delay, "planned": True, "planned_in_window": len(done),
+                              "restarts_in_window": len(recent),
+                              "budget": f"{rp.budget_count}/{format_duration(window)}"}))
+        return
+    if len(recent) >= rp.budget_count:
         s.set(w, phase=Phase.FAILED, restarts=recent, **base)
         s.emit(Notice("failed", level="error", worker=w.name, workload=w.workload,
-                      reason=(f"restart budget spent: {len(recent)} restarts in the last "
-                              f"{format_duration(window)} (budget {wl.restart.budget_count}/"
-                              f"{format_duration(window)}); last exit: {detail}. "
-                              f"It stays failed until a reload or an operator start."),
+                      reason=(f"restart budget spent: {len(recent)} failures in the last "
+                              f"{format_duration(window)} (restart.budget {rp.budget_count}/"
+                              f"{format_duration(window)}; planned restarts are not counted); last exit: "
+                              f"{detail}. It stays failed until a reload or an operator start."),
                       fields={"restarts": len(recent)}))
         return
-    lo, hi = wl.restart.backoff_min_s, wl.restart.backoff_max_s
     backoff = w.backoff_s or lo
     if ran_for >= hi:
         backoff = lo  # it ran long enough: this is not a crash loop
@@ -426,8 +491,8 @@ def _after_exit(s: _Step, w: WorkerState, *, ran_for: float, detail: str, failed
     s.set(w, phase=Phase.PENDING, spawn_at=s.now + delay, backoff_s=next_backoff, restarts=recent + (s.now,), **base)
     s.emit(Notice("restart_scheduled", worker=w.name, workload=w.workload,
                   reason=f"restart in {format_duration(delay)} after: {detail}",
-                  fields={"delay_s": delay, "restarts_in_window": len(recent) + 1,
-                          "budget": f"{wl.restart.budget_count}/{format_duration(window)}"}))
+                  fields={"delay_s": delay, "planned": False, "restarts_in_window": len(recent) + 1,
+                          "budget": f"{rp.budget_count}/{format_duration(window)}"}))
 
 
 # ---------------------------------------------------------------------------
@@ -459,7 +524,9 @@ def _take_samples(s: _Step, obs: Observation) -> None:
                 window = s.workload(w).growth_window_s
                 history = tuple(p for p in history if obs.at - p[0] <= window) + (
                     (obs.at, float(sample.memory_bytes)),)
-            s.update(w, sample=sample, memory=sample.memory_bytes, history=history)
+            w = s.update(w, sample=sample, memory=sample.memory_bytes, history=history)
+            if w.reclaimed_at is not None and w.brake_verdict is None:
+                s.update(w, fulls_since_reclaimed=w.fulls_since_reclaimed + 1)
 
 
 def _expire_grace(s: _Step) -> None:
@@ -560,7 +627,7 @@ def _jitter(name: str, incarnation: int) -> float:
     return (zlib.crc32(f"{name}/{incarnation}".encode()) & 0xFFFFFFFF) / 2**32
 
 
-def _builtin(name: str, when: str, signal: str, value: float, threshold: float, unit: str, display: str,
+def _builtin(name: str, when: str, signal: str, value: float, threshold: float | None, unit: str, display: str,
              source: str) -> Explanation:
     return Explanation(rule=name, when=when, signal=signal, value=value, threshold=threshold, unit=unit,
                        display=display, source=source)
@@ -593,37 +660,135 @@ def _trial_checks(s: _Step, w: WorkerState, wl: WorkloadPolicy, ctx: Context) ->
         return
     if in_trial:
         return  # recycling and the brake act only between trials
+    if _brake(s, w, wl):
+        return  # the brake, not recycling, decides when a worker held by its own memory restarts
+    _recycle(s, w, wl)
+
+
+def _planned_room(w: WorkerState, wl: WorkloadPolicy, now: float) -> float | None:
+    """None when restart.planned has room for one more planned restart now; else when it will."""
+    rp = wl.restart
+    recent = [t for t in w.planned if now - t < rp.planned_window_s]
+    if len(recent) < rp.planned_count:
+        return None
+    return min(recent) + rp.planned_window_s
+
+
+def _planned_may_go(s: _Step, w: WorkerState, wl: WorkloadPolicy, what: str) -> bool:
+    """May a planned restart (``what``: recycle, brake) be carried out now? Says once why it waits."""
+    now = s.now
+    if now < w.planned_wait_until:
+        return False
+    room = _planned_room(w, wl, now)
+    if room is None:
+        return True
+    if not w.inc.planned_waiting:
+        rp = wl.restart
+        s.emit(Notice("restart_postponed", worker=w.name, workload=w.workload, pid=w.pid,
+                      reason=(f"{what} restart waits {format_duration(room - now)}: {rp.planned_count} planned "
+                              f"restarts in the last {format_duration(rp.planned_window_s)} (restart.planned "
+                              f"{rp.planned_count}/{format_duration(rp.planned_window_s)}); never counted as a "
+                              f"failure"),
+                      fields={"until_s": round(room - now, 3)}))
+    s.update(w, planned_wait_until=room, planned_waiting=True)
+    return False
+
+
+def _own_blocking_rule(w: WorkerState, wl: WorkloadPolicy) -> Rule | None:
+    """The first of the worker's own block rules in force (its gate is held by its own memory)."""
+    for r in wl.rules:
+        if r.action == ActionKind.BLOCK and (rs := w.rules.get(r.key)) is not None and rs.active:
+            return r
+    return None
+
+
+def _brake(s: _Step, w: WorkerState, wl: WorkloadPolicy) -> bool:
+    """restart_when_blocked, between trials. True while the brake holds the worker (recycling waits).
+
+    One round per closing of the gate by the worker's own memory: ask it to
+    reclaim once; when it answers, take two more full readings (the first
+    may have been measured before the answer, the second was not); if its
+    own block rule has not released on them, its memory did not come back:
+    restart it. A reclaim nobody answers is judged on the memory after
+    ``BRAKE_ANSWER_S``; ``after`` is the ceiling on the wait whatever the
+    evidence. Unknown memory decides nothing (invariant 1), only the ceiling.
+    """
     brake = wl.brake
-    if (not w.admission_open and w.blocked_since is not None and _own_block(w, wl)
-            and (brake.refusals is not None or brake.after_s is not None)):
-        blocked_for = now - w.blocked_since
-        by_refusals = brake.refusals is not None and w.refusals >= brake.refusals
-        by_time = brake.after_s is not None and blocked_for >= brake.after_s
-        if by_refusals or by_time:
-            mem = format_size(float(w.memory)) if is_known(w.memory) else "unknown"
-            why = (f"{w.refusals} trials refused in a row (restart_when_blocked.refusals {brake.refusals})"
-                   if by_refusals else
-                   f"blocked {format_duration(blocked_for)} (restart_when_blocked.after "
-                   f"{format_duration(brake.after_s or 0)})")
-            ex = _builtin("restart_when_blocked", "admission closed by the worker's own rule",
-                          "worker.refusals" if by_refusals else "worker.blocked_for",
-                          float(w.refusals) if by_refusals else blocked_for,
-                          float(brake.refusals or 0) if by_refusals else float(brake.after_s or 0),
-                          "count" if by_refusals else "seconds",
-                          f"{why} while its own memory ({mem}) holds the gate: only a restart gives leaked memory back",
-                          wl.source)
-            _begin_stop(s, w, event="restart", reason="brake", then="restart", severity=ActionKind.RESTART.severity,
-                        rule="restart_when_blocked", explain=ex)
-            return
-    if (brake.refusals is not None or brake.after_s is not None) and not w.admission_open and _own_block(w, wl):
-        return  # the brake, not recycling, decides when a worker held by its own rule restarts
+    if not brake.enabled:
+        return False
+    rule = _own_blocking_rule(w, wl)
+    if rule is None or w.admission_open or w.blocked_since is None:
+        if w.brake_asked_at is not None or w.brake_verdict is not None:
+            # The gate opened (the reclaim worked) or was never the worker's own doing: the round is over.
+            s.update(w, brake_asked_at=None, brake_memory=w.memory, reclaimed_at=None, fulls_since_reclaimed=0,
+                     brake_verdict=None,
+                     planned_wait_until=0.0 if w.planned_wait_until == math.inf else w.planned_wait_until)
+        return False
+    now = s.now
+    if now < w.planned_wait_until:
+        return True
+    mem = w.memory
+    held = f"rule {rule.name}" + (f" (release: {rule.release_text})" if rule.release_text else "")
+    if w.brake_verdict is None:
+        if w.brake_asked_at is None:
+            ex = w.rules[rule.key].explain
+            s.update(w, brake_asked_at=now, brake_memory=mem, reclaimed_at=None, fulls_since_reclaimed=0)
+            if w.pid is not None:
+                s.emit(Reclaim(worker=w.name, workload=w.workload, pid=w.pid, incarnation=w.incarnation,
+                               reason=(f"restart_when_blocked: its own memory holds its gate closed, {held}; "
+                                       f"asking it to give memory back before deciding whether it must restart"),
+                               explain=ex))
+            return True
+        waited = now - max(w.blocked_since, w.last_trial_end if w.last_trial_end is not None else -math.inf)
+        answered = w.reclaimed_at is not None and w.fulls_since_reclaimed >= 2
+        silent = w.reclaimed_at is None and now - w.brake_asked_at >= min(BRAKE_ANSWER_S, brake.after_s)
+        if (answered or silent) and is_known(mem):
+            before = w.brake_memory
+            was = format_size(float(before)) if is_known(before) else "unknown"
+            how = (f"the worker's reclaim took its memory from {was} to {format_size(float(mem))}" if answered else
+                   f"no answer to the reclaim request within {format_duration(min(BRAKE_ANSWER_S, brake.after_s))} "
+                   f"(memory {was} then, {format_size(float(mem))} now)")
+            verdict = _builtin("restart_when_blocked", f"worker.memory still holds the gate after a reclaim ({held})",
+                               "worker.memory", float(mem), None, "bytes",
+                               f"{how}, not enough to release {held}: only a restart gives leaked "
+                               f"memory back", wl.source)
+        elif waited >= brake.after_s:
+            verdict = _builtin("restart_when_blocked", f"worker.blocked_for >= {format_duration(brake.after_s)}",
+                               "worker.blocked_for", waited, brake.after_s, "seconds",
+                               f"waited {format_duration(waited)} at a gate its own memory holds closed, {held} "
+                               f"(restart_when_blocked.after {format_duration(brake.after_s)})", wl.source)
+        else:
+            return True
+        if w.trials == 0 and w.refusals > 0:
+            # Its client waits at the gate before its first trial ended: its size at start holds the gate,
+            # and a new process would start at that size too.
+            s.update(w, brake_verdict=verdict, planned_wait_until=math.inf)
+            s.emit(Notice("brake_futile", level="error", worker=w.name, workload=w.workload, pid=w.pid,
+                          reason=(f"its own memory ({format_size(float(mem)) if is_known(mem) else 'unknown'}) "
+                                  f"holds its gate closed before it finished a single trial, {held}: a restart "
+                                  f"would start it at the same size, so restart_when_blocked leaves it waiting. "
+                                  f"Raise the rule's threshold above the worker's size at start."),
+                          explain=verdict))
+            return True
+        w = s.update(w, brake_verdict=verdict)
+    if not _planned_may_go(s, w, wl, "brake"):
+        return True
+    _begin_stop(s, w, event="restart", reason="brake", then="restart", severity=ActionKind.RESTART.severity,
+                rule="restart_when_blocked", explain=w.brake_verdict, planned=True)
+    return True
+
+
+def _recycle(s: _Step, w: WorkerState, wl: WorkloadPolicy) -> None:
+    """recycle.max_trials and recycle.max_age: close the gate, then restart between two trials."""
+    now = s.now
     if w.draining_since is not None:
         # The gate closed for recycling; a trial whose start crossed the closing is over by now
         # (trial starts reach memguard within milliseconds): restart between trials.
         if now - w.draining_since >= DRAIN_SETTLE_S:
             ex = w.drain_explain
             _begin_stop(s, w, event="restart", reason="recycle", then="restart",
-                        severity=ActionKind.RESTART.severity, rule=ex.rule if ex else "recycle", explain=ex)
+                        severity=ActionKind.RESTART.severity, rule=ex.rule if ex else "recycle", explain=ex,
+                        planned=True)
         return
     rc = wl.recycle
     ex = None
@@ -638,7 +803,7 @@ def _trial_checks(s: _Step, w: WorkerState, wl: WorkloadPolicy, ctx: Context) ->
             ex = _builtin("recycle.max_age", f"worker.age >= {format_duration(limit)}", "worker.age", age, limit,
                           "seconds", f"age {format_duration(age)} >= recycle.max_age {format_duration(rc.max_age_s)} "
                           f"(less {rc.jitter:.0%} jitter: {format_duration(limit)})", wl.source)
-    if ex is not None:
+    if ex is not None and _planned_may_go(s, w, wl, "recycle"):
         # Close the gate first, so no new trial starts; restart once the boundary is certain.
         s.update(w, draining_since=now, drain_explain=ex)
 
@@ -675,26 +840,28 @@ def _stop_for_rule(s: _Step, w: WorkerState, rule: Rule, ex: Explanation, *, sys
     then = "restart" if action == ActionKind.RESTART else "policy"
     _begin_stop(s, w, event=action.value, reason="rule", then=then, severity=action.severity,
                 rule=rule.name, explain=ex, grace_s=rule.grace_s, system=system_rule,
-                rule_key=None if system_rule else rule.key)
+                rule_key=None if system_rule else rule.key, planned=rule.kind == RuleKind.RUNTIME)
     return True
 
 
 def _begin_stop(s: _Step, w: WorkerState, *, event: str, reason: str, then: str, severity: int,
                 rule: str | None = None, explain: Explanation | None = None, grace_s: float | None = None,
-                system: bool = False, rule_key: RuleKey | None = None) -> None:
+                system: bool = False, rule_key: RuleKey | None = None, planned: bool | None = None) -> None:
     wl = s.workload(w)
     grace = wl.grace_s if grace_s is None else grace_s
+    if planned is None:
+        planned = reason in _PLANNED_REASONS
     if w.phase == Phase.STARTING:
         # No pid yet: remember the wish; the Spawned event turns it into a stop.
         s.update(w, stop=StopState(event=event, reason=reason, then=then, requested_at=s.now,
                                    kill_at=s.now + grace, severity=severity, rule=rule, explain=explain,
-                                   system=system, rule_key=rule_key))
+                                   system=system, rule_key=rule_key, planned=planned))
         return
     protected = w.sample is not None and w.sample.protected
     kill_now = event == "kill"
     stop = StopState(event=event, reason=reason, then=then, requested_at=s.now,
                      kill_at=None if kill_now else s.now + grace, severity=severity, rule=rule,
-                     explain=explain, system=system, rule_key=rule_key)
+                     explain=explain, system=system, rule_key=rule_key, planned=planned)
     s.set(w, phase=Phase.STOPPING, inc=replace(w.inc, stop=stop))
     if protected:
         s.emit(Notice("refused", level="warning", worker=w.name, workload=w.workload, pid=w.pid,
@@ -916,4 +1083,4 @@ def _start_due(s: _Step) -> None:
         first = w.incarnation == 0
         w = s.set(w, phase=Phase.STARTING, inc=Incarnation(number=w.incarnation + 1), spec=wl.spec_key())
         s.emit(Spawn(worker=name, workload=w.workload, incarnation=w.incarnation, restart=not first,
-                     reason="start" if first else f"restart #{len(w.restarts)} (after: {w.last_exit})"))
+                     reason="start" if first else f"restart #{w.incarnation - 1} (after: {w.last_exit})"))

@@ -17,7 +17,13 @@ from ..units import duration_text
 from .evaluate import Context
 from .state import CoreState, Phase, WorkerState
 
-__all__ = ["runtime_rule", "worker_rules", "system_context", "worker_context", "growth_rate", "timers"]
+__all__ = ["runtime_rule", "worker_rules", "system_context", "worker_context", "growth_rate", "timers",
+           "BRAKE_ANSWER_S"]
+
+#: How long the brake waits for the worker to answer its reclaim request before judging the memory
+#: as it is: 10 s. A reclaim pass (gc.collect(), malloc_trim(), emptying caches) takes about a second for
+#: a few GiB of heap; a worker silent ten times that long is not giving memory back (or does not listen).
+BRAKE_ANSWER_S = 10.0
 
 
 def runtime_rule(wl: WorkloadPolicy) -> Rule | None:
@@ -111,6 +117,11 @@ def timers(state: CoreState) -> Iterable[float]:
             yield w.spawn_at
         if w.phase == Phase.STOPPING and w.stop is not None and w.stop.kill_at is not None:
             yield w.stop.kill_at
+        if w.phase == Phase.RUNNING:
+            if w.inc.brake_asked_at is not None and w.inc.reclaimed_at is None:
+                yield w.inc.brake_asked_at + BRAKE_ANSWER_S
+            if 0.0 < w.inc.planned_wait_until < math.inf:
+                yield w.inc.planned_wait_until
     if state.delay_until != math.inf and state.delay_until > 0:
         yield state.delay_until
     if state.process_stop is not None and state.process_stop.kill_at is not None:

@@ -20,6 +20,13 @@ code path cannot invent one silently.
 A stop the actor could not carry out (dry run; a process found protected
 at the last moment) comes back as ``NotDone`` and returns the worker from
 ``stopping`` to ``running``: nothing waits for an exit that will not come.
+
+Two budgets decide what follows an exit. A failure (a crash, a kernel OOM
+kill, a spawn that failed, a stop by a rule) spends ``restart.budget``, and
+past it the slot is ``failed``. A planned restart (recycling, the brake,
+``limits.runtime``, an operator, a reload, a clean exit under ``always``)
+is counted in ``restart.planned`` instead and never fails the slot: when
+that window is full, the next recycle or brake restart waits for room.
 """
 
 from __future__ import annotations
@@ -69,7 +76,7 @@ TRANSITIONS: dict[tuple[Phase, Phase], str] = {
     (Phase.STOPPING, Phase.PENDING): "stopped by memguard; restart (at once or after backoff)",
     (Phase.STOPPING, Phase.RUNNING): "the stop was not carried out (dry run, or protected at the last moment)",
     (Phase.STOPPING, Phase.STOPPED): "stopped for good (shutdown, operator, removed from config)",
-    (Phase.STOPPING, Phase.FAILED): "stopped by memguard past the restart budget",
+    (Phase.STOPPING, Phase.FAILED): "stopped by a rule (a failure) past the restart budget",
     (Phase.STOPPED, Phase.PENDING): "operator start or reload",
     (Phase.FAILED, Phase.PENDING): "operator start or reload",
 }
@@ -110,6 +117,8 @@ class StopState:
     explain: Explanation | None = None
     system: bool = False  # chosen as a victim by a system rule
     rule_key: RuleKey | None = None  # the worker rule that asked for it (quieted if it was not carried out)
+    # A planned restart (recycle, brake, runtime, operator, reload): counted apart from failures.
+    planned: bool = False
 
 
 @dataclass(frozen=True)
@@ -139,6 +148,17 @@ class Incarnation:
     draining_since: float | None = None  # gate closed for a restart at the next trial boundary
     drain_explain: Explanation | None = None
     gate_retry_at: float = 0.0  # the gate file could not be written: no new try before then
+    last_trial_end: float | None = None  # when the last trial ended (a wait at the gate starts then)
+    # The brake (restart_when_blocked), one round per closing of the gate by the worker's own memory:
+    brake_asked_at: float | None = None  # the reclaim it asked for
+    brake_memory: Reading = UNKNOWN  # the worker's memory when it asked
+    reclaimed_at: float | None = None  # the worker's answer: its reclaim callbacks are done
+    fulls_since_reclaimed: int = 0  # full readings since that answer; the second one was taken after it
+    brake_verdict: Explanation | None = None  # the evidence says restart: done at the next trial boundary
+    # No recycle or brake restart before then: a stop that was not carried out (dry run), or no room
+    # left among the planned restarts (restart.planned).
+    planned_wait_until: float = 0.0
+    planned_waiting: bool = False  # a planned restart waits for room in restart.planned (said once)
 
 
 @dataclass(frozen=True)
@@ -155,7 +175,8 @@ class WorkerState:
     phase: Phase = Phase.PENDING
     spawn_at: float = 0.0
     backoff_s: float = 0.0  # the next backoff; 0 = the policy minimum
-    restarts: tuple[float, ...] = ()  # when each restart was decided (budget window)
+    restarts: tuple[float, ...] = ()  # when each restart after a failure was decided (restart.budget window)
+    planned: tuple[float, ...] = ()  # when each planned restart was decided (restart.planned window)
     spec: tuple = ()  # WorkloadPolicy.spec_key() the current incarnation was started with
     last_exit: str = ""
     inc: Incarnation = field(default_factory=Incarnation)
@@ -181,6 +202,13 @@ class WorkerState:
     draining_since = property(lambda self: self.inc.draining_since)
     drain_explain = property(lambda self: self.inc.drain_explain)
     gate_retry_at = property(lambda self: self.inc.gate_retry_at)
+    last_trial_end = property(lambda self: self.inc.last_trial_end)
+    brake_asked_at = property(lambda self: self.inc.brake_asked_at)
+    brake_memory = property(lambda self: self.inc.brake_memory)
+    reclaimed_at = property(lambda self: self.inc.reclaimed_at)
+    fulls_since_reclaimed = property(lambda self: self.inc.fulls_since_reclaimed)
+    brake_verdict = property(lambda self: self.inc.brake_verdict)
+    planned_wait_until = property(lambda self: self.inc.planned_wait_until)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Optuna workers under memguard: gated trials, clean stops, retries, restarts.
 
 ``pip install memguard[optuna]``. Optuna is imported inside the functions
-that need it.
+that need it. Only Optuna's public API is used; tested with Optuna 3.4 (the
+oldest supported) and the newest release.
 
 The short version::
 
@@ -15,10 +16,11 @@ What :func:`optimize` does, and why:
 
 - **Admission.** Between two trials it waits at the worker's admission gate
   while memguard keeps it closed (``block``), *before* Optuna creates the
-  next trial, so no trial sits RUNNING while the worker waits. Each trial
-  is also wrapped in :func:`memguard.client.trial`, which reports its start
-  and end to memguard (for ``recycle.max_trials``, ``trial_timeout`` and
-  ``heartbeat_timeout``).
+  next trial, so no trial sits RUNNING while the worker waits. Then it
+  claims the next trial with memguard and reads the gate once more: a gate
+  that closed in between sends it back to wait, so no trial is ever
+  created behind a closed gate, and memguard, which recycles or brakes a
+  worker only between trials, knows of the trial before it exists.
 - **Stopping.** SIGINT and SIGTERM raise :class:`MemguardStop`, a
   KeyboardInterrupt, inside the running trial. Optuna records that trial
   as FAIL (a trial interrupted by SIGTERM's default action or by
@@ -26,12 +28,21 @@ What :func:`optimize` does, and why:
   A signal that arrives while Optuna itself is writing to its storage
   (asking for or telling a trial) is held until the next safe point, so a
   storage transaction is never cut in half.
-- **Retry.** A trial failed that way is enqueued again with the same
-  parameters (``retry_of`` and ``memguard`` user attributes), at most
-  ``max_retry`` times per original trial (default 1: a configuration that
-  blew memory up once tends to do it again). A trial stopped before its
-  objective started (while it waited at the gate) is requeued without
-  counting as a retry.
+- **Retry, Optuna's way.** A trial failed by a stop is queued again by
+  Optuna's own retry callback (``RetryFailedTrialCallback``, renamed
+  ``RetryHeartbeatStaleTrialCallback`` in Optuna 4.9): the new trial has
+  the same parameters, and ``retried_trial_number()`` /
+  ``retry_history()`` name the original. At most ``max_retry`` retries per
+  original trial (default 1: a configuration that blew memory up once
+  tends to do it again).
+- **No trial left RUNNING.** Each trial records which worker process runs
+  it (user attribute ``memguard_owner``: host, worker, boot, pid). A worker
+  killed outright (SIGKILL after its grace period, the kernel's OOM killer,
+  memguard itself killed and its workers with it) cannot record its trial's
+  end; the next start of the same worker finds that trial still RUNNING,
+  sees its process gone, fails it and queues it again the same way, before
+  it asks for a new trial. memguard logs it as ``trial_requeued``. No
+  heartbeat, grace period or other worker is needed for that.
 - **Restarts.** ``n_trials`` counts the COMPLETE and PRUNED trials of the
   whole study, not of this process: a worker that memguard restarts goes
   on where the study is and exits 0 once the study has its trials (under
@@ -40,17 +51,17 @@ What :func:`optimize` does, and why:
 - ``catch=(MemoryError,)``: a trial that runs out of memory is recorded
   FAIL and the worker goes on.
 
-For a worker killed outright (SIGKILL after the grace period, or the
-kernel's OOM killer), Optuna cannot record anything; use ``RDBStorage``
-with ``heartbeat_interval`` so the RUNNING trial is failed at the next
-``ask()``, and ``RetryHeartbeatStaleTrialCallback`` to retry it.
+A trial whose worker died on another machine (several machines, one RDB
+study) is failed by Optuna's heartbeat instead: see :func:`rdb_storage`.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -70,23 +81,21 @@ __all__ = [
     "install_signal_handlers",
     "restore_signal_handlers",
     "MemguardCallback",
-    "RetryStoppedTrials",
     "optimize",
+    "requeue",
+    "requeue_orphans",
     "rdb_storage",
     "ATTR_STOPPED",
     "ATTR_STARTED",
-    "ATTR_RETRY_OF",
-    "ATTR_REASON",
-    "ATTR_RETRIES",
+    "ATTR_OWNER",
 ]
 
 #: User attributes memguard writes. On a trial a stop failed:
 ATTR_STOPPED = "memguard_stopped"  # why it was stopped ("SIGINT; admission closed: ...")
-ATTR_STARTED = "memguard_started"  # False when the objective had not started (it waited at the gate)
-#: On the trial enqueued to retry it:
-ATTR_RETRY_OF = "retry_of"  # number of the original trial
-ATTR_REASON = "memguard"  # why the original was stopped
-ATTR_RETRIES = "memguard_retries"  # retries of the original used so far, this one included
+ATTR_STARTED = "memguard_started"  # False when the objective had not started yet
+#: On every trial run under memguard: who runs it, so that a later start of the worker can tell a trial
+#: whose process is gone. {"host": ..., "worker": "search-0", "boot": boot id, "pid": ..., "start": ...}
+ATTR_OWNER = "memguard_owner"
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -96,8 +105,6 @@ class StoppedTrial:
     """A trial that a stop interrupted, as the objective wrapper saw it."""
 
     number: int
-    params: dict[str, Any]
-    user_attrs: dict[str, Any]
     started: bool
     reason: str
 
@@ -127,7 +134,7 @@ class MemguardStop(KeyboardInterrupt):
 
 
 class _StopState:
-    """Process-wide: what the signal handler saw and where the main thread is."""
+    """Process-wide: what the signal handler saw, where the main thread is, whether a trial is claimed."""
 
     def __init__(self) -> None:
         self.loops = 0  # > 0: inside optimize(), which has safe points to act on a held stop
@@ -137,6 +144,7 @@ class _StopState:
         self.requested: MemguardStop | None = None
         self.raised = False
         self.interruptible = 0  # > 0: the main thread is in an objective or a gate wait
+        self.claimed = False  # the next trial is claimed with memguard (the gate was open after the claim)
 
     def take(self) -> MemguardStop | None:
         """The pending stop, to raise now (once)."""
@@ -199,25 +207,155 @@ def restore_signal_handlers(previous: dict[int, Any]) -> None:
         signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
-def _fixed_params(trial: Any) -> dict[str, Any]:
-    """Parameters an enqueued trial was given (Optuna keeps them as system attribute ``fixed_params``)."""
-    fixed = getattr(trial, "_fixed_params", None)
-    if isinstance(fixed, dict):
-        return dict(fixed)
+# ---------------------------------------------------------------------------
+# Who runs a trial
+
+
+def _read(path: str) -> str | None:
     try:
-        attrs = trial.storage.get_trial_system_attrs(trial._trial_id)
-        return dict(attrs.get("fixed_params") or {})
-    except Exception:  # noqa: BLE001 - only a better retry is lost
-        return {}
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _boot_id() -> str:
+    return (_read("/proc/sys/kernel/random/boot_id") or "").strip()
+
+
+def _process_start(pid: int) -> tuple[int, str] | None:
+    """(start time in clock ticks since boot, state letter) of a process; None when there is none."""
+    text = _read(f"/proc/{pid}/stat")
+    if not text:
+        return None
+    try:
+        fields = text.rsplit(")", 1)[1].split()
+        return int(fields[19]), fields[0]
+    except (IndexError, ValueError):
+        return None
+
+
+def _owner() -> dict[str, Any] | None:
+    """This process as a trial's owner, or None outside memguard (nothing would ever look)."""
+    worker = _client.worker_name()
+    if worker is None:
+        return None
+    pid = os.getpid()
+    started = _process_start(pid)
+    return {"host": socket.gethostname(), "worker": worker, "boot": _boot_id(), "pid": pid,
+            "start": started[0] if started else None}
+
+
+def _owner_gone(owner: dict[str, Any]) -> bool:
+    """Is the process that ran a trial certainly gone? Only answerable on its own machine."""
+    if owner.get("boot") != _boot_id():
+        return True  # the machine was restarted since
+    pid, start = owner.get("pid"), owner.get("start")
+    if not isinstance(pid, int):
+        return False
+    now = _process_start(pid)
+    # Gone, or its pid now belongs to another process, or a zombie nobody reaped yet: it will not tell.
+    return now is None or now[0] != start or now[1] in ("Z", "X")
+
+
+# ---------------------------------------------------------------------------
+# Retries, Optuna's way
+
+
+def _retry_callback(max_retry: int | None) -> Any:
+    """Optuna's retry callback: RetryHeartbeatStaleTrialCallback from 4.9, RetryFailedTrialCallback before."""
+    import optuna
+
+    cls = (getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+           or optuna.storages.RetryFailedTrialCallback)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return cls(max_retry=max_retry)
+
+
+def requeue(study: "optuna.Study", trial: "optuna.trial.FrozenTrial", max_retry: int | None = 1) -> bool:
+    """Queue ``trial`` (failed) again with Optuna's retry callback; True when a retry was added.
+
+    The new trial is WAITING with the same parameters (and the same fixed
+    parameters, if it was enqueued), so the next ``ask()`` of any worker
+    runs it; ``RetryFailedTrialCallback.retried_trial_number()`` names the
+    original trial, ``retry_history()`` every attempt. Nothing is added once
+    ``max_retry`` retries of the original were made (None: no limit).
+    """
+    import optuna
+
+    history = list(trial.system_attrs.get("retry_history", []))
+    if max_retry is not None and len(history) + 1 > max_retry:
+        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        _retry_callback(max_retry)(study, trial)
+    return True
+
+
+def _failed_trial(study: "optuna.Study", number: int) -> "optuna.trial.FrozenTrial | None":
+    from optuna.trial import TrialState
+
+    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        if t.number == number:
+            return t
+    return None
+
+
+def requeue_orphans(study: "optuna.Study", max_retry: int | None = 1) -> list[int]:
+    """Fail and requeue the trials an earlier start of this worker left RUNNING; returns their numbers.
+
+    A trial counts as this worker's when its ``memguard_owner`` names this
+    machine and this worker (``MEMGUARD_WORKER``) and that process is gone
+    (its pid is free or taken by another process, or the machine restarted
+    since). Each is told FAIL and queued again with :func:`requeue`, and
+    memguard is told (``trial_requeued`` in its log). Outside memguard it
+    does nothing. :func:`optimize` calls it before it asks for a trial.
+    """
+    from optuna.trial import TrialState
+
+    me = _owner()
+    if me is None:
+        return []
+    done = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = t.user_attrs.get(ATTR_OWNER)
+        if not isinstance(owner, dict) or owner.get("host") != me["host"] or owner.get("worker") != me["worker"]:
+            continue
+        if not _owner_gone(owner):
+            continue
+        try:
+            study.tell(t.number, state=TrialState.FAIL)
+        except Exception:  # noqa: BLE001 - finished meanwhile (Optuna's heartbeat, another worker): not ours
+            continue
+        added = requeue(study, t, max_retry)
+        original = t.system_attrs.get("failed_trial", t.number)
+        detail = (f"trial {t.number}, left RUNNING by an earlier start of {me['worker']} (pid {owner.get('pid')}, "
+                  f"gone), was failed and " + (f"queued again (a retry of trial {original})" if added else
+                                                f"not retried: its {max_retry} retries are used up"))
+        print(f"memguard: {detail}", file=sys.stderr, flush=True)
+        _client.default_client().report_requeued(f"trial-{t.number}", detail)
+        done.append(t.number)
+    return done
+
+
+# ---------------------------------------------------------------------------
+# The objective wrapper and the callback between trials
 
 
 def gated(objective: Callable[..., Any] | None = None, *, wait_timeout: float | None = 3600.0) -> Any:
     """Wrap an Optuna objective: each trial passes memguard's admission gate and is reported.
 
-    The trial is named ``trial-<number>`` in memguard's events. When a
-    stop interrupts it, the trial gets the user attributes
-    ``memguard_stopped`` (why) and ``memguard_started`` before Optuna
-    records it FAIL. Usable as ``@gated`` or ``gated(objective, wait_timeout=600)``.
+    The trial is named ``trial-<number>`` in memguard's events and records
+    its owner (``memguard_owner``). When a stop interrupts it, the trial
+    gets the user attributes ``memguard_stopped`` (why) and
+    ``memguard_started`` before Optuna records it FAIL. Usable as ``@gated``
+    or ``gated(objective, wait_timeout=600)``.
+
+    Used alone (in your own ``study.optimize``), the wait at a closed gate
+    happens inside the trial, which Optuna has already created; add
+    :class:`MemguardCallback` to ``callbacks`` to move it between trials,
+    or use :func:`optimize`, which does both.
     """
     if objective is None:
         return functools.partial(gated, wait_timeout=wait_timeout)
@@ -225,19 +363,30 @@ def gated(objective: Callable[..., Any] | None = None, *, wait_timeout: float | 
 
     @functools.wraps(obj)
     def wrapper(trial: "optuna.trial.Trial", *args: Any, **kwargs: Any) -> Any:
+        c = _client.default_client()
+        name = f"trial-{trial.number}"
         started = False
-        gate = _client.trial(f"trial-{trial.number}", wait_timeout=wait_timeout)
         try:
-            with _Interruptible():  # a stop may cut the wait at the gate short...
-                gate.__enter__()
+            if c.active:
+                if _state.claimed:
+                    c.name_trial(name)  # claimed before Optuna created it; now it has a number
+                else:
+                    with _Interruptible():  # a stop may cut the wait at the gate short
+                        c.claim(wait_timeout, name=name)
+                _state.claimed = False
+                owner = _owner()
+                if owner is not None:
+                    trial.set_user_attr(ATTR_OWNER, owner)
             try:
                 with _Interruptible():  # ...and the objective; not the reports around them
                     started = True
                     result = obj(trial, *args, **kwargs)
-            except BaseException:
-                gate.__exit__(*sys.exc_info())
+            except BaseException as e:
+                if c.active:
+                    c.end_trial(name, False, f"{type(e).__name__}: {e}"[:500])
                 raise
-            gate.__exit__(None, None, None)
+            if c.active:
+                c.end_trial(name, True)
             return result
         except MemguardStop as stop:
             _record_stop(trial, stop, started)
@@ -248,12 +397,7 @@ def gated(objective: Callable[..., Any] | None = None, *, wait_timeout: float | 
 
 def _record_stop(trial: Any, stop: MemguardStop, started: bool) -> None:
     reason = stop.reason()
-    try:
-        params = {**_fixed_params(trial), **trial.params}
-        user_attrs = trial.user_attrs
-    except Exception:  # noqa: BLE001
-        params, user_attrs = {}, {}
-    stop.trials.append(StoppedTrial(trial.number, params, user_attrs, started, reason))
+    stop.trials.append(StoppedTrial(trial.number, started, reason))
     try:
         trial.set_user_attr(ATTR_STOPPED, reason)
         trial.set_user_attr(ATTR_STARTED, started)
@@ -261,71 +405,42 @@ def _record_stop(trial: Any, stop: MemguardStop, started: bool) -> None:
         pass
 
 
-class RetryStoppedTrials:
-    """Enqueue again, with the same parameters, a trial that a stop failed; at most ``max_retry`` times.
-
-    A study callback (it acts on FAIL trials carrying ``memguard_stopped``)
-    that :func:`optimize` also calls directly, since Optuna re-raises a
-    KeyboardInterrupt before it runs the callbacks. The new trial's user
-    attributes: ``retry_of`` (the original trial's number), ``memguard``
-    (why it was stopped), ``memguard_retries`` (retries used). A trial that
-    never started its objective is requeued without using a retry.
-    """
-
-    def __init__(self, max_retry: int = 1) -> None:
-        if max_retry < 0:
-            raise ValueError("max_retry must be 0 or more")
-        self.max_retry = max_retry
-        self.enqueued: list[int] = []  # numbers of the trials requeued by this object
-        self._seen: set[int] = set()
-
-    def __call__(self, study: "optuna.Study", trial: "optuna.trial.FrozenTrial") -> None:
-        import optuna
-
-        if trial.state != optuna.trial.TrialState.FAIL or ATTR_STOPPED not in trial.user_attrs:
-            return
-        params = {**dict(trial.system_attrs.get("fixed_params") or {}), **trial.params}
-        self.requeue(study, StoppedTrial(trial.number, params, dict(trial.user_attrs),
-                                         bool(trial.user_attrs.get(ATTR_STARTED, True)),
-                                         str(trial.user_attrs[ATTR_STOPPED])))
-
-    def requeue(self, study: "optuna.Study", stopped: StoppedTrial) -> bool:
-        """Enqueue ``stopped`` again unless its retries are used up; True when enqueued."""
-        if stopped.number in self._seen:
-            return False
-        self._seen.add(stopped.number)
-        original = stopped.user_attrs.get(ATTR_RETRY_OF, stopped.number)
-        used = int(stopped.user_attrs.get(ATTR_RETRIES, 0)) + (1 if stopped.started else 0)
-        if used > self.max_retry:
-            return False
-        study.enqueue_trial(stopped.params, user_attrs={ATTR_RETRY_OF: original, ATTR_REASON: stopped.reason,
-                                                        ATTR_RETRIES: used})
-        self.enqueued.append(stopped.number)
-        _requeued.add(stopped.number)
-        return True
-
-
 class MemguardCallback:
-    """A study callback for the moment between two trials.
+    """A study callback for the moment between two trials: wait at the gate, then claim the next trial.
 
     It stops the optimisation loop when a stop signal was held (it arrived
-    while Optuna was writing to its storage), and otherwise waits at the
-    admission gate while memguard keeps it closed, before Optuna asks for
-    the next trial. A stop that arrives during that wait ends the loop at
-    once, with no trial RUNNING.
+    while Optuna was writing to its storage); otherwise it waits while
+    memguard keeps the gate closed, before Optuna creates the next trial,
+    and claims that trial (see :meth:`memguard.client.Client.claim`). A stop
+    that arrives during the wait ends the loop at once, with no trial
+    RUNNING. With ``n_trials`` it also ends the loop once the study holds
+    that many COMPLETE and PRUNED trials (Optuna's ``MaxTrialsCallback``).
     """
 
-    def __init__(self, wait_timeout: float | None = 3600.0) -> None:
+    def __init__(self, wait_timeout: float | None = 3600.0, n_trials: int | None = None,
+                 deadline: float | None = None) -> None:
         self.wait_timeout = wait_timeout
+        self.n_trials = n_trials
+        self.deadline = deadline  # time.monotonic() past which Optuna's timeout ends the loop anyway
 
     def __call__(self, study: "optuna.Study", trial: "optuna.trial.FrozenTrial") -> None:
+        from optuna.trial import TrialState
+
         if _state.requested is not None:
             study.stop()
             return
-        if getattr(study, "_stop_flag", False):
-            return  # the loop ends anyway (another callback stopped it): no need to wait
+        if self.n_trials is not None and len(study.get_trials(
+                deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))) >= self.n_trials:
+            study.stop()
+            return
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return  # Optuna's timeout ends the loop: no next trial to wait for
+        c = _client.default_client()
+        if not c.active or _state.claimed:
+            return
         with _Interruptible():
-            _client.wait_for_admission(self.wait_timeout)
+            c.claim(self.wait_timeout)
+        _state.claimed = True
 
 
 def _exit_like_sigint(stop: MemguardStop) -> None:
@@ -365,13 +480,23 @@ def _install_quiet_hook() -> None:
     sys.excepthook = hook
 
 
+def _requeue_stopped(study: "optuna.Study", stop: MemguardStop, max_retry: int | None) -> None:
+    for stopped in stop.trials:
+        try:
+            failed = _failed_trial(study, stopped.number)
+            if failed is not None and requeue(study, failed, max_retry):
+                _requeued.add(stopped.number)
+        except Exception:  # noqa: BLE001 - the stop must go on
+            pass
+
+
 def optimize(
     study: "optuna.Study",
     objective: Callable[["optuna.trial.Trial"], Any],
     n_trials: int,
     *,
     timeout: float | None = None,
-    max_retry: int = 1,
+    max_retry: int | None = 1,
     wait_timeout: float | None = 3600.0,
     catch: Sequence[type[Exception]] = (MemoryError,),
     callbacks: Iterable[Callable[["optuna.Study", "optuna.trial.FrozenTrial"], None]] = (),
@@ -381,13 +506,15 @@ def optimize(
     """Run ``objective`` until the study holds ``n_trials`` COMPLETE or PRUNED trials, memguard-aware.
 
     ``n_trials`` counts the whole study (every worker, every restart).
-    ``max_retry`` bounds retries of a trial that a stop failed;
-    ``wait_timeout`` (seconds, None for ever) bounds each wait at a closed
-    admission gate, after which :class:`memguard.client.AdmissionTimeout` is
-    raised and the process exits non-zero (memguard restarts it under
-    ``restart: {policy: on-failure}``). ``timeout`` is Optuna's (seconds for
-    this call). Other keyword arguments go to ``study.optimize``; ``n_jobs``
-    must be 1 (a stop can interrupt only the main thread).
+    First the trials an earlier start of this worker left RUNNING are failed
+    and queued again (:func:`requeue_orphans`). ``max_retry`` bounds the
+    retries of a trial (None: no bound); ``wait_timeout`` (seconds, None
+    for ever) bounds each wait at a closed admission gate, after which
+    :class:`memguard.client.AdmissionTimeout` is raised and the process
+    exits non-zero (memguard restarts it under ``restart: {policy:
+    on-failure}``). ``timeout`` is Optuna's (seconds for this call). Other
+    keyword arguments go to ``study.optimize``; ``n_jobs`` must be 1 (a stop
+    can interrupt only the main thread).
 
     Returns when the study is complete or ``timeout`` ran out. After a
     stop, once the interrupted trial is recorded FAIL and requeued, it
@@ -395,7 +522,7 @@ def optimize(
     end the process, which then exits the way SIGINT ends a program
     (status 130 in a shell), whichever of SIGINT or SIGTERM asked.
     """
-    import optuna
+    import optuna  # noqa: F401 - fail here, not in the middle of a trial, when optuna is missing
     from optuna.trial import TrialState
 
     if kwargs.get("n_jobs", 1) != 1:
@@ -404,30 +531,36 @@ def optimize(
     if "n_trials" in kwargs:
         raise TypeError("n_trials is given once")
     states = (TrialState.COMPLETE, TrialState.PRUNED)
-    retry = RetryStoppedTrials(max_retry)
     previous = install_signal_handlers()
     _state.loops += 1
+    c = _client.default_client()
     try:
-        with _Interruptible():
-            _client.wait_for_admission(wait_timeout)
-        if len(study.get_trials(deepcopy=False, states=states)) >= n_trials:
-            return
-        all_callbacks = [*callbacks, optuna.study.MaxTrialsCallback(n_trials, states=states), retry,
-                         MemguardCallback(wait_timeout)]
         try:
+            requeue_orphans(study, max_retry)
+            if len(study.get_trials(deepcopy=False, states=states)) >= n_trials:
+                return
+            between = MemguardCallback(wait_timeout, n_trials,
+                                       None if timeout is None else time.monotonic() + timeout)
+            if c.active:
+                with _Interruptible():
+                    c.claim(wait_timeout)
+                _state.claimed = True
             study.optimize(gated(objective, wait_timeout=wait_timeout), n_trials=None, timeout=timeout,
-                           catch=tuple(catch), callbacks=all_callbacks, gc_after_trial=gc_after_trial, **kwargs)
+                           catch=tuple(catch), callbacks=[*callbacks, between], gc_after_trial=gc_after_trial,
+                           **kwargs)
         except MemguardStop as stop:
-            for stopped in stop.trials:
-                try:
-                    retry.requeue(study, stopped)
-                except Exception:  # noqa: BLE001 - the stop must go on
-                    pass
+            _requeue_stopped(study, stop, max_retry)
             _exit_like_sigint(stop)
         held = _state.take()
         if held is not None:
             _exit_like_sigint(held)  # held until now; the study loop ended cleanly first
     finally:
+        if _state.claimed:
+            _state.claimed = False
+            try:
+                c.withdraw()  # the loop ended (complete, timeout, a callback's stop) before the claimed trial
+            except Exception:  # noqa: BLE001
+                pass
         _state.loops -= 1
         restore_signal_handlers(previous)
         if _state.loops == 0:
@@ -439,12 +572,15 @@ def rdb_storage(url: str, *, heartbeat_interval_s: int = 60, grace_period_s: int
     """An ``RDBStorage`` whose heartbeat fails trials of workers that were killed outright.
 
     A worker killed by SIGKILL (after its grace period, or by the kernel's
-    OOM killer) cannot record its trial's end: the trial would stay RUNNING.
-    With a heartbeat every ``heartbeat_interval_s`` seconds, a trial silent
-    for ``grace_period_s`` (default: twice the interval) is failed by the
-    next worker that asks for a trial, and retried ``max_retry`` times
-    (None: no retry) with Optuna's own retry callback. Works with SQLite,
-    PostgreSQL and MySQL URLs. Other keyword arguments go to ``RDBStorage``.
+    OOM killer) cannot record its trial's end. On its own machine the next
+    start of that worker fails and requeues the trial (:func:`optimize`);
+    the heartbeat covers the rest (the worker is not started again, or runs
+    on another machine): with a heartbeat every ``heartbeat_interval_s``
+    seconds, a trial silent for ``grace_period_s`` (default: twice the
+    interval) is failed by the next worker that asks for a trial, and
+    retried ``max_retry`` times (None: no retry) with Optuna's own retry
+    callback. Works with SQLite, PostgreSQL and MySQL URLs. Other keyword
+    arguments go to ``RDBStorage``.
     """
     import optuna
     import sqlalchemy.exc

@@ -86,12 +86,22 @@ restart policy.
 Check the workload's command, user and working_dir (`memguard check` reports
 most of these), then reload."""),
     "exit": ("Worker @MEMGUARD_WORKER@ exited", """\
-A worker process ended. MEMGUARD_CAUSE says how (exited by itself, stopped by
-memguard, killed by a signal or by the kernel OOM killer), and the entry holds
-its exit status or signal, how long it ran and its last lines of output.
+A worker process ended. MEMGUARD_CAUSE says why in one word (none, stopped,
+host_oom, gpu_oom, killed, timeout, disk_full, exit: docs/incidents.md), and
+the entry holds its exit status or signal, how long it ran, the lines of
+output that say so and what to do.
 
 If it was not memguard's doing, look at the worker's own output:
 `journalctl -u memguard -t @MEMGUARD_WORKER@`."""),
+    "incident": ("memguard recorded a death: @MEMGUARD_CAUSE@", """\
+A process died and memguard wrote an incident record: what died (a worker, a
+container, a systemd unit or a plain process), how (signal, exit status, the
+kernel's OOM kill and the limit it hit), why (memguard's rule and numbers, or
+the kernel), and the minutes of memory history before it. MEMGUARD_CAUSE is
+one of host_oom, gpu_oom, killed, timeout, disk_full, exit, stopped, none.
+
+Read the whole record: `memguard incidents show @MEMGUARD_INCIDENT@`, or ask
+`memguard diagnose` (what died last, and what to do about it)."""),
     "completed": ("Worker @MEMGUARD_WORKER@ completed", """\
 The worker exited successfully and its restart policy does not start it
 again.

@@ -39,6 +39,15 @@ from ..units import format_duration, format_size
 __all__ = ["add_parser", "run", "render", "View", "Segment", "SORTS"]
 
 SORTS = ("name", "memory", "limit", "growth", "restarts")
+
+
+def _restarts(w: dict) -> int:
+    """Restarts of a worker in its windows: failures and planned ones (recycle, brake, operator, runtime)."""
+    total = 0
+    for key in ("restarts_in_window", "planned_restarts_in_window"):
+        v = w.get(key)
+        total += int(v) if isinstance(v, (int, float)) else 0
+    return total
 #: 1 s between refreshes: the daemon's own poll interval; faster tells nothing new.
 DEFAULT_DELAY_S = 1.0
 #: 0.2 s at the fastest: each refresh is a request the daemon answers after a tick.
@@ -185,7 +194,7 @@ def _sort_key(sort: str) -> Callable[[tuple[str, Mapping[str, Any]]], Any]:
     if sort == "growth":
         return lambda kv: (-num(kv[1].get("growth_bytes_per_s")), kv[0])
     if sort == "restarts":
-        return lambda kv: (-num(kv[1].get("restarts_in_window")), kv[0])
+        return lambda kv: (-_restarts(kv[1]), kv[0])
     return lambda kv: kv[0]
 
 
@@ -263,7 +272,8 @@ def _worker_lines(workers: Mapping[str, Mapping[str, Any]], view: View, width: i
             Segment(f"{w.get('trials', 0):>6}{'*' if trial else ' '}"),
             Segment(f"{gate:<7}", "warn" if gate == "closed" else ""),
             Segment(f"{_size(w.get('gpu_memory_bytes')):>8} "),
-            Segment(f"{w.get('restarts_in_window', 0):>3} ", "warn" if w.get("restarts_in_window") else ""),
+            # every restart in the window, planned or not; in the warning colour when failures are among them
+            Segment(f"{_restarts(w):>3} ", "warn" if w.get("restarts_in_window") else ""),
             Segment(last_text.replace("\n", " "), "dim"),
         ]
         out.append(row)

@@ -173,7 +173,9 @@ def _worker(name: str, w: WorkerState, policy: Any, now: float | None,
         "phase": w.phase.value, "pid": w.pid, "incarnation": w.incarnation,
         "admission": "open" if w.admission_open else "closed", "trials": w.trials,
         "memory_bytes": w.memory if isinstance(w.memory, (int, float)) else None,
-        "restarts_in_window": len(w.restarts), "last_exit": w.last_exit,
+        "restarts_in_window": len(w.restarts),  # failures (the restart budget)
+        "planned_restarts_in_window": len(getattr(w, "planned", ())),  # recycle, brake, operator, runtime
+        "last_exit": w.last_exit,
         "workload": w.workload,
         "limit_bytes": limit,
         "memory_marks": marks,

@@ -1508,7 +1508,7 @@ def _comparison_problem(c: Comparison) -> str | None:
         pct = f" or a percent sign ({n}%)" if float(n) <= 100 and spec.percent_ok else ""
         return (f"{_clip(c.text)} compares a size with a bare number, which would mean {n} bytes: "
                 f"add a unit ({n}MiB, {n}GiB){pct}")
-    if c.unit == "percent" and c.threshold > 100 and spec.percent_of != "limits.memory":
+    if c.unit == "percent" and c.threshold > 100 and spec.percent_of != "limits.memory" and c.signal != "worker.cpu":
         return f"{_clip(c.text)} is decided in advance: {c.signal} is never above 100%"
     return None
 

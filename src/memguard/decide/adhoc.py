@@ -67,7 +67,17 @@ def take_adhoc(s: Any, obs: Observation) -> None:
         elif isinstance(ev, AdmitCancel):
             _cancel(s, ev)
     _leave(s)
+    new = [t for t in s.queue if t.since == s.now]
     _grant(s, obs)
+    # Jobs that could not be admitted at once are told where they stand (in the log).
+    avail, promised = obs.scope.available_bytes, _promised(s)
+    for t in new:
+        if t in s.queue:
+            s.emit(Notice("queued", reason=(f"{t.name} waits for {format_size(t.need_bytes)} "
+                                            f"({_figures(avail, promised)}; place {s.queue.index(t) + 1} in the "
+                                            f"queue)"),
+                          fields={"ticket": t.ticket, "job": t.name, "need_bytes": t.need_bytes,
+                                  "position": s.queue.index(t) + 1, "promised_bytes": promised}))
 
 
 def _join(s: Any, ev: Joined) -> None:
@@ -142,11 +152,7 @@ def _request(s: Any, ev: AdmitRequest, obs: Observation) -> None:
     if len(s.queue) >= MAX_QUEUE:
         _answer(s, t, False, avail, promised, f"{ev.name}: not admitted: {MAX_QUEUE} jobs already wait")
         return
-    s.queue = s.queue + (t,)
-    s.emit(Notice("queued", reason=(f"{ev.name} waits for {format_size(ev.need_bytes)} "
-                                    f"({_figures(avail, promised)}; place {len(s.queue)} in the queue)"),
-                  fields={"ticket": ev.ticket, "job": ev.name, "need_bytes": ev.need_bytes,
-                          "position": len(s.queue), "promised_bytes": promised}))
+    s.queue = s.queue + (replace(t, since=s.now),)
 
 
 def _cancel(s: Any, ev: AdmitCancel) -> None:
@@ -173,7 +179,8 @@ def _grant(s: Any, obs: Observation) -> None:
             return
         s.queue = s.queue[1:]
         s.promises[head.ticket] = Promise(head.ticket, head.need_bytes, head.name, s.now)
+        waited = max(0.0, s.now - head.since)
         _answer(s, head, True, avail, promised,
-                f"{head.name}: {format_size(head.need_bytes)} admitted after waiting "
-                f"{max(0.0, s.now - head.since):.1f}s ({_figures(avail, promised)})")
+                f"{head.name}: {format_size(head.need_bytes)} admitted"
+                + (f" after waiting {waited:.1f}s" if waited else " at once") + f" ({_figures(avail, promised)})")
         promised += head.need_bytes

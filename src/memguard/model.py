@@ -161,10 +161,10 @@ class Pressure:
     some_avg60: Reading = UNKNOWN
     full_avg10: Reading = UNKNOWN
     full_avg60: Reading = UNKNOWN
-    # memguard's own short averages, from the kernel's total stall time over about the last 2 s (the
+    # memguard's own short averages, from the kernel's total stall time over about the last second (the
     # kernel's shortest average is over 10 s): they follow a thrash within seconds.
-    some_avg2: Reading = UNKNOWN
-    full_avg2: Reading = UNKNOWN
+    some_avg1: Reading = UNKNOWN
+    full_avg1: Reading = UNKNOWN
 
 
 NO_PRESSURE = Pressure()

@@ -60,12 +60,12 @@ SIGNALS: dict[str, SignalSpec] = {
         _s("psi.full_avg10", "system", "percent", None,
            "Share of the last 10 s in which all non-idle tasks stalled on memory (PSI 'full': thrashing)."),
         _s("psi.full_avg60", "system", "percent", None, "PSI 'full' averaged over 60 s."),
-        _s("psi.some_avg2", "system", "percent", None,
-           "Share of about the last 2 s in which at least one task stalled on memory, computed by memguard "
-           "from the kernel's total stall time: follows a thrash within seconds, where avg10 takes ten. "
+        _s("psi.some_avg1", "system", "percent", None,
+           "Share of about the last second in which at least one task stalled on memory, computed by memguard "
+           "from the kernel's total stall time: follows a thrash within a second, where avg10 takes ten. "
            "Read at every full tick, and at once when the kernel's PSI trigger fires."),
-        _s("psi.full_avg2", "system", "percent", None,
-           "Share of about the last 2 s in which all non-idle tasks stalled on memory (see psi.some_avg2)."),
+        _s("psi.full_avg1", "system", "percent", None,
+           "Share of about the last second in which all non-idle tasks stalled on memory (see psi.some_avg1)."),
         _s("memory.fill_rate", "system", "bytes_per_second", None,
            "How fast the scope's available memory fell over the last second, from every reading (fast and "
            "full); negative while memory is being freed. Unknown until readings span 50 ms."),

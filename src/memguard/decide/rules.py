@@ -68,8 +68,8 @@ def _system_values(obs: Observation) -> dict[str, object]:
         "psi.some_avg60": pr.some_avg60,
         "psi.full_avg10": pr.full_avg10,
         "psi.full_avg60": pr.full_avg60,
-        "psi.some_avg2": pr.some_avg2,
-        "psi.full_avg2": pr.full_avg2,
+        "psi.some_avg1": pr.some_avg1,
+        "psi.full_avg1": pr.full_avg1,
     }
 
 

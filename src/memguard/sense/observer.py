@@ -235,7 +235,7 @@ class Observer(LoopOwned):
     def _read_pressure(self, now: float) -> Pressure:
         pressure, totals = read_pressure_totals(self._pressure_path())
         some, full = self._recent.add(now, totals)
-        return replace(pressure, some_avg2=some, full_avg2=full)
+        return replace(pressure, some_avg1=some, full_avg1=full)
 
     def describe(self) -> dict[str, str]:
         """What is guarded, for the start-up line."""

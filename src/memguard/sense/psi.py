@@ -76,24 +76,27 @@ def read_pressure_totals(path: str = PSI_MEMORY_PATH) -> tuple[Pressure, tuple[i
 
 
 class RecentPressure:
-    """memguard's short PSI averages (``psi.some_avg2``, ``psi.full_avg2``) from the kernel's total counters.
+    """memguard's short PSI averages (``psi.some_avg1``, ``psi.full_avg1``) from the kernel's total counters.
 
     The kernel's averages run over 10 s at the shortest and are updated every 2 s: a thrash shows in them
     only after several seconds. The ``total=`` counters (microseconds stalled) move at once; the share of
-    wall time stalled between two readings :data:`WINDOW_S` apart is the average over that window. Fed one
-    reading per call (full ticks, and when a PSI trigger fires); not thread-safe (the observer's own).
+    wall time stalled between the newest reading and the oldest of the last :data:`WINDOW_S` is the average
+    over about that long. Fed one reading per call (full ticks, and when a PSI trigger fires); not
+    thread-safe (the observer's own).
     """
 
-    #: 2 s: the kernel's shortest unprivileged PSI trigger window, so a trigger and the figure agree.
-    WINDOW_S = 2.0
-    #: A share is computed over at least 0.5 s (over 1 ms it says nothing).
-    MIN_SPAN_S = 0.5
+    #: 1 s: a thrash that began a second ago reads at its full strength, where a longer window would still
+    #: average in the calm before it (measured: the probe of tests/test_last_line.py stalled for over a second
+    #: with a 2 s window, not at all with 1 s).
+    WINDOW_S = 1.0
+    #: A share is computed over at least 0.3 s (over a millisecond it says nothing).
+    MIN_SPAN_S = 0.3
 
     def __init__(self) -> None:
         self._history: list[tuple[float, int | None, int | None]] = []
 
     def add(self, now: float, totals: tuple[int | None, int | None]) -> tuple[object, object]:
-        """Note a reading at ``now`` (seconds); returns (some, full) in percent over about the last 2 s."""
+        """Note a reading at ``now`` (seconds); returns (some, full) in percent over about the last second."""
         self._history.append((now, totals[0], totals[1]))
         # Keep the window, plus the newest reading before it (the base of the next share).
         while len(self._history) > 2 and now - self._history[1][0] >= self.WINDOW_S:
@@ -110,7 +113,7 @@ class RecentPressure:
                 base = entry  # the oldest one in the window that is at least MIN_SPAN_S old
                 break
         if base is None:
-            return Unknown("not enough PSI readings yet for a 2 s average")
+            return Unknown("not enough PSI readings yet for a 1 s average")
         span_us = (newest[0] - base[0]) * 1e6
         stalled = max(0, newest[index] - base[index])  # type: ignore[operator]
         return min(100.0, 100.0 * stalled / span_us)
@@ -154,8 +157,13 @@ class PsiTrigger:
         return self._epoll.fileno()
 
     def fired(self) -> bool | None:
-        """Drain the events: True when the trigger fired, False on a spurious wake, None when the
-        descriptor failed (the file went away: a cgroup removed) and the trigger is dead."""
+        """Drain the events after the loop saw the epoll descriptor readable: True (the trigger fired), or None
+        when the descriptor failed (the file went away: a cgroup removed) and the trigger is dead.
+
+        The kernel hands a trigger's event to the first poll that asks, and the event loop's check of the
+        epoll descriptor is that poll: by the time the epoll set is read here, the event may be gone. So a
+        wake-up itself says the trigger fired (a spurious one costs one extra reading of the pressure).
+        """
         import select
 
         if self._epoll is None:
@@ -166,7 +174,7 @@ class PsiTrigger:
             return None
         if any(ev & (select.EPOLLERR | select.EPOLLHUP) for _, ev in events):
             return None
-        return any(ev & select.EPOLLPRI for _, ev in events)
+        return True
 
     def close(self) -> None:
         import os

@@ -422,22 +422,25 @@ class Effects(LoopOwned):
             if not action.lifecycle:
                 self._not_done(action, "protected")
             return
+        if action.signum == SIGKILL:
+            # The main process and its recorded members first, each reaped the moment it is killed
+            # (process_mrelease); the group, the members again and the cgroup then get SIGKILL as always.
+            record = self.children.live_records().get(action.worker)
+            if record is not None and record[0] == action.pid and record[2] == action.incarnation:
+                self._releaser.kill([(record[0], record[1]), *record[3]], action.worker)
         self.children.signal(action.worker, action.pid, action.incarnation, action.signum)
         if action.signum == SIGKILL and self.cgroups is not None:
             self.cgroups.kill(action.worker)  # the whole cgroup: escaped descendants too
-        if action.signum == SIGKILL:
-            record = self.children.live_records().get(action.worker)
-            if record is not None and record[0] == action.pid:
-                self._releaser.release([(record[0], record[1]), *record[3]], action.worker)
 
     def _signal_process(self, action: SignalProcess, policy: DaemonPolicy, notes: list[Notice]) -> None:
         """Signal an unmanaged victim, only if it is still the process that was chosen."""
         if self._protected(action.pid, policy):
             self._not_done(action, "protected")
             return
+        if action.signum == SIGKILL and self._releaser.kill([(action.pid, action.start)],
+                                                            f"unmanaged {action.name}"):
+            return  # killed, and its memory reaped at once
         outcome = signal_process(action.pid, action.start, action.signum)
-        if outcome.sent and action.signum == SIGKILL:
-            self._releaser.release([(action.pid, action.start)], f"unmanaged {action.name}")
         if outcome in (Outcome.REPLACED, Outcome.DENIED):
             notes.append(Notice("refused", level="warning", pid=action.pid,
                                 reason=f"unmanaged process {action.name} (pid {action.pid}) not signalled: "
@@ -610,9 +613,11 @@ class Effects(LoopOwned):
             self.control.push_to(conn, {"event": "signal", "worker": action.worker, "action": action.event,
                                         "signal": signal_name(action.signum), "reason": action.reason,
                                         "explain": action.explain.display if action.explain else None})
-        sent = self.adhoc.signal(action.worker, action.pid, action.signum)
-        if sent and action.signum == SIGKILL:
-            self._releaser.release(sent, action.worker)
+        if action.signum == SIGKILL:
+            record = self.adhoc.live_records().get(action.worker)
+            if record is not None and record[0] == action.pid:
+                self._releaser.kill([(record[0], record[1]), *record[3]], action.worker)
+        self.adhoc.signal(action.worker, action.pid, action.signum)
 
     def _on_job(self, op: str, req: dict[str, Any], peer: tuple[int, int, int], conn: int) -> Any:
         try:

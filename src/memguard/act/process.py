@@ -32,7 +32,7 @@ import os
 import signal as _signal
 
 __all__ = ["Outcome", "start_time", "signal_process", "signal_group", "signal_cgroup", "kill_cgroup", "pin",
-           "process_mrelease", "MRELEASE_UNSUPPORTED"]
+           "process_mrelease", "pidfd_kill", "MRELEASE_UNSUPPORTED"]
 
 
 class Outcome(str, enum.Enum):
@@ -121,6 +121,21 @@ def process_mrelease(pidfd: int) -> int:
     if _libc.syscall(_SYS_PROCESS_MRELEASE, pidfd, 0) == 0:
         return 0
     return ctypes.get_errno()
+
+
+_SYS_PIDFD_SEND_SIGNAL = 424  # the unified system call table again (Linux >= 5.1)
+_pylibc = None
+
+
+def pidfd_kill(pidfd: int) -> bool:
+    """SIGKILL through ``pidfd`` without releasing the interpreter lock (a PyDLL call), so that the caller's
+    next step (``process_mrelease``) follows with no other thread in between. True if sent."""
+    global _pylibc
+    import ctypes
+
+    if _pylibc is None:
+        _pylibc = ctypes.PyDLL(None, use_errno=True)
+    return _pylibc.syscall(_SYS_PIDFD_SEND_SIGNAL, pidfd, int(_signal.SIGKILL), None, 0) == 0
 
 
 def signal_process(pid: int, start: int, signum: int) -> Outcome:

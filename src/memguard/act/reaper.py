@@ -9,8 +9,10 @@ replay of a real incident, it picked sshd. ``process_mrelease`` (Linux
 kernel's own OOM reaper does; earlyoom calls it after each kill.
 
 It blocks while it unmaps, so it runs here, in one thread of its own, on
-duplicated pidfds of processes memguard has just sent SIGKILL (pinned and
-identity-checked before, so a reused pid is never touched). What it did
+pidfds pinned and identity-checked on the event loop (a reused pid is never
+touched): the thread sends SIGKILL and calls ``process_mrelease`` at once,
+back to back, for the call only helps before the victim has let go of its
+memory on its way out. What it did
 comes back to the daemon's inbox as a notice, through the event loop. A
 kernel without the call is said once.
 
@@ -30,9 +32,13 @@ import time
 from typing import Callable
 
 from ..model import Notice
-from .process import MRELEASE_UNSUPPORTED, Outcome, pin, process_mrelease
+from .process import MRELEASE_UNSUPPORTED, Outcome, pidfd_kill, pin, process_mrelease
 
-__all__ = ["MemoryReleaser"]
+__all__ = ["MemoryReleaser", "KILL_WAIT_S"]
+
+#: How long the loop waits for the releaser's thread to have sent its SIGKILLs: it wakes in well under a
+#: millisecond; 50 ms bounds the wait if the machine is stalled, and the signals still go out after it.
+KILL_WAIT_S = 0.05
 
 
 class MemoryReleaser:
@@ -55,19 +61,29 @@ class MemoryReleaser:
         self._thread = threading.Thread(target=self._run, name="memguard-mrelease", daemon=True)
         self._thread.start()
 
-    def release(self, targets: list[tuple[int, int]], who: str) -> int:
-        """Queue the memory of ``targets`` (pid, start time), which were just sent SIGKILL, to be reaped.
-        Returns how many were queued (those still dying; a reaped or replaced pid is skipped)."""
-        if self.unsupported or self._thread is None:
-            return 0
+    def kill(self, targets: list[tuple[int, int]], who: str, wait_s: float = KILL_WAIT_S) -> list[tuple[int, int]]:
+        """SIGKILL ``targets`` (pid, start time) from the releaser's thread and reap their memory at once.
+
+        ``process_mrelease`` only helps while the victim has not yet detached its memory on its way out
+        (after that the kernel returns ESRCH and the victim frees it as it unwinds): the call must follow
+        the signal with nothing in between. So the thread sends the signal and makes the call back to back,
+        holding the interpreter lock across the pair (the event loop cannot run in between). This waits
+        (at most ``wait_s``) for the signals to be sent, not for the memory; returns the pairs signalled.
+        """
+        if self._thread is None or self.unsupported:
+            return []
         fds = []
         for pid, start in targets:
             fd = pin(pid, start)
             if not isinstance(fd, Outcome):
                 fds.append((fd, pid))
-        if fds:
-            self._queue.put((fds, who, time.monotonic()))
-        return len(fds)
+        if not fds:
+            return []
+        done = threading.Event()
+        sent: list[int] = []
+        self._queue.put((fds, who, time.monotonic(), done, sent))
+        done.wait(wait_s)
+        return [(pid, start) for pid, start in targets if pid in sent]
 
     def close(self) -> None:
         if self._thread is not None:
@@ -89,11 +105,19 @@ class MemoryReleaser:
             item = self._queue.get()
             if item is None:
                 return
-            fds, who, queued = item
-            released, errors = [], []
+            fds, who, queued, done, sent = item
+            released, freeing, errors = [], [], []
             began = time.monotonic()
-            for fd, pid in fds:
+            for i, (fd, pid) in enumerate(fds):
                 try:
+                    if sent is not None:  # kill, then reap at once (see kill())
+                        killed = pidfd_kill(fd)
+                        if killed:
+                            sent.append(pid)
+                        if i == 0 and done is not None:
+                            done.set()  # the main victim is signalled: the loop may go on
+                        if not killed:
+                            continue
                     err = process_mrelease(fd)
                 finally:
                     os.close(fd)
@@ -102,20 +126,28 @@ class MemoryReleaser:
                 elif err in MRELEASE_UNSUPPORTED:
                     self.unsupported = True
                     errors.append((pid, err))
-                elif err not in (errno.ESRCH,):
+                elif err == errno.ESRCH:  # it had already let go of its memory: it frees it itself, exiting
+                    freeing.append(pid)
+                else:
                     errors.append((pid, err))
+            if done is not None:
+                done.set()
             took = time.monotonic() - began
-            self._tell(who, released, errors, took, began - queued)
+            self._tell(who, released, freeing, errors, took, began - queued)
 
-    def _tell(self, who: str, released: list[int], errors: list[tuple[int, int]], took: float,
+    def _tell(self, who: str, released: list[int], freeing: list[int], errors: list[tuple[int, int]], took: float,
               waited: float) -> None:
         notes = []
-        if released:
-            notes.append(Notice("memory_released", level="info", pid=released[0], reason=(
-                f"{who}: memory of {len(released)} killed process(es) reaped with process_mrelease in "
-                f"{took * 1000:.0f} ms (pids {', '.join(map(str, released[:10]))})"),
-                fields={"pids": released, "release_ms": round(took * 1000, 1),
-                        "queued_ms": round(waited * 1000, 1)}))
+        if released or freeing:
+            text = (f"{who}: memory of {len(released)} killed process(es) reaped with process_mrelease in "
+                    f"{took * 1000:.0f} ms" + (f" (pids {', '.join(map(str, released[:10]))})" if released else ""))
+            if freeing:
+                text += (f"; {len(freeing)} had already let go of it and free it as they exit (pids "
+                         f"{', '.join(map(str, freeing[:10]))})")
+            notes.append(Notice("memory_released", level="info" if released else "debug",
+                                pid=(released or freeing)[0], reason=text,
+                                fields={"pids": released, "already_freeing": freeing,
+                                        "release_ms": round(took * 1000, 1), "queued_ms": round(waited * 1000, 1)}))
         if self.unsupported and not self._said_unsupported:
             self._said_unsupported = True
             notes.append(Notice("memory_release_unsupported", level="warning", reason=(

@@ -469,7 +469,6 @@ class Effects(LoopOwned):
         for w in workers:
             if self.adhoc is not None and w in self.adhoc:
                 self.adhoc.forget(w)
-                continue  # an ad-hoc worker has no admission file
             self._gates.pop(w, None)
             try:
                 os.unlink(self.admission_file(w))

@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 
@@ -21,7 +19,7 @@ from memguard.act.reaper import MemoryReleaser
 from memguard.model import ProtectedProcess, is_known
 from memguard.sense.psi import PsiTrigger, RecentPressure, parse_totals
 
-from daemonkit import Daemon, make_cgroup, write_config
+from daemonkit import Daemon, write_config
 
 MiB = 1024**2
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field, replace
 
 from memguard.decide.pacing import fast_path_interval
 from memguard.decide.trend import fill_rate, note
-from memguard.model import (Admit, AdmitCancel, AdmitRequest, Exited, Joined, Notice, Observation, Pressure,
-                            Progress, Signal, WorkerSample)
-from memguard.policy import Limits, RestartPolicy, WorkloadPolicy
+from memguard.model import (Admit, AdmitCancel, AdmitRequest, Exited, Joined, Notice, Observation,
+                            Progress)
+from memguard.policy import RestartPolicy, WorkloadPolicy
 
 from corekit import GiB, MiB, SIGKILL, SIGTERM, Sim, daemon, rule, scope, signals, workload
 

@@ -111,9 +111,11 @@ class RunReporter(Reporter):
 
     def tick(self, obs: Observation, state: Any) -> None:
         super().tick(obs, state)
-        if not self._started and self.on_started is not None:
+        if not self._started and self.on_started is not None and obs.full:
+            # After its first full sample: by then the job has entered its cgroup (it does so as it starts).
             for w in state.workers.values():
-                if w.pid is not None and w.phase.value == "running":
+                sample = obs.workers.get(w.name)
+                if w.pid is not None and w.phase.value == "running" and sample is not None and sample.pid == w.pid:
                     self._started = True
                     self.on_started(w.pid)
         for s in obs.workers.values():
@@ -284,10 +286,14 @@ async def _run(args: Any, wl: WorkloadPolicy, link: Any) -> int:
                           fast_poll_interval_s=0.1, mlock=False,
                           worker_cgroups="auto" if os.geteuid() == 0 else "off")
     joined: dict[str, str] = {}
+    holder: dict[str, Any] = {}
 
     def started(pid: int) -> None:
         if link is not None and not link.closed:
-            asyncio.ensure_future(_join(args, wl, link, pid, ticket, joined))
+            cgroups = getattr(holder.get("daemon"), "effects", None)
+            cgroups = getattr(cgroups, "cgroups", None)
+            cgroup = cgroups.path(wl.worker_names()[0]) if cgroups is not None else None
+            asyncio.ensure_future(_join(args, wl, link, pid, ticket, joined, cgroup))
 
     def exited(returncode: int | None, signum: int | None) -> None:
         if link is not None and "worker" in joined:
@@ -297,7 +303,8 @@ async def _run(args: Any, wl: WorkloadPolicy, link: Any) -> int:
     if link is not None:
         link.on_push = reporter.daemon_did
     try:
-        code = await build_daemon(policy, reporter=reporter, one_shot=True).run()
+        holder["daemon"] = daemon = build_daemon(policy, reporter=reporter, one_shot=True)
+        code = await daemon.run()
     finally:
         shutil.rmtree(runtime, ignore_errors=True)
     if code != 0:
@@ -311,9 +318,12 @@ async def _run(args: Any, wl: WorkloadPolicy, link: Any) -> int:
 
 
 async def _join(args: Any, wl: WorkloadPolicy, link: Any, pid: int, ticket: str | None,
-                joined: dict[str, str]) -> None:
-    """Register the running job with the daemon as an ad-hoc worker."""
+                joined: dict[str, str], cgroup: str | None = None) -> None:
+    """Register the running job with the daemon as an ad-hoc worker (measured through ``cgroup``, the job's
+    own, where it has one)."""
     fields: dict[str, Any] = {"pid": pid, "command": list(wl.command), "priority": getattr(args, "priority", 0)}
+    if cgroup is not None:
+        fields["cgroup"] = cgroup
     if getattr(args, "name", None):
         fields["name"] = args.name
     if wl.limits.memory_bytes:
@@ -327,7 +337,8 @@ async def _join(args: Any, wl: WorkloadPolicy, link: Any, pid: int, ticket: str 
         return
     if reply.get("ok"):
         joined["worker"] = str(reply.get("worker"))
-        _say(args, f"joined the memguard daemon as ad-hoc worker {joined['worker']}")
+        _say(args, f"joined the memguard daemon as ad-hoc worker {joined['worker']}"
+                   + (f" ({reply['note']})" if reply.get("note") else ""))
     else:
         _say(args, f"the memguard daemon refused the job ({reply.get('error')}); it runs under this memguard alone")
 

@@ -71,10 +71,11 @@ def _descends_from(pid: int, ancestor: int, max_depth: int = 64) -> bool:
     return False
 
 
-def check_join(pid: object, peer: tuple[int, int, int], cgroup: object) -> tuple[int, int, str | None]:
-    """(pid, start time, cgroup directory or None) of a join request from ``peer`` (pid, uid, gid), or
-    JoinRefused. root may register any process; anyone else only a process of their own that is the
-    peer itself or one of its descendants (``memguard run`` and its job). A cgroup must hold the process."""
+def check_join(pid: object, peer: tuple[int, int, int], cgroup: object) -> tuple[int, int, str | None, str]:
+    """(pid, start time, cgroup directory or None, a note) of a join request from ``peer`` (pid, uid, gid),
+    or JoinRefused. root may register any process; anyone else only a process of their own that is the peer
+    itself or one of its descendants (``memguard run`` and its job). A cgroup is used only if it holds the
+    process (it is how a SIGKILL reaches the whole job): otherwise it is ignored and the note says why."""
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 1:
         raise JoinRefused("field 'pid' must be the job's process id (an integer above 1)")
     st = read_stat(pid)
@@ -86,19 +87,18 @@ def check_join(pid: object, peer: tuple[int, int, int], cgroup: object) -> tuple
             raise JoinRefused(f"process {pid} does not belong to you (uid {peer_uid})")
         if not _descends_from(pid, peer_pid):
             raise JoinRefused(f"process {pid} is neither you (pid {peer_pid}) nor one of your descendants")
-    path = None
-    if cgroup is not None:
-        if not isinstance(cgroup, str) or not cgroup.startswith("/sys/fs/cgroup/") or ".." in cgroup.split("/"):
-            raise JoinRefused("field 'cgroup' must be a directory under /sys/fs/cgroup")
-        try:
-            with open(os.path.join(cgroup, "cgroup.procs"), "rb") as f:
-                members = {int(x) for x in f.read().split()}
-        except (OSError, ValueError):
-            raise JoinRefused(f"cannot read {cgroup}/cgroup.procs") from None
-        if pid not in members:
-            raise JoinRefused(f"process {pid} is not in cgroup {cgroup}")
-        path = cgroup
-    return pid, st.start, path
+    if cgroup is None:
+        return pid, st.start, None, ""
+    if not isinstance(cgroup, str) or not cgroup.startswith("/sys/fs/cgroup/") or ".." in cgroup.split("/"):
+        raise JoinRefused("field 'cgroup' must be a directory under /sys/fs/cgroup")
+    try:
+        with open(os.path.join(cgroup, "cgroup.procs"), "rb") as f:
+            members = {int(x) for x in f.read().split()}
+    except (OSError, ValueError):
+        return pid, st.start, None, f"cgroup {cgroup} ignored: its cgroup.procs cannot be read"
+    if pid not in members:
+        return pid, st.start, None, f"cgroup {cgroup} ignored: process {pid} is not in it"
+    return pid, st.start, cgroup, ""
 
 
 @dataclass(eq=False)

@@ -662,7 +662,7 @@ class Effects(LoopOwned):
 
     def _join(self, req: dict[str, Any], peer: tuple[int, int, int], conn: int) -> dict[str, Any]:
         assert self.adhoc is not None and self._inbox is not None
-        pid, start, cgroup = check_join(req.get("pid"), peer, req.get("cgroup"))
+        pid, start, cgroup, note = check_join(req.get("pid"), peer, req.get("cgroup"))
         command = req.get("command") or []
         if not isinstance(command, list) or not all(isinstance(c, str) for c in command):
             return {"ok": False, "error": "field 'command' must be a list of strings"}
@@ -688,7 +688,7 @@ class Effects(LoopOwned):
         if not self.adhoc.add(worker, pid, start, cgroup, conn):
             return {"ok": False, "error": f"process {pid} ended before it could join"}
         self._inbox.post(Joined(worker, wl, pid, start, self._clock(), ticket=ticket, origin="run"))
-        return {"ok": True, "worker": worker}
+        return {"ok": True, "worker": worker, **({"note": note} if note else {})}
 
     def _exited(self, req: dict[str, Any], peer: tuple[int, int, int]) -> dict[str, Any]:
         assert self.adhoc is not None

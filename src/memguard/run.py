@@ -223,13 +223,18 @@ async def _admit(args: Any, wl: WorkloadPolicy, link: Any) -> tuple[int | None, 
             _say(args, f"the memguard daemon went away ({e}); checking memory alone")
             link = None
         else:
-            if not reply.get("ok"):
+            if str(reply.get("error", "")).startswith("unknown op"):
+                _say(args, "the memguard daemon is older than this memguard run (no admission queue); checking "
+                           "memory alone")
+                link = None
+            elif not reply.get("ok"):
                 return _refuse(wl, f"the memguard daemon says: {reply.get('error')}"), None
-            if wait_free is not None:
-                _say(args, f"admitted after {time.monotonic() - began:.1f}s: "
-                           f"{format_size(reply.get('available_bytes') or 0)} available, "
-                           f"{format_size(reply.get('promised_bytes') or 0)} promised to earlier jobs")
-            return None, reply.get("ticket")
+            else:
+                if wait_free is not None:
+                    _say(args, f"admitted after {time.monotonic() - began:.1f}s: "
+                               f"{format_size(reply.get('available_bytes') or 0)} available, "
+                               f"{format_size(reply.get('promised_bytes') or 0)} promised to earlier jobs")
+                return None, reply.get("ticket")
     scope = choose_scope("auto")
     if require_free is not None:
         avail = scope().available_bytes

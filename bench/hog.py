@@ -8,6 +8,9 @@ other end) and then reads go signals, one JSON line each:
     {"rate": BYTES_PER_S, "stop_at": N}   allocate at that rate until N bytes
                                           are held in all, print "holding N",
                                           then wait for the next line
+    {"rate": R, "burst": N, "pause": S}   bursts: N bytes as fast as the rate
+                                          allows (1e12: full speed), then S
+                                          seconds of nothing, until killed
 
 At start the hog reserves one large anonymous mapping (address space
 only, ``MAP_NORESERVE``: nothing is charged yet). It then fills it in
@@ -82,6 +85,20 @@ def main() -> int:
             go = json.loads(line)
             rate = float(go["rate"])
             stop_at = go.get("stop_at")
+            if go.get("burst"):
+                burst, pause = int(go["burst"]), float(go.get("pause", 0.2))
+                while taken + burst <= args.reserve:
+                    done = 0
+                    while done < burst:
+                        size = min(chunk, burst - done)
+                        size -= size % PAGE
+                        if size <= 0:
+                            break
+                        fill(taken, size)
+                        taken += size
+                        done += size
+                    time.sleep(pause)
+                break
             interval = chunk / rate
             due = time.monotonic()
             while stop_at is None or taken < stop_at:

@@ -22,6 +22,14 @@ kills. A second part measures the daemon's CPU use idle and while memory
 is held just above the threshold. A fresh cgroup, balloon and daemon
 serve each run.
 
+The ``ladder`` action runs two rules at the same threshold instead of
+one: a graceful rule that acts on the trend (``within: 2s``: terminate as
+soon as available memory, falling at its recent rate, will cross 2 GiB
+within 500 ms; ``--within``) and the last resort (``kill`` on the level). The graceful rule
+wins a run when its SIGTERM stops the hog before the last resort fires.
+``--rates bursty`` (with numbers, e.g. ``1,2,bursty``) adds a bursty
+allocator: 256 MiB at full speed, then 200 ms of nothing, over and over.
+
 See docs/benchmarks.md for what the figures mean. Results go to
 bench/results/reaction-<date>.json and a summary to standard output.
 Exit status: 0 done, 1 a run failed to complete, 2 refused to run.
@@ -60,6 +68,10 @@ SAMPLE_SLEEP = 0.00025          # sampler pause between reads (select on the hog
 HOLD_TARGETS = (int(2.2 * GiB), int(2.05 * GiB), 2 * GiB + 12 * MiB, 2 * GiB + 5 * MiB)
 HOLD_RATE = 1e9
 WARM_UP = 3 * GiB               # touched and freed outside the cgroup before each go (see warm_up)
+LADDER_WITHIN = "500ms"         # the ladder's graceful rule: within 500 ms on the trend (--within)
+BURSTY = -1.0                   # the bursty allocator, among the rates
+BURST_BYTES = 256 * MiB         # ... takes 256 MiB at full speed
+BURST_PAUSE_S = 0.2             # ... then pauses 200 ms (about 1 GB/s on average, 3-5 GB/s within a burst)
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -490,6 +502,11 @@ def write_config(d: str, action: str) -> dict[str, str]:
     rule = {"name": f"bench-{action}", "when": "memory.available < 2GiB", "action": action}
     if action == "terminate":
         rule["grace"] = "1s"
+    rules = [rule]
+    if action == "ladder":
+        rules = [{"name": "bench-ahead", "when": "memory.available < 2GiB", "within": LADDER_WITHIN,
+                  "action": "terminate", "grace": "1s"},
+                 {"name": "bench-last-resort", "when": "memory.available < 2GiB", "action": "kill"}]
     daemon = (
         "poll_interval: 1s\n"
         "fast_poll_interval: 100ms\n"
@@ -498,7 +515,7 @@ def write_config(d: str, action: str) -> dict[str, str]:
         "log: {format: json, level: info}\n"
         f"state_dir: {json.dumps(d + '/state')}\n"  # incident records stay with the run, not in /var/lib
         + (f"worker_cgroups: {json.dumps(WORKER_CGROUPS)}\n" if WORKER_CGROUPS else "")
-        + f"rules:\n  - {json.dumps(rule)}\n"
+        + "rules:\n" + "".join(f"  - {json.dumps(r)}\n" for r in rules)
     )
     command = [sys.executable, "-I", str(HOG), "--pid-file", paths["pid"], "--fifo", paths["fifo"]]
     hog = (
@@ -661,7 +678,10 @@ def reaction_run(parent: Cgroup, rate: float, action: str, rep: int) -> dict[str
         warm_rate = warm_up(WARM_UP) if WARM_UP else None
         m0 = machine_cpu()
         ru0 = resource.getrusage(resource.RUSAGE_SELF)
-        send_go(s, rate=rate)
+        if rate == BURSTY:
+            send_go(s, rate=1e12, burst=BURST_BYTES, pause=BURST_PAUSE_S)
+        else:
+            send_go(s, rate=rate)
         t_go = last = time.monotonic()
         deadline = t_go + 20
         trace_t: list[float] = []
@@ -715,6 +735,7 @@ def reaction_run(parent: Cgroup, rate: float, action: str, rep: int) -> dict[str
         s.dlog.poll()
         decision = s.dlog.find(lambda e: e.get("event") in ("kill", "terminate", "escalate")
                                and e.get("worker") == "hog-0")
+        last_resort = s.dlog.find(lambda e: e.get("event") in ("kill", "escalate") and e.get("worker") == "hog-0")
         daemon_rc = stop_daemon(s)
         s.dlog.poll()
         errors = [e for e in s.dlog.events if e.get("level") == "error"]
@@ -735,7 +756,15 @@ def reaction_run(parent: Cgroup, rate: float, action: str, rep: int) -> dict[str
             stopped_by = "unknown"
         rec = {
             "rate_bytes_per_s": rate, "action": action, "rep": rep,
+            "pattern": "bursty" if rate == BURSTY else "ramp",
             "stopped_by": stopped_by,
+            "first_rule": None if decision is None else decision.get("rule"),
+            "within": LADDER_WITHIN if action == "ladder" else None,
+            "available_at_decision_bytes": None if decision is None else decision.get("value"),
+            "last_resort_fired": last_resort is not None,
+            # The ladder's graceful rule won: its SIGTERM, on the trend, stopped the hog before the last resort.
+            "graceful_won": (action == "ladder" and decision is not None and decision.get("rule") == "bench-ahead"
+                             and last_resort is None and stopped_by == "memguard"),
             "warm_up_rate_bytes_per_s": None if warm_rate is None else round(warm_rate),
             "available_at_go_bytes": avail_start,
             "hog_rate_go_to_crossing_bytes_per_s": None if t_cross is None
@@ -1016,6 +1045,11 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
         rows.append({
             "rate_gb_per_s": rate / 1e9, "action": action, "runs": len(rs),
+            "pattern": rs[0].get("pattern", "ramp"),
+            "graceful_won": sum(1 for r in rs if r.get("graceful_won")),
+            "available_at_decision_mib_median": None if not [r for r in rs if r.get("available_at_decision_bytes")]
+            else round(statistics.median(r["available_at_decision_bytes"] for r in rs
+                                         if r.get("available_at_decision_bytes")) / MiB, 1),
             "stopped_by_memguard": sum(1 for r in rs if r["stopped_by"] == "memguard"),
             "min_available_mib_median": None if med("min_available_bytes") is None
             else round(med("min_available_bytes") / MiB, 1),
@@ -1053,8 +1087,11 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
           "crossing → exit, ms | kernel OOM kills (cgroup / host-wide vmstat) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['rate_gb_per_s']:g} GB/s ({r['hog_rate_last_100ms_gb_per_s_median']} / "
-              f"{r['hog_rate_last_100ms_gb_per_s_min']}) | {r['action']} | {r['runs']} | {r['stopped_by_memguard']} | "
+        shown = "bursty (256 MiB, 200 ms pauses)" if r.get("pattern") == "bursty" else f"{r['rate_gb_per_s']:g} GB/s"
+        action = r["action"] + (f" (graceful won {r['graceful_won']}, median decision at "
+                                f"{r['available_at_decision_mib_median']} MiB available)" if r["action"] == "ladder" else "")
+        print(f"| {shown} ({r['hog_rate_last_100ms_gb_per_s_median']} / "
+              f"{r['hog_rate_last_100ms_gb_per_s_min']}) | {action} | {r['runs']} | {r['stopped_by_memguard']} | "
               f"{r['min_available_mib_median']} / {r['min_available_mib_worst']} | "
               f"{r['below_threshold_mib_median']} / {r['below_threshold_mib_worst']} | "
               f"{r['crossing_to_decision_ms_median']} / {r['crossing_to_decision_ms_worst']} | "
@@ -1108,13 +1145,22 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _rate_text(rate: float) -> str:
+    return "bursty" if rate == BURSTY else f"{rate / 1e9:g} GB/s"
+
+
 def main() -> int:
+    global LADDER_WITHIN
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rates", default="1,2", help="GB/s, comma-separated (default 1,2)")
+    ap.add_argument("--rates", default="1,2",
+                    help="GB/s, comma-separated, and 'bursty' for the bursty allocator (default 1,2)")
     ap.add_argument("--actions", default="kill,terminate",
-                    help="kill, terminate, or warn (a control run: nobody stops the hog, the kernel "
-                         "OOM-kills it at the cgroup limit); default kill,terminate")
+                    help="kill, terminate, warn (a control run: nobody stops the hog, the kernel "
+                         "OOM-kills it at the cgroup limit), or ladder (a graceful rule on the trend, within 2s, "
+                         "and the last resort, both at 2 GiB); default kill,terminate")
     ap.add_argument("--reps", type=int, default=3, help="runs per rate and action (default 3)")
+    ap.add_argument("--within", default=LADDER_WITHIN,
+                    help=f"the ladder's graceful rule acts this far ahead on the trend (default {LADDER_WITHIN})")
     ap.add_argument("--idle-seconds", type=float, default=20)
     ap.add_argument("--hold-seconds", type=float, default=10)
     ap.add_argument("--no-cpu", action="store_true", help="skip the CPU part")
@@ -1131,13 +1177,14 @@ def main() -> int:
     args = ap.parse_args()
     if args.summarize:
         return summarize_files(args.summarize)
-    rates = [float(x) * 1e9 for x in args.rates.split(",")]
+    rates = [BURSTY if x.strip() == "bursty" else float(x) * 1e9 for x in args.rates.split(",")]
     actions = args.actions.split(",")
     for a in actions:
-        if a not in ("kill", "terminate", "warn"):
+        if a not in ("kill", "terminate", "warn", "ladder"):
             ap.error(f"unknown action {a!r}")
 
     global WARM_UP, KEEP_TRACES, WORKER_CGROUPS
+    LADDER_WITHIN = args.within
     if args.no_warm_up:
         WARM_UP = 0
     KEEP_TRACES = args.traces
@@ -1153,7 +1200,7 @@ def main() -> int:
     result: dict[str, Any] = {
         "date": _dt.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
         "loadavg_at_start": _read("/proc/loadavg").decode().strip(),
-        "setup": {"cgroup_version": parent.version, "parent_cgroup": parent.path, "limit_bytes": LIMIT,
+        "setup": {"ladder_within": LADDER_WITHIN, "cgroup_version": parent.version, "parent_cgroup": parent.path, "limit_bytes": LIMIT,
                   "balloon_bytes": BALLOON, "threshold_bytes": THRESHOLD, "sample_sleep_s": SAMPLE_SLEEP,
                   "hog_chunk_bytes": 4 << 20, "warm_up_bytes": WARM_UP, "worker_cgroups": WORKER_CGROUPS},
         "runs": [], "failures": [],
@@ -1170,12 +1217,14 @@ def main() -> int:
                     try:
                         r = reaction_run(parent, rate, action, rep)
                     except RunFailed as e:
-                        log(f"{rate / 1e9:g} GB/s {action} #{rep}: FAILED: {e}")
+                        log(f"{_rate_text(rate)} {action} #{rep}: FAILED: {e}")
                         result["failures"].append({"rate_bytes_per_s": rate, "action": action, "rep": rep,
                                                    "error": str(e)})
                         continue
                     result["runs"].append(r)
-                    log(f"{rate / 1e9:g} GB/s {action} #{rep}: {r['stopped_by']}; min available "
+                    log(f"{_rate_text(rate)} {action} #{rep}: {r['stopped_by']}"
+                        + (f" (first rule {r['first_rule']}, graceful won: {r['graceful_won']})"
+                           if action == "ladder" else "") + "; min available "
                         f"{r['min_available_bytes'] / MiB:.1f} MiB ({r['below_threshold_mib']:+.1f} MiB below 2 GiB); "
                         f"crossing -> decision {r['crossing_to_decision_ms']} ms, -> exit {r['crossing_to_exit_ms']} ms; "
                         f"kernel OOM kills in the cgroup {max(r['oom_kills_cgroup'], r['oom_events_cgroup'] or 0)}")

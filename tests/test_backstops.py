@@ -162,7 +162,10 @@ def _run(argv: list[str], cgroup=None, timeout: float = 60) -> subprocess.Comple
     cmd = MEMGUARD + ["run", *argv]
     if cgroup is not None:
         cmd = cgroup.wrap(cmd)
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout)
+    # memguard run alone: a daemon that may run on this machine (/run/memguard/control.sock) is not asked.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEMGUARD_")}
+    env["MEMGUARD_SOCKET"] = "/nonexistent/memguard-test/control.sock"
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout, env=env)
 
 
 def test_run_require_free_refuses_with_exit_75():

@@ -219,17 +219,41 @@ def test_kernel_oom_classification_from_scope_counter():
     assert any(isinstance(a, Notice) and a.event == "kernel_oom_kill" for a in acts)
 
 
-def test_runtime_limit_restarts_at_once():
-    """limits.runtime restarts the worker (stop, then start again with no backoff), explained as a rule."""
-    sim = Sim(daemon(workload(runtime_s=60.0, grace_s=2.0)))
+def test_runtime_limit_stops_as_a_failure_and_restarts_after_the_backoff():
+    """limits.runtime stops the worker (stop signal, then SIGKILL after its grace), explained as a rule; the
+    exit is a failure (cause timeout, level warning, with advice) and the restart policy restarts it after
+    its backoff, not at once, counting the restart in the budget: past the budget it is failed. With
+    restart: never it stays stopped."""
+    restart = RestartPolicy(backoff_min_s=30.0, backoff_max_s=60.0, budget_count=1, budget_window_s=600.0)
+    sim = Sim(daemon(workload(runtime_s=60.0, grace_s=2.0, restart=restart)))
     sim.start()
     sim.tick(0.1)
     acts = sim.run(60.5, 0.5)
     sig = signals(acts)
-    assert len(sig) == 1 and sig[0].event == "restart" and sig[0].explain.rule == "limits.runtime"
+    assert len(sig) == 1 and sig[0].event == "terminate" and sig[0].signum == SIGTERM
+    assert sig[0].explain.rule == "limits.runtime"
     sim.exit("w-0", sig=SIGTERM)
     acts = sim.tick(0.1)
+    exit_notice = [a for a in acts if isinstance(a, Notice) and a.event == "exit"][0]
+    assert exit_notice.level == "warning" and exit_notice.fields["cause"] == "timeout"
+    assert "past limits.runtime 1m" in exit_notice.reason and "recommendation" in exit_notice.fields
+    assert not any(isinstance(a, Spawn) for a in acts), "restarted at once, ignoring the backoff"
+    assert sim.state.workers["w-0"].phase.value == "pending"
+    acts = sim.run(30.0, 0.5)
     assert any(isinstance(a, Spawn) for a in acts)
+    acts = sim.run(61.0, 0.5)
+    sim.exit("w-0", sig=SIGTERM)
+    acts = sim.tick(0.1)
+    assert sim.state.workers["w-0"].phase.value == "failed"
+    assert any(isinstance(a, Notice) and a.event == "failed" for a in acts)
+
+    never = Sim(daemon(workload(runtime_s=60.0, grace_s=2.0, restart=RestartPolicy(mode="never"))))
+    never.start()
+    never.tick(0.1)
+    never.run(60.5, 0.5)
+    never.exit("w-0", sig=SIGTERM)
+    never.tick(0.1)
+    assert never.state.workers["w-0"].phase.value == "stopped"
 
 
 def test_shutdown_stops_everything_and_kills_stragglers():

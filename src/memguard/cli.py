@@ -183,14 +183,26 @@ def build_parser() -> argparse.ArgumentParser:
                         "root, else $XDG_RUNTIME_DIR/memguard or /tmp/memguard-UID)")
     d.set_defaults(func=_cmd_daemon)
 
-    r = sub.add_parser("run", help="run one command under memguard's ladder, without the daemon",
+    r = sub.add_parser("run", help="run one command under memguard's ladder (joining the daemon if one runs)",
                        usage="memguard run [options] -- CMD [ARGS...]")
     r.add_argument("--memory-max", type=_size, help="hard memory limit of the command (and its children)")
     r.add_argument("--memory-high", type=_size, help="throttle point below the hard limit (cgroup v2)")
     r.add_argument("--timeout", type=_duration, help="stop the command after this long (SIGTERM, then SIGKILL)")
     r.add_argument("--grace", type=_duration, default=10.0, help="time between SIGTERM and SIGKILL (default 10s)")
     r.add_argument("--require-free", type=_size,
-                   help="refuse to start (exit 75) unless this much memory is available")
+                   help="refuse to start (exit 75) unless this much memory is available (and, with a daemon, not "
+                        "promised to jobs admitted before)")
+    r.add_argument("--wait-free", type=_size,
+                   help="wait until this much memory is available (with a daemon: in its queue, first come first "
+                        "served, not counting memory promised to jobs admitted before), then start")
+    r.add_argument("--wait-timeout", type=_duration,
+                   help="with --wait-free: give up (exit 75) after waiting this long (default: wait as long as it "
+                        "takes)")
+    r.add_argument("--name", help="the job's name in the daemon's events (default: the command's name)")
+    r.add_argument("--priority", type=int, default=0,
+                   help="victim ranking among the daemon's workers: lower is chosen first (default 0)")
+    r.add_argument("--socket", help="the daemon's control socket (default: $MEMGUARD_SOCKET or "
+                                    "/run/memguard/control.sock); without a daemon the job runs alone")
     r.add_argument("--policy", help="a workload YAML file whose rules apply to the command")
     r.add_argument("--quiet", "-q", action="store_true", help="no decisions and no summary on stderr")
     r.add_argument("cmd", nargs=argparse.REMAINDER, help="the command, after --")

@@ -852,6 +852,8 @@ RULE_SECTION = Section({
     "release": Key(K_EXPRESSION, "For block and warn: the condition that ends the action; it must be false "
                                  "whenever when is true."),
     "grace": Key(K_DURATION, "For terminate and restart: time between the stop signal and SIGKILL."),
+    "within": Key(K_DURATION_POSITIVE, "Also fire when, at the recent rate, when will hold within this long "
+                                       "(memory.available falling, memory.used or worker.memory rising)."),
 }, _RULE_EXAMPLE)
 
 UNMANAGED_SECTION = Section({
@@ -860,6 +862,9 @@ UNMANAGED_SECTION = Section({
     "user": Key(_k_text("a user name"), "The user the processes run as."),
     "cgroup": Key(K_REGEX, "A regular expression searched in /proc/PID/cgroup."),
     "priority": Key(K_PRIORITY, "Ranks them with the workers as victims (lower first)."),
+    "rules": Key(ListOf(RULE_SECTION, f"a list of rules, e.g. - {_RULE_EXAMPLE}", max_items=MAX_RULES),
+                 "Worker rules for each matched process: with rules, a match is adopted as an ad-hoc worker "
+                 "(its tree measured, its progress signals and these rules applied)."),
 }, "a mapping such as {cmdline: 'polars', user: alice}")
 
 _RULES = ListOf(RULE_SECTION, f"a list of rules, e.g. - {_RULE_EXAMPLE}", max_items=MAX_RULES)
@@ -1470,16 +1475,16 @@ _RULE_ELSEWHERE = {
 }
 
 
-def _read_rules(f: _File, node: Node, scope: str) -> list[_RuleDraft]:
-    """Read a ``rules:`` list of scope "system" or "worker"."""
+def _read_rules(f: _File, node: Node, scope: str, prefix: str = "") -> list[_RuleDraft]:
+    """Read a ``rules:`` list of scope "system" or "worker" (``prefix``: where the list sits, for messages)."""
     spec = _RULES
-    items = f.sequence(node, "rules", spec.what, max_items=spec.max_items)
+    items = f.sequence(node, f"{prefix}rules", spec.what, max_items=spec.max_items)
     if items is None:
         return []
     drafts: list[_RuleDraft] = []
     names: dict[str, int] = {}
     for i, item in enumerate(items):
-        path = f"rules[{i}]"
+        path = f"{prefix}rules[{i}]"
         before = f.n_issues
         entries = f.mapping(item, path, RULE_KEYS, what=_RULE_EXAMPLE, elsewhere=_RULE_ELSEWHERE)
         if entries is None:
@@ -1516,6 +1521,11 @@ def _read_rules(f: _File, node: Node, scope: str) -> list[_RuleDraft]:
                        f"release has no effect on action {action.value}: only block and warn hold until "
                        "released; a stopping action ends when the worker stops")
 
+        within_s = f.field(entries, RULE_SECTION, "within", path)
+        if "within" in entries and when is not None and _ok(within_s) and not _has_trend(when):
+            f.warn(entries["within"][0], f"{path}.within",
+                   "within has no effect here: only memory.available falling (<, <=), memory.used or "
+                   "worker.memory rising (>, >=) move with a trend; the other readings are taken as they are")
         grace_s = f.field(entries, RULE_SECTION, "grace", path)
         if "grace" in entries and action is not None and action not in GRACE_ACTIONS:
             f.issue(entries["grace"][0], f"{path}.grace",
@@ -1540,9 +1550,20 @@ def _read_rules(f: _File, node: Node, scope: str) -> list[_RuleDraft]:
                 release_text=release_text,
                 grace_s=grace_s if _ok(grace_s) else _default(Rule, "grace_s"),
                 source=f.source(item),
+                within_s=within_s if _ok(within_s) else None,
             )
         drafts.append(_RuleDraft(i, item, entries, rule))
     return drafts
+
+
+def _has_trend(expr: Expr) -> bool:
+    """Does ``expr`` compare a reading that moves with a trend, in the direction of filling (decide.trend)?"""
+    for c in comparisons(expr):
+        if c.signal == "memory.available" and c.op in ("<", "<="):
+            return True
+        if c.signal in ("memory.used", "worker.memory") and c.op in (">", ">="):
+            return True
+    return False
 
 
 def _check_releases(f: _File, drafts: list[_RuleDraft], bases: Mapping[str, float]) -> None:
@@ -1589,7 +1610,7 @@ def _comparison_problem(c: Comparison) -> str | None:
         pct = f" or a percent sign ({n}%)" if float(n) <= 100 and spec.percent_ok else ""
         return (f"{_clip(c.text)} compares a size with a bare number, which would mean {n} bytes: "
                 f"add a unit ({n}MiB, {n}GiB){pct}")
-    if c.unit == "percent" and c.threshold > 100 and spec.percent_of != "limits.memory":
+    if c.unit == "percent" and c.threshold > 100 and spec.percent_of != "limits.memory" and c.signal != "worker.cpu":
         return f"{_clip(c.text)} is decided in advance: {c.signal} is never above 100%"
     return None
 
@@ -1774,8 +1795,25 @@ def _read_unmanaged(f: "_File", node: Node) -> tuple[UnmanagedMatch, ...] | None
                                 "never what you want)")
             bad = True
             continue
+        rules: tuple[Rule, ...] = ()
+        if "rules" in entries:
+            before = f.n_issues
+            drafts = _read_rules(f, entries["rules"][1], "worker", prefix=f"{path}.")
+            for d in drafts:
+                for key in ("when", "release"):
+                    expr = d.rule.when if d.rule is not None and key == "when" else (
+                        d.rule.release if d.rule is not None else None)
+                    if expr is not None and any(c.unit == "percent" and c.signal == "worker.memory"
+                                                for c in comparisons(expr)):
+                        f.issue(d.entries[key][1], f"{path}.rules[{d.index}].{key}",
+                                "a percentage of worker.memory is of limits.memory, which a matched process does "
+                                "not have: compare with a size such as 6GiB")
+            if f.n_issues != before or any(d.rule is None for d in drafts):
+                bad = True
+                continue
+            rules = tuple(d.rule for d in drafts if d.rule is not None)
         out.append(UnmanagedMatch(cmdline=cmdline, user=user, cgroup=cgroup, priority=priority or 0,
-                                  name=name or f"unmanaged[{i}]"))
+                                  name=name or f"unmanaged[{i}]", rules=rules))
     return None if bad else tuple(out)
 
 

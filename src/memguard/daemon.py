@@ -101,6 +101,9 @@ class Daemon:
                 return EXIT_START_FAILED
             self.reporter.decisions(notes, False)
             gpu = await self.observer.start()
+            watch = getattr(self.observer, "watch", None)  # event-driven pressure, where the observer has it
+            if watch is not None:
+                self.reporter.note("psi_trigger", watch(self.post), level="debug")
             self.reporter.started(self.policy, scope=self.observer.describe(), effects=self.effects.describe(),
                                   gpu=gpu)
             self.post(Reconcile("start"))

@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import signal as _signal
 from dataclasses import dataclass, field
-from typing import Mapping, Union
+from typing import TYPE_CHECKING, Mapping, Union
+
+if TYPE_CHECKING:
+    from .policy import WorkloadPolicy
 
 __all__ = [
     "Unknown",
@@ -43,6 +46,13 @@ __all__ = [
     "WorkerEvent",
     "NotDone",
     "GateNotSet",
+    "Progress",
+    "Joined",
+    "AdmitRequest",
+    "AdmitCancel",
+    "PressureEvent",
+    "ProtectedProcess",
+    "Adoptable",
     "Reconcile",
     "Shutdown",
     "Operator",
@@ -58,6 +68,7 @@ __all__ = [
     "SetAdmission",
     "Reclaim",
     "Notice",
+    "Admit",
     "Action",
     "SIGKILL",
     "SIGTERM",
@@ -158,6 +169,10 @@ class Pressure:
     full_avg60: Reading = UNKNOWN
     some_total_s: Reading = UNKNOWN
     full_total_s: Reading = UNKNOWN
+    # memguard's own short averages, from the kernel's total stall time over about the last second (the
+    # kernel's shortest average is over 10 s): they follow a thrash within seconds.
+    some_avg1: Reading = UNKNOWN
+    full_avg1: Reading = UNKNOWN
 
 
 NO_PRESSURE = Pressure()
@@ -184,6 +199,11 @@ class WorkerSample:
     # (pid, start time) of every live process of the tree found by this sample, main process first:
     # act/ records them so a kill reaches descendants that left the process group.
     members: tuple[tuple[int, int], ...] = ()
+    # Progress counters over the tree's live processes: CPU time (user + system, with that of reaped
+    # children), in seconds, and bytes read and written through system calls (rchar + wchar of
+    # /proc/<pid>/io: files, pipes, sockets). Counters: the core looks at how they move.
+    cpu_seconds: Reading = UNKNOWN
+    io_bytes: Reading = UNKNOWN
 
 
 @dataclass(frozen=True)
@@ -297,6 +317,62 @@ class GateNotSet:
     at: float
 
 
+@dataclass(frozen=True)
+class Progress:
+    """A sign of life of a worker that its counters do not show: a line of output (sent at most once
+    a second per worker)."""
+
+    worker: str
+    incarnation: int
+    kind: str  # "output"
+    at: float
+
+
+@dataclass(frozen=True)
+class Joined:
+    """A process memguard did not start joined as an **ad-hoc worker**: a job started with ``memguard run``
+    next to the daemon, or a process matched by an ``unmanaged:`` entry with rules. memguard watches it
+    (pidfd), measures its tree, ranks it as a victim and names it in events, but never restarts it.
+    ``ticket`` is the admission ticket it was started under, if any (its promised memory)."""
+
+    worker: str
+    policy: "WorkloadPolicy"
+    pid: int
+    start: int
+    at: float
+    ticket: str | None = None
+    origin: str = "run"  # "run" | "unmanaged"
+
+
+@dataclass(frozen=True)
+class AdmitRequest:
+    """A job asks to start once ``need_bytes`` are available and not promised to an earlier job
+    (``memguard run --wait-free``); ``wait`` False: answer now (``--require-free``)."""
+
+    ticket: str
+    need_bytes: int
+    name: str
+    at: float
+    wait: bool = True
+
+
+@dataclass(frozen=True)
+class AdmitCancel:
+    """The job behind an admission ticket gave up or ended before joining: its place or promise goes."""
+
+    ticket: str
+    at: float
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class PressureEvent:
+    """A PSI trigger fired: tasks stalled on memory past the trigger's threshold (a wake-up; the
+    pressure itself is read with the observation)."""
+
+    at: float
+
+
 WorkerEvent = Union[Spawned, SpawnFailed, Exited, TrialEvent]
 
 
@@ -324,7 +400,8 @@ class Operator:
 
 
 Command = Union[Reconcile, Shutdown, Operator]
-Event = Union[Spawned, SpawnFailed, Exited, TrialEvent, NotDone, GateNotSet, Reconcile, Shutdown, Operator]
+Event = Union[Spawned, SpawnFailed, Exited, TrialEvent, NotDone, GateNotSet, Reconcile, Shutdown, Operator, Progress,
+              Joined, AdmitRequest, AdmitCancel, PressureEvent]
 
 
 @dataclass(frozen=True)
@@ -358,6 +435,27 @@ class LiveSnapshot:
 
 
 @dataclass(frozen=True)
+class ProtectedProcess:
+    """A process that matches ``protect:``, with its OOM score adjustment as read (None: unreadable)."""
+
+    pid: int
+    start: int
+    name: str
+    oom_score_adj: int | None
+
+
+@dataclass(frozen=True)
+class Adoptable:
+    """A process matched by an ``unmanaged:`` entry that has rules: the actor adopts it as an ad-hoc worker.
+    ``entry`` is the entry's index in the policy's ``unmanaged`` list."""
+
+    pid: int
+    start: int
+    name: str
+    entry: int
+
+
+@dataclass(frozen=True)
 class Observation:
     """Everything one tick knows about the machine.
 
@@ -379,6 +477,10 @@ class Observation:
     # memguard (watched, killed when memguard stops).
     strays: tuple[tuple[int, int, str, int], ...] = ()
     unattributed: tuple[tuple[int, int], ...] = ()
+    # Processes matching ``protect:`` (scanned every few full ticks; empty on the others): the actor gives
+    # them the lowest OOM score it may set. ``adoptable``: see :class:`Adoptable`.
+    protected: tuple[ProtectedProcess, ...] = ()
+    adoptable: tuple[Adoptable, ...] = ()
 
 
 # ---------------------------------------------------------------------------
@@ -491,6 +593,18 @@ class SignalProcess:
     event: str  # "terminate" | "kill" | "escalate"
     reason: str
     explain: Explanation | None = None
+
+
+@dataclass(frozen=True)
+class Admit(Notice):
+    """The answer to an admission request (reported like any notice): ``granted`` or not, with the
+    figures it was decided on. The actor hands it to the job waiting on ``ticket``."""
+
+    ticket: str = ""
+    granted: bool = False
+    available_bytes: float | None = None
+    promised_bytes: float = 0.0
+    waited_s: float = 0.0
 
 
 Action = Union[Spawn, Signal, SignalProcess, SetAdmission, Reclaim, Notice]

@@ -84,6 +84,7 @@ class RuleKey(NamedTuple):
     action: str
     for_s: float
     release_text: str | None
+    within_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -105,10 +106,14 @@ class Rule:
     grace_s: float | None = None  # None: the workload's stop grace
     source: str = ""  # "file.yaml:12"
     kind: RuleKind = RuleKind.RULE
+    # ``within: 3s``: the rule also fires when, at the recent rate of change, its condition will hold
+    # within that long (memory.available falling, memory.used or worker.memory rising): the trend,
+    # not only the level. None: the level alone.
+    within_s: float | None = None
 
     @property
     def key(self) -> RuleKey:
-        return RuleKey(self.scope, self.when_text, self.action.value, self.for_s, self.release_text)
+        return RuleKey(self.scope, self.when_text, self.action.value, self.for_s, self.release_text, self.within_s)
 
 
 @dataclass(frozen=True)
@@ -121,7 +126,7 @@ class RestartPolicy:
       did not send, a kernel OOM kill, a spawn that failed, a stop by a rule:
       over a limit, a system rule's victim, a stuck trial) spend
       ``budget_count`` in ``budget_window_s``; past it the worker is ``failed``;
-    * **planned** restarts (recycling, the brake, ``limits.runtime``, an
+    * **planned** restarts (recycling, the brake, an
       operator's restart, a reload that changed the worker, a clean exit under
       ``always``) are the configuration doing its job: they never mark a worker
       failed. At most ``planned_count`` in ``planned_window_s`` are carried out;
@@ -153,7 +158,8 @@ class Limits:
     # The base of `worker.memory` percentages, and the worker cgroup's hard
     # limit (memory.max) where memguard gives workers cgroups.
     memory_bytes: int | None = None
-    runtime_s: float | None = None  # past it the worker is restarted (reason: runtime)
+    # Past it the worker is stopped (a failure: the restart policy and its backoff decide what follows).
+    runtime_s: float | None = None
     memory_high_bytes: int | None = None  # cgroup v2 throttle point (memory.high)
     swap_bytes: int | None = None  # swap the worker's cgroup may use
     cpu: float | None = None  # CPU quota in cores (cgroup v2 cpu.max)
@@ -257,6 +263,9 @@ class UnmanagedMatch:
     cgroup: str | None = None
     priority: int = 0
     name: str = ""
+    # Worker rules for each matched process: with rules, a matched process is adopted as an ad-hoc
+    # worker (counted, measured as a tree, named in events, its rules and progress signals apply).
+    rules: tuple[Rule, ...] = ()
 
 
 ALERT_LEVELS = ("debug", "info", "warning", "error")

@@ -60,6 +60,15 @@ SIGNALS: dict[str, SignalSpec] = {
         _s("psi.full_avg10", "system", "percent", None,
            "Share of the last 10 s in which all non-idle tasks stalled on memory (PSI 'full': thrashing)."),
         _s("psi.full_avg60", "system", "percent", None, "PSI 'full' averaged over 60 s."),
+        _s("psi.some_avg1", "system", "percent", None,
+           "Share of about the last second in which at least one task stalled on memory, computed by memguard "
+           "from the kernel's total stall time: follows a thrash within a second, where avg10 takes ten. "
+           "Read at every full tick, and at once when the kernel's PSI trigger fires."),
+        _s("psi.full_avg1", "system", "percent", None,
+           "Share of about the last second in which all non-idle tasks stalled on memory (see psi.some_avg1)."),
+        _s("memory.fill_rate", "system", "bytes_per_second", None,
+           "How fast the scope's available memory fell over the last second, from every reading (fast and "
+           "full); negative while memory is being freed. Unknown until readings span 50 ms."),
         _s("gpu.used", "system", "bytes", "gpu.total",
            "GPU memory in use on a device (NVML). `gpu.used` holds when any device matches; `gpu[0].used` "
            "names one device (`gpu[0:1].used` a MIG device). A percentage is of that device's total."),
@@ -86,6 +95,17 @@ SIGNALS: dict[str, SignalSpec] = {
         _s("worker.growth", "worker", "bytes_per_second", None,
            "Slope of worker.memory over the workload's growth window (least squares): a leak shows as a "
            "steady positive rate, e.g. worker.growth > 5MiB/m. Unknown until half a window of samples."),
+        _s("worker.cpu", "worker", "percent", None,
+           "CPU used by the worker's whole tree, in percent of one core (200% is two cores busy), averaged "
+           "over the last 10 s of full samples. With for:, every such average over that time held: "
+           "worker.cpu < 1% for 10m stops a job that has slept for ten minutes (a deadlock)."),
+        _s("worker.idle", "worker", "seconds", None,
+           "Time since the worker's tree last used CPU (1% of a core or more between two samples) or read "
+           "or wrote anything (files, pipes, sockets). Unknown where its counters cannot be read."),
+        _s("worker.quiet", "worker", "seconds", None,
+           "Time since the worker last showed progress: a line of output, a heartbeat (memguard.client), or "
+           "any read or write. A job spinning at 100% CPU without any of these is stuck: "
+           "worker.quiet > 30m. Unknown where its I/O counter cannot be read."),
     ]
 }
 

@@ -64,6 +64,7 @@ __all__ = [
     "ControlError",
     "WORKER_OPS",
     "ADMIN_OPS",
+    "JOB_OPS",
     "pid_in_tree",
     "peer_credentials",
     "DEFAULT_SOCKET_NAME",
@@ -83,6 +84,10 @@ _EVENT_KIND = {
 }
 WORKER_OPS = frozenset({"hello", *_EVENT_KIND})
 ADMIN_OPS = frozenset({"status", "reload", "stop", "start", "restart"})
+#: Ops of jobs started next to the daemon (``memguard run``): ``admit`` (wait in the admission queue),
+#: ``join`` (register as an ad-hoc worker), ``exited`` (its exit status). Open to anyone: the daemon's
+#: ``on_job`` decides what each peer may do (a job registers only itself or its own descendants).
+JOB_OPS = frozenset({"admit", "join", "exited"})
 _ADMIN_NEEDS_WORKER = frozenset({"stop", "start", "restart"})
 
 # Defaults, with their units and reasons.
@@ -273,6 +278,9 @@ class ControlServer(LoopOwned):
         write_timeout_s: float = DEFAULT_WRITE_TIMEOUT_S,
         max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES,
         on_notice: Callable[[str, dict[str, Any]], None] | None = None,
+        on_job: Callable[[str, dict[str, Any], tuple[int, int, int], int],
+                         Awaitable[Mapping[str, Any]] | Mapping[str, Any]] | None = None,
+        on_close: Callable[[int], None] | None = None,
     ) -> None:
         self._claim_thread()
         self.path = path
@@ -291,6 +299,10 @@ class ControlServer(LoopOwned):
         self.write_timeout_s = write_timeout_s
         self.max_buffered_bytes = max_buffered_bytes
         self.on_notice = on_notice
+        # Job ops: on_job(op, request, (peer pid, uid, gid), connection id); on_close(connection id) when a
+        # connection ends (a job waiting in the queue gives up its place).
+        self.on_job = on_job
+        self.on_close = on_close
         self._tokens: dict[str, tuple[int, str]] = {}
         self._conns: set[_Conn] = set()
         self._last_heartbeat: dict[str, float] = {}
@@ -419,6 +431,16 @@ class ControlServer(LoopOwned):
                 sent += 1
         return sent
 
+    @on_owner_thread
+    def push_to(self, conn_id: int, message: Mapping[str, Any]) -> bool:
+        """Push one line to the connection ``conn_id`` (a job's, for ``memguard run`` to show what the daemon
+        did to it); False when it is gone."""
+        data = (json.dumps(dict(message), separators=(",", ":")) + "\n").encode()
+        for conn in list(self._conns):
+            if id(conn) == conn_id:
+                return self._write(conn, data)
+        return False
+
     # ------------------------------------------------------------------ connections
 
     def _notice(self, event: str, **fields: Any) -> None:
@@ -454,6 +476,11 @@ class ControlServer(LoopOwned):
         finally:
             self._conns.discard(conn)
             conn.abort()
+            if self.on_close is not None:
+                try:
+                    self.on_close(id(conn))
+                except Exception:  # noqa: BLE001 - a reporting problem never breaks the socket
+                    pass
 
     def _admit(self, conn: _Conn) -> str | None:
         """Put a new connection in its pool; the reason it is refused, or None."""
@@ -568,6 +595,14 @@ class ControlServer(LoopOwned):
             return self._worker_op(conn, op, req)
         if op in ADMIN_OPS:
             return await self._admin_op(conn, op, req)
+        if op in JOB_OPS and self.on_job is not None:
+            result = self.on_job(op, {k: v for k, v in req.items() if k != "id"}, (conn.pid, conn.uid, conn.gid),
+                                 id(conn))
+            if inspect.isawaitable(result):
+                result = await result
+            reply = dict(result) if isinstance(result, Mapping) else _error("internal error: no reply")
+            reply.setdefault("ok", True)
+            return reply
         return _error(f"unknown op {_short(op)}")
 
     def _authenticate(self, conn: _Conn, worker: str, token: str) -> tuple[int | None, str]:

@@ -32,16 +32,20 @@ import os
 from dataclasses import replace
 from typing import Any, Awaitable, Callable, Iterable, Mapping, Protocol, Sequence
 
-from ..model import (SIGKILL, Action, Exited, GateNotSet, LiveSnapshot, LiveWorker, NotDone, Notice, Observation,
-                     Reclaim, SetAdmission, Signal, SignalProcess, Spawn)
-from ..policy import DaemonPolicy, WorkloadPolicy
+from ..model import (SIGKILL, Action, Admit, AdmitCancel, AdmitRequest, Exited, GateNotSet, Joined, LiveSnapshot,
+                     LiveWorker, NotDone, Notice, Observation, Progress, Reclaim, SetAdmission, Signal, SignalProcess,
+                     Spawn, signal_name)
+from ..policy import DaemonPolicy, Limits, RestartPolicy, WorkloadPolicy
 from ..sense.procstat import read_comm
 from ..threads import LoopOwned, on_owner_thread
 from ..units import format_size
 from .cgroups import CgroupLimits, WorkerCgroups, format_limits, instance_name, setup_worker_cgroups
 from .children import ChildSupervisor, SpawnError
+from .adhoc import AdhocWorkers, JoinRefused, check_join, job_name
 from .control import ControlError, ControlServer, pid_in_tree
+from .oomscore import OomScores
 from .process import Outcome, signal_process
+from .reaper import MemoryReleaser
 
 __all__ = ["Effects", "Inbox", "StartError", "worker_environment", "cuda_env", "DROP_FROM_WORKER_ENV"]
 
@@ -182,6 +186,16 @@ class Effects(LoopOwned):
         self.instance = instance_name()  # unique for good: this process's pid and start time
         self._unattributed: set[tuple[int, int]] = set()
         self._gate_errors: set[str] = set()  # workers whose gate file could not be written (said once)
+        # Processes memguard did not start (memguard run jobs, adopted matches), admission tickets waiting
+        # for the core's answer, OOM scores, memory reaped after kills, output as a sign of progress.
+        self.adhoc: AdhocWorkers | None = None
+        self._tickets: dict[str, tuple[Any, int]] = {}  # ticket -> (future, connection id)
+        self._ticket_seq = 0
+        self._adopted: set[tuple[int, int]] = set()
+        self._oom = OomScores()
+        self._releaser = MemoryReleaser(self._late_notice)
+        self._output_at: dict[str, float] = {}
+        self._high_warned: set[str] = set()
 
     # ------------------------------------------------------------------ life
 
@@ -192,7 +206,8 @@ class Effects(LoopOwned):
         os.makedirs(self.admission_dir, mode=0o755, exist_ok=True)
         self.control = ControlServer(self.control_socket, inbox.post, inbox.admin, self._identify,
                                      self._incarnation_of, clock=self._clock, on_notice=self._control_notice,
-                                     worker_of_pid=self._worker_of)
+                                     worker_of_pid=self._worker_of, on_job=self._on_job,
+                                     on_close=self._on_conn_close)
         try:
             await self.control.start()
         except (ControlError, OSError) as e:
@@ -206,10 +221,14 @@ class Effects(LoopOwned):
             await self.control.close()
             self.control = None
             raise StartError(str(e)) from e
-        self.children = ChildSupervisor(self._on_child_event, inbox.output, clock=self._clock,
+        self.children = ChildSupervisor(self._on_child_event, self._on_output, clock=self._clock,
                                         sentinel=self._use_sentinel)
         await self.children.start()
         self.children.set_instance(self.instance)
+        import asyncio
+
+        self.adhoc = AdhocWorkers(inbox.post, self._clock)
+        self._releaser.start(asyncio.get_running_loop())
         return self._protect_self() + [Notice("cgroups", reason=note)]
 
     def describe(self) -> dict[str, str]:
@@ -247,6 +266,13 @@ class Effects(LoopOwned):
 
     @on_owner_thread
     async def close(self) -> None:
+        for fut, _ in self._tickets.values():
+            if not fut.done():
+                fut.set_result({"ok": False, "error": "memguard is stopping"})
+        self._tickets.clear()
+        if self.adhoc is not None:
+            self.adhoc.close()
+        self._releaser.close()
         if self.control is not None:
             await self.control.close()
         if self.children is not None:
@@ -265,6 +291,9 @@ class Effects(LoopOwned):
         cg = self.cgroups
         workers = {name: LiveWorker(name, inc, pid, start, members, cg.path(name) if cg is not None else None)
                    for name, (pid, start, inc, members) in self.children.live_records().items()}
+        if self.adhoc is not None:
+            for name, (pid, start, inc, members) in self.adhoc.live_records().items():
+                workers.setdefault(name, LiveWorker(name, inc, pid, start, members, self.adhoc.cgroup(name)))
         own = frozenset(p for p in (self.children.sentinel_pid,) if p)
         return LiveSnapshot(workers=workers, own=own, instance=self.instance)
 
@@ -290,11 +319,17 @@ class Effects(LoopOwned):
             for name, sample in obs.workers.items():
                 if sample.members and name in live and live[name][0] == sample.pid:
                     self.children.add_members(name, sample.members[1:])
+                elif sample.members and self.adhoc is not None and name in self.adhoc:
+                    self.adhoc.add_members(name, sample.members[1:])
             self._orphans(obs, notes)
+            self._kernel_scores(obs, policy, notes)
+            self._adopt(obs, policy, notes)
         if obs is not None and obs.gpus:
             self._gpus = obs.gpus
         for action in actions:
-            if isinstance(action, Spawn):
+            if isinstance(action, Admit):
+                self._answer_ticket(action)
+            elif isinstance(action, Spawn):
                 self._spawn(action, policy, notes)
             elif policy.dry_run and not (isinstance(action, Signal) and action.lifecycle):
                 # Decided and reported; nothing is done (invariant 7). The core learns it was not done.
@@ -347,6 +382,7 @@ class Effects(LoopOwned):
         wl = policy.workload(action.workload)
         if wl is None or self.children is None:
             return
+        self._warn_memory_high(wl, notes)
         replica = int(action.worker.rsplit("-", 1)[1]) if "-" in action.worker else 0
         gate = self.admission_file(action.worker)
         self._gate(action.worker, True, "started", notes)
@@ -381,6 +417,9 @@ class Effects(LoopOwned):
     def _signal(self, action: Signal, policy: DaemonPolicy, notes: list[Notice]) -> None:
         if self.children is None or action.pid <= 1 or action.pid == os.getpid():
             return
+        if self.adhoc is not None and action.worker in self.adhoc:
+            self._signal_adhoc(action, policy, notes)
+            return
         if self._protected(action.pid, policy):
             notes.append(Notice("refused", level="warning", worker=action.worker, workload=action.workload,
                                 pid=action.pid, reason="the process matches protect: at the moment of signalling; "
@@ -388,6 +427,12 @@ class Effects(LoopOwned):
             if not action.lifecycle:
                 self._not_done(action, "protected")
             return
+        if action.signum == SIGKILL:
+            # The main process and its recorded members first, each reaped the moment it is killed
+            # (process_mrelease); the group, the members again and the cgroup then get SIGKILL as always.
+            record = self.children.live_records().get(action.worker)
+            if record is not None and record[0] == action.pid and record[2] == action.incarnation:
+                self._releaser.kill([(record[0], record[1]), *record[3]], action.worker)
         self.children.signal(action.worker, action.pid, action.incarnation, action.signum)
         if action.signum == SIGKILL and self.cgroups is not None:
             self.cgroups.kill(action.worker)  # the whole cgroup: escaped descendants too
@@ -397,6 +442,9 @@ class Effects(LoopOwned):
         if self._protected(action.pid, policy):
             self._not_done(action, "protected")
             return
+        if action.signum == SIGKILL and self._releaser.kill([(action.pid, action.start)],
+                                                            f"unmanaged {action.name}"):
+            return  # killed, and its memory reaped at once
         outcome = signal_process(action.pid, action.start, action.signum)
         if outcome in (Outcome.REPLACED, Outcome.DENIED):
             notes.append(Notice("refused", level="warning", pid=action.pid,
@@ -434,6 +482,8 @@ class Effects(LoopOwned):
     def forget(self, workers: Iterable[str]) -> None:
         """Workers removed from the configuration: delete their admission files."""
         for w in workers:
+            if self.adhoc is not None and w in self.adhoc:
+                self.adhoc.forget(w)
             self._gates.pop(w, None)
             try:
                 os.unlink(self.admission_file(w))
@@ -505,3 +555,193 @@ class Effects(LoopOwned):
                                 fields={k: v for k, v in fields.items() if k not in ("event", "message")},
                                 reason=f"control socket: {event.replace('_', ' ')} ({details})"))
 
+
+
+    # ------------------------------------------------------------------ progress, kernel scores, adoption
+
+    def _on_output(self, worker: str, stream: str, line: str) -> None:
+        """A worker's line: to the reporter; to the core, as a sign of progress, at most once a second."""
+        assert self._inbox is not None
+        self._inbox.output(worker, stream, line)
+        now = self._clock()
+        if now - self._output_at.get(worker, -1e9) >= _PROGRESS_EVERY_S and self.children is not None:
+            live = self.children.live().get(worker)
+            if live is not None:
+                self._output_at[worker] = now
+                self._inbox.post(Progress(worker, live[1], "output", now))
+
+    def _kernel_scores(self, obs: Observation, policy: DaemonPolicy, notes: list[Notice]) -> None:
+        """Protected processes get the lowest OOM score memguard may set; candidates it would stop anyway (matched
+        unmanaged processes, ad-hoc workers) are raised to its workers' score."""
+        if obs.protected:
+            notes.extend(self._oom.protect(obs.protected))
+        for p in obs.unmanaged:
+            notes.extend(self._oom.raise_candidate(p.pid, p.start, p.name))
+        if self.adhoc is not None:
+            for name, (pid, start, _, _) in self.adhoc.live_records().items():
+                notes.extend(self._oom.raise_candidate(pid, start, name))
+
+    def _adopt(self, obs: Observation, policy: DaemonPolicy, notes: list[Notice]) -> None:
+        """Processes matched by an unmanaged: entry with rules become ad-hoc workers."""
+        if not obs.adoptable or self.adhoc is None or self._inbox is None:
+            return
+        for a in obs.adoptable:
+            key = (a.pid, a.start)
+            if key in self._adopted or self.adhoc.watching(a.pid, a.start) or a.entry >= len(policy.unmanaged):
+                continue
+            self._adopted.add(key)
+            m = policy.unmanaged[a.entry]
+            name = f"{job_name(m.name or a.name)}-{a.pid}"
+            wl = WorkloadPolicy(name=job_name(m.name or a.name), command=(a.name,), priority=m.priority,
+                                rules=m.rules, restart=RestartPolicy(mode="never"),
+                                source=f"unmanaged {m.name or m.cmdline or m.user or m.cgroup or ''}".strip())
+            if self.adhoc.add(name, a.pid, a.start, None, None):
+                self._inbox.post(Joined(name, wl, a.pid, a.start, self._clock(), origin="unmanaged"))
+        if len(self._adopted) > 4096:
+            self._adopted = {(a.pid, a.start) for a in obs.adoptable}
+
+    def _warn_memory_high(self, wl: WorkloadPolicy, notes: list[Notice]) -> None:
+        """limits.memory_high is a cgroup v2 setting: said once per workload where it has no effect."""
+        if wl.limits.memory_high_bytes is None or wl.name in self._high_warned:
+            return
+        if self.cgroups is not None and self.cgroups.version == 2:
+            return
+        self._high_warned.add(wl.name)
+        why = ("this machine has the cgroup v1 memory controller, which has no memory.high"
+               if self.cgroups is not None else "workers get no cgroup of their own here (worker_cgroups)")
+        notes.append(Notice("memory_high_ignored", level="warning", workload=wl.name, reason=(
+            f"limits.memory_high {format_size(wl.limits.memory_high_bytes)} of workload {wl.name} is ignored: "
+            f"{why}. limits.memory still applies. For a soft limit here, add a rule such as "
+            f"{{when: \"worker.memory > {format_size(wl.limits.memory_high_bytes)}\", action: reclaim}}. "
+            f"Said once.")))
+
+    def _late_notice(self, note: Notice) -> None:
+        """A notice from a helper thread (memory released), delivered on the loop."""
+        if self._inbox is not None:
+            self._inbox.post(note)
+
+    # ------------------------------------------------------------------ jobs: admission and ad-hoc workers
+
+    def _signal_adhoc(self, action: Signal, policy: DaemonPolicy, notes: list[Notice]) -> None:
+        assert self.adhoc is not None and self.control is not None
+        if self._protected(action.pid, policy):
+            notes.append(Notice("refused", level="warning", worker=action.worker, workload=action.workload,
+                                pid=action.pid, reason="the process matches protect: at the moment of signalling; "
+                                                       "not signalled"))
+            if not action.lifecycle:
+                self._not_done(action, "protected")
+            return
+        conn = self.adhoc.conn_of(action.worker)
+        if conn is not None:
+            self.control.push_to(conn, {"event": "signal", "worker": action.worker, "action": action.event,
+                                        "signal": signal_name(action.signum), "reason": action.reason,
+                                        "explain": action.explain.display if action.explain else None})
+        if action.signum == SIGKILL:
+            record = self.adhoc.live_records().get(action.worker)
+            if record is not None and record[0] == action.pid:
+                self._releaser.kill([(record[0], record[1]), *record[3]], action.worker)
+        self.adhoc.signal(action.worker, action.pid, action.signum)
+
+    def _on_job(self, op: str, req: dict[str, Any], peer: tuple[int, int, int], conn: int) -> Any:
+        try:
+            if op == "admit":
+                return self._admit(req, conn)
+            if op == "join":
+                return self._join(req, peer, conn)
+            if op == "exited":
+                return self._exited(req, peer)
+        except JoinRefused as e:
+            return {"ok": False, "error": str(e)}
+        return {"ok": False, "error": f"unknown op {op!r}"}
+
+    def _admit(self, req: dict[str, Any], conn: int) -> Any:
+        import asyncio
+
+        need, name, wait = req.get("need_bytes"), req.get("name", "job"), req.get("wait", True)
+        if not isinstance(need, int) or isinstance(need, bool) or need < 0 or need > 1 << 60:
+            return {"ok": False, "error": "field 'need_bytes' must be a number of bytes (an integer)"}
+        if not isinstance(name, str) or not isinstance(wait, bool):
+            return {"ok": False, "error": "field 'name' must be a string and 'wait' true or false"}
+        assert self._inbox is not None
+        self._ticket_seq += 1
+        ticket = f"t{self._ticket_seq}"
+        fut = asyncio.get_running_loop().create_future()
+        self._tickets[ticket] = (fut, conn)
+        self._inbox.post(AdmitRequest(ticket, need, name[:200] or "job", self._clock(), wait))
+        return fut
+
+    def _answer_ticket(self, action: Admit) -> None:
+        entry = self._tickets.get(action.ticket)
+        if entry is None:
+            return
+        fut, conn = entry
+        if not action.granted:
+            del self._tickets[action.ticket]
+        if not fut.done():
+            reply = {"ok": action.granted, "ticket": action.ticket, "available_bytes": action.available_bytes,
+                     "promised_bytes": action.promised_bytes, "waited_s": round(action.waited_s, 3)}
+            if not action.granted:
+                reply["error"] = action.reason
+            fut.set_result(reply)
+
+    def _join(self, req: dict[str, Any], peer: tuple[int, int, int], conn: int) -> dict[str, Any]:
+        assert self.adhoc is not None and self._inbox is not None
+        pid, start, cgroup, note = check_join(req.get("pid"), peer, req.get("cgroup"))
+        command = req.get("command") or []
+        if not isinstance(command, list) or not all(isinstance(c, str) for c in command):
+            return {"ok": False, "error": "field 'command' must be a list of strings"}
+        raw_name = req.get("name") or (command[0] if command else "job")
+        if not isinstance(raw_name, str):
+            return {"ok": False, "error": "field 'name' must be a string"}
+        priority, memory_max, ticket = req.get("priority", 0), req.get("memory_max_bytes"), req.get("ticket")
+        if not isinstance(priority, int) or isinstance(priority, bool) or not -1000 <= priority <= 1000:
+            return {"ok": False, "error": "field 'priority' must be an integer from -1000 to 1000"}
+        if memory_max is not None and (not isinstance(memory_max, int) or isinstance(memory_max, bool)
+                                       or memory_max <= 0):
+            return {"ok": False, "error": "field 'memory_max_bytes' must be a positive integer"}
+        if ticket is not None and (not isinstance(ticket, str) or ticket not in self._tickets
+                                   or self._tickets[ticket][1] != conn):
+            return {"ok": False, "error": "field 'ticket' must be a ticket this connection was admitted with"}
+        name = job_name(raw_name)
+        worker = f"{name}-{pid}"
+        if worker in self.adhoc or (self.children is not None and worker in self.children.live()):
+            return {"ok": False, "error": f"process {pid} has joined already, as {worker}"}
+        wl = WorkloadPolicy(name=name, command=tuple(c[:4096] for c in command[:64]) or (name,), priority=priority,
+                            limits=Limits(memory_bytes=memory_max), restart=RestartPolicy(mode="never"),
+                            source=f"memguard run (pid {peer[0]}, uid {peer[1]})")
+        if not self.adhoc.add(worker, pid, start, cgroup, conn):
+            return {"ok": False, "error": f"process {pid} ended before it could join"}
+        self._inbox.post(Joined(worker, wl, pid, start, self._clock(), ticket=ticket, origin="run"))
+        return {"ok": True, "worker": worker, **({"note": note} if note else {})}
+
+    def _exited(self, req: dict[str, Any], peer: tuple[int, int, int]) -> dict[str, Any]:
+        assert self.adhoc is not None
+        worker, rc, sig = req.get("worker"), req.get("returncode"), req.get("signal")
+        if not isinstance(worker, str) or worker not in self.adhoc:
+            return {"ok": False, "error": "field 'worker' must name an ad-hoc worker"}
+        if rc is not None and (not isinstance(rc, int) or isinstance(rc, bool)):
+            return {"ok": False, "error": "field 'returncode' must be an integer"}
+        if sig is not None and (not isinstance(sig, int) or isinstance(sig, bool)):
+            return {"ok": False, "error": "field 'signal' must be a signal number"}
+        record = self.adhoc.live_records().get(worker)
+        pid = record[0] if record is not None else None
+        if peer[1] != 0 and pid is not None and not pid_in_tree(pid, peer[0]):
+            return {"ok": False, "error": "only the job's parent may report its exit"}
+        self.adhoc.set_status(worker, rc, sig)
+        return {"ok": True}
+
+    def _on_conn_close(self, conn: int) -> None:
+        """A connection ended: tickets it waited on (or was admitted with and never used) are given up."""
+        if self._inbox is None:
+            return
+        for ticket in [t for t, (_, c) in self._tickets.items() if c == conn]:
+            fut, _ = self._tickets.pop(ticket)
+            if not fut.done():
+                fut.cancel()
+            # The core gives up a place in the queue or an unused promise; a job that joined keeps its promise.
+            self._inbox.post(AdmitCancel(ticket, self._clock(), "the job's connection closed"))
+
+
+#: A worker's output lines tell the core it makes progress at most once a second (a chatty worker must
+#: not flood the inbox: one event a second is enough for worker.quiet, whose rules count minutes).
+_PROGRESS_EVERY_S = 1.0

@@ -53,10 +53,13 @@ from ..model import (
     is_known,
     signal_name,
 )
-from ..policy import ActionKind, DaemonPolicy, Rule, RuleKey, RuleKind, WorkloadPolicy
+from ..policy import ActionKind, DaemonPolicy, Rule, RuleKey, WorkloadPolicy
 from ..units import format_duration, format_size
-from .evaluate import Context, evaluate, explain
-from .rules import BRAKE_ANSWER_S, system_context, worker_context, worker_rules
+from .adhoc import take_adhoc
+from .evaluate import Context, evaluate
+from .progress import take_progress
+from .rules import BRAKE_ANSWER_S, RUNTIME_RULE, system_context, worker_context, worker_rules
+from .trend import note as note_trend, rule_explain, rule_holds
 from .state import CoreState, Incarnation, Phase, ProcessStop, RuleState, StopState, WorkerState, check_transition
 
 __all__ = ["step", "all_stopped"]
@@ -83,6 +86,9 @@ class _Step:
         self.shutting_down = state.shutting_down
         self.oom_kills = state.oom_kills
         self.process_stop = state.process_stop
+        self.trend = state.trend
+        self.queue = state.queue
+        self.promises = dict(state.promises)
         self.actions: list[Action] = []
         self.oom_delta = 0
         self.oom_known = False  # this step's observation had the scope's OOM counter
@@ -97,6 +103,9 @@ class _Step:
             shutting_down=self.shutting_down,
             oom_kills=self.oom_kills,
             process_stop=self.process_stop,
+            trend=self.trend,
+            queue=self.queue,
+            promises=self.promises,
         )
 
     def emit(self, action: Action) -> None:
@@ -116,7 +125,7 @@ class _Step:
         return new
 
     def workload(self, w: WorkerState) -> WorkloadPolicy:
-        wl = self.policy.workload(w.workload)
+        wl = w.adhoc if w.adhoc is not None else self.policy.workload(w.workload)
         if wl is None:  # removed by a reload while it still runs: keep its last known shape
             return WorkloadPolicy(name=w.workload, command=("",))
         return wl
@@ -128,14 +137,17 @@ class _Step:
 
 def step(state: CoreState, obs: Observation, policy: DaemonPolicy, now: float) -> tuple[CoreState, list[Action]]:
     s = _Step(state, policy, now)
+    s.trend = note_trend(s.trend, obs.at, obs.scope.available_bytes)
     _commands(s, obs)
     _note_kernel_oom(s, obs)
     _apply_events(s, obs)
     _take_samples(s, obs)
+    take_adhoc(s, obs)
+    take_progress(s.workers, obs)
     _expire_grace(s)
     _follow_process_stop(s, obs)
     if not s.shutting_down:
-        system_ctx = system_context(obs)
+        system_ctx = system_context(obs, s.trend)
         for name in sorted(s.workers):
             _worker_rules(s, s.workers[name], system_ctx, obs)
         _system_rules(s, system_ctx, obs)
@@ -145,7 +157,8 @@ def step(state: CoreState, obs: Observation, policy: DaemonPolicy, now: float) -
 
 
 def all_stopped(state: CoreState) -> bool:
-    return not any(w.phase in _ALIVE for w in state.workers.values())
+    """No worker of the daemon's own runs any more (ad-hoc workers are not the daemon's to stop)."""
+    return not any(w.phase in _ALIVE and w.adhoc is None for w in state.workers.values())
 
 
 # ---------------------------------------------------------------------------
@@ -187,7 +200,7 @@ def _reconcile(s: _Step, reason: str) -> None:
     keep_system = {r.key for r in policy.rules}
     s.system_rules = {k: v for k, v in s.system_rules.items() if k in keep_system}
     for name, w in list(s.workers.items()):
-        if name in wanted:
+        if name in wanted or w.adhoc is not None:
             continue
         if w.phase in (Phase.RUNNING, Phase.STARTING):
             _begin_stop(s, w, event="stop", reason="removed", then="remove", severity=ActionKind.TERMINATE.severity)
@@ -223,6 +236,8 @@ def _begin_shutdown(s: _Step) -> None:
     s.shutting_down = True
     for name in sorted(s.workers):
         w = s.workers[name]
+        if w.adhoc is not None:
+            continue  # not the daemon's: it runs on (its memguard run, or its owner, stops it)
         if w.phase == Phase.RUNNING:
             _begin_stop(s, w, event="stop", reason="shutdown", then="stay", severity=ActionKind.TERMINATE.severity)
         elif w.phase == Phase.STOPPING and w.stop is not None:
@@ -389,7 +404,13 @@ def _on_exit(s: _Step, w: WorkerState, ev: Exited) -> None:
             fields["gpu"] = v.main.gpu
         if v.main.requested_bytes is not None:
             fields["requested_bytes"] = v.main.requested_bytes
-    if stop is not None:
+    if stop is not None and stop.rule == RUNTIME_RULE and stop.reason == "rule":
+        # Still running past limits.runtime: a failure (a stuck job), stopped with the stop signal and
+        # grace; the restart policy, with its backoff and budget, decides what follows.
+        cause, failed = "timeout", True
+        detail = (f"stopped by memguard ({stop.event}): still running past limits.runtime "
+                  f"{format_duration(wl.limits.runtime_s or 0)}")
+    elif stop is not None:
         cause, failed = "stopped", False
         detail = (f"stopped by memguard ({stop.event}, rule {stop.rule})" if stop.rule and stop.reason == "rule"
                   else f"stopped by memguard ({stop.event}, {stop.reason}: {stop.rule})" if stop.rule
@@ -405,7 +426,11 @@ def _on_exit(s: _Step, w: WorkerState, ev: Exited) -> None:
     fields["cause"] = cause
     if kernel_oom:
         fields["kernel_oom"] = True
-    if failed and v.recommendation:
+    if cause == "timeout" and stop is not None:
+        fields["recommendation"] = ("it ran past limits.runtime: if it hung, a progress rule (worker.cpu, "
+                                    "worker.idle, worker.quiet) stops it sooner; if it needs longer, raise "
+                                    "limits.runtime")
+    elif failed and v.recommendation:
         fields["recommendation"] = v.recommendation
     if v.evidence and (failed or fields.get("recovered")):
         fields["evidence"] = list(v.evidence)
@@ -576,7 +601,7 @@ def _worker_rules(s: _Step, w: WorkerState, system: Context, obs: Observation) -
     states = dict(w.rules)
     for rule in worker_rules(wl):
         rs = states.get(rule.key, RuleState())
-        holds = evaluate(rule.when, ctx)
+        holds = rule_holds(rule, ctx)
         if rs.active:
             if _releases(rule, ctx, holds):
                 states[rule.key] = RuleState()
@@ -588,7 +613,7 @@ def _worker_rules(s: _Step, w: WorkerState, system: Context, obs: Observation) -
         states[rule.key] = rs
         if not fires:
             continue
-        ex = explain(rule.name, rule.when_text, rule.when, ctx, rule.source)
+        ex = rule_explain(rule, ctx)
         current = s.workers[w.name]
         if rule.action.is_level:
             states[rule.key] = RuleState(active=True, explain=ex)
@@ -840,7 +865,7 @@ def _stop_for_rule(s: _Step, w: WorkerState, rule: Rule, ex: Explanation, *, sys
     then = "restart" if action == ActionKind.RESTART else "policy"
     _begin_stop(s, w, event=action.value, reason="rule", then=then, severity=action.severity,
                 rule=rule.name, explain=ex, grace_s=rule.grace_s, system=system_rule,
-                rule_key=None if system_rule else rule.key, planned=rule.kind == RuleKind.RUNTIME)
+                rule_key=None if system_rule else rule.key)
     return True
 
 
@@ -939,7 +964,7 @@ def _system_rules(s: _Step, ctx: Context, obs: Observation) -> None:
     # Hardest first, so that a kill rule takes the victim before a terminate rule would.
     for rule in sorted(s.policy.rules, key=lambda r: -r.action.severity):
         rs = s.system_rules.get(rule.key, RuleState())
-        holds = evaluate(rule.when, ctx)
+        holds = rule_holds(rule, ctx)
         if rs.active:
             if _releases(rule, ctx, holds):
                 s.system_rules[rule.key] = RuleState()
@@ -950,7 +975,7 @@ def _system_rules(s: _Step, ctx: Context, obs: Observation) -> None:
         s.system_rules[rule.key] = rs
         if not fires:
             continue
-        ex = explain(rule.name, rule.when_text, rule.when, ctx, rule.source)
+        ex = rule_explain(rule, ctx)
         if rule.action.is_level:
             s.system_rules[rule.key] = RuleState(active=True, explain=ex)
             if rule.action == ActionKind.WARN:

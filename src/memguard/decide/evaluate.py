@@ -18,7 +18,7 @@ from ..model import Explanation, Reading, Unknown, is_known
 from ..signals import SIGNALS
 from ..units import format_duration, format_size
 
-__all__ = ["Context", "evaluate", "explain", "distance_to_fire", "headroom_bytes"]
+__all__ = ["Context", "evaluate", "explain", "deciding", "distance_to_fire", "headroom_bytes"]
 
 _OPS: dict[str, Callable[[float, float], bool]] = {
     "<": operator.lt,
@@ -38,6 +38,9 @@ class Context:
     bases: Mapping[str, Reading]  # "memory.total", "swap.total", "limits.memory"
     # GPU devices by index: {"0": {"gpu.used": .., "gpu.free": .., "gpu.total": ..}}
     gpus: Mapping[str, Mapping[str, Reading]] = field(default_factory=dict)
+    # Rate of change per second of trended readings (decide.trend): "memory.available" (negative while
+    # memory fills), "memory.used", "worker.memory".
+    rates: Mapping[str, Reading] = field(default_factory=dict)
 
     def gpu_values(self, c: Comparison) -> list[tuple[str, Reading, Reading, Reading]]:
         """(device, value in the comparison's unit, raw bytes, device total) for each device ``c`` is about."""
@@ -111,12 +114,12 @@ def evaluate(expr: Expr, ctx: Context) -> bool | None:
     return None if any(r is None for r in results) else False
 
 
-def _deciding(expr: Expr, ctx: Context) -> Comparison | None:
+def deciding(expr: Expr, ctx: Context) -> Comparison | None:
     """The first comparison that holds, the one an explanation quotes."""
     if isinstance(expr, Comparison):
         return expr if _compare(expr, ctx) is True else None
     for arg in expr.args:
-        found = _deciding(arg, ctx)
+        found = deciding(arg, ctx)
         if found is not None:
             return found
     return None
@@ -136,7 +139,7 @@ def _show(value: float, unit: str) -> str:
 
 def explain(rule_name: str, when_text: str, expr: Expr, ctx: Context, source: str = "") -> Explanation:
     """Which reading against which threshold made ``expr`` true, in numbers and words."""
-    c = _deciding(expr, ctx)
+    c = deciding(expr, ctx)
     if c is None:
         return Explanation(rule_name, when_text, "", None, None, "", f"{when_text}", source)
     spec = SIGNALS[c.signal]

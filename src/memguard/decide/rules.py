@@ -12,27 +12,38 @@ from typing import Iterable
 
 from ..expr import parse_expr
 from ..model import UNKNOWN, Observation, Unknown, is_known
-from ..policy import ActionKind, Rule, RuleKind, WorkloadPolicy
+from ..policy import ActionKind, DaemonPolicy, Rule, RuleKind, WorkloadPolicy
 from ..units import duration_text
 from .evaluate import Context
+from .progress import cpu_percent, idle_for, quiet_for
 from .state import CoreState, Phase, WorkerState
+from .trend import WORKER_TREND_WINDOW_S, endpoint_rate, fill_rate
 
 __all__ = ["runtime_rule", "worker_rules", "system_context", "worker_context", "growth_rate", "timers",
-           "BRAKE_ANSWER_S"]
+           "BRAKE_ANSWER_S", "workload_of", "RUNTIME_RULE"]
 
 #: How long the brake waits for the worker to answer its reclaim request before judging the memory
 #: as it is: 10 s. A reclaim pass (gc.collect(), malloc_trim(), emptying caches) takes about a second for
 #: a few GiB of heap; a worker silent ten times that long is not giving memory back (or does not listen).
 BRAKE_ANSWER_S = 10.0
 
+RUNTIME_RULE = "limits.runtime"
+
 
 def runtime_rule(wl: WorkloadPolicy) -> Rule | None:
-    """``limits.runtime`` as a rule, so it is explained like any other."""
+    """``limits.runtime`` as a rule, so it is explained like any other. It stops the worker: a job still
+    running past its limit has failed (cause ``timeout``); the restart policy, with its backoff and budget,
+    decides what follows."""
     if wl.limits.runtime_s is None:
         return None
     text = f"worker.age > {duration_text(wl.limits.runtime_s)}"
-    return Rule(name="limits.runtime", when=parse_expr(text, "worker"), when_text=text,
-                action=ActionKind.RESTART, scope="worker", source=wl.source, kind=RuleKind.RUNTIME)
+    return Rule(name=RUNTIME_RULE, when=parse_expr(text, "worker"), when_text=text,
+                action=ActionKind.TERMINATE, scope="worker", source=wl.source, kind=RuleKind.RUNTIME)
+
+
+def workload_of(w: WorkerState, policy: DaemonPolicy) -> WorkloadPolicy | None:
+    """The policy a worker runs under: its workload's, or an ad-hoc worker's own."""
+    return w.adhoc if w.adhoc is not None else policy.workload(w.workload)
 
 
 def worker_rules(wl: WorkloadPolicy) -> list[Rule]:
@@ -62,16 +73,23 @@ def _system_values(obs: Observation) -> dict[str, object]:
         "psi.some_avg60": pr.some_avg60,
         "psi.full_avg10": pr.full_avg10,
         "psi.full_avg60": pr.full_avg60,
+        "psi.some_avg1": pr.some_avg1,
+        "psi.full_avg1": pr.full_avg1,
     }
 
 
-def system_context(obs: Observation) -> Context:
-    """The readings system rules see: the scope's memory and swap, PSI, each GPU."""
+def system_context(obs: Observation, trend: tuple[tuple[float, float], ...] = ()) -> Context:
+    """The readings system rules see: the scope's memory and swap, PSI, each GPU, and the fill rate from
+    ``trend`` (the core's recent readings of available memory, decide.trend)."""
     gpus = {g.index: {"gpu.used": g.used_bytes, "gpu.free": g.free_bytes, "gpu.total": g.total_bytes}
             for g in obs.gpus}
-    return Context(values=_system_values(obs),
+    values = _system_values(obs)
+    rate = fill_rate(trend, obs.at)
+    values["memory.fill_rate"] = rate
+    rates = {"memory.available": -float(rate), "memory.used": float(rate)} if is_known(rate) else {}
+    return Context(values=values,
                    bases={"memory.total": obs.scope.total_bytes, "swap.total": obs.scope.swap_total_bytes},
-                   gpus=gpus)
+                   gpus=gpus, rates=rates)
 
 
 def worker_context(w: WorkerState, wl: WorkloadPolicy, system: Context, now: float) -> Context:
@@ -90,11 +108,18 @@ def worker_context(w: WorkerState, wl: WorkloadPolicy, system: Context, now: flo
     values["worker.blocked_for"] = (now - w.blocked_since) if w.blocked_since is not None else 0.0
     values["worker.refusals"] = float(w.refusals)
     values["worker.growth"] = growth_rate(w.history, wl.growth_window_s)
+    values["worker.cpu"] = cpu_percent(w, now)
+    values["worker.idle"] = idle_for(w, now)
+    values["worker.quiet"] = quiet_for(w, now)
+    rates = dict(system.rates)
+    wrate = endpoint_rate(w.history, now, WORKER_TREND_WINDOW_S)
+    if is_known(wrate):
+        rates["worker.memory"] = wrate
     bases = dict(system.bases)
     bases["limits.memory"] = wl.limits.memory_bytes if wl.limits.memory_bytes else Unknown("no limits.memory")
     bases["limits.gpu_memory"] = (wl.limits.gpu_memory_bytes if wl.limits.gpu_memory_bytes
                                   else Unknown("no limits.gpu_memory"))
-    return Context(values=values, bases=bases, gpus=system.gpus)
+    return Context(values=values, bases=bases, gpus=system.gpus, rates=rates)
 
 
 def growth_rate(history: tuple[tuple[float, float], ...], window_s: float) -> object:

@@ -36,7 +36,7 @@ from enum import Enum
 from typing import Mapping
 
 from ..model import Explanation, Reading, UNKNOWN, WorkerSample
-from ..policy import RuleKey
+from ..policy import RuleKey, WorkloadPolicy
 
 __all__ = [
     "Phase",
@@ -48,6 +48,8 @@ __all__ = [
     "WorkerState",
     "CoreState",
     "ProcessStop",
+    "Ticket",
+    "Promise",
 ]
 
 
@@ -159,6 +161,14 @@ class Incarnation:
     # left among the planned restarts (restart.planned).
     planned_wait_until: float = 0.0
     planned_waiting: bool = False  # a planned restart waits for room in restart.planned (said once)
+    # Progress (decide.progress): (time, CPU seconds) of recent full samples; the last I/O counter; when the
+    # worker last used CPU or did I/O, last did I/O, last wrote a line of output.
+    cpu_history: tuple[tuple[float, float], ...] = ()
+    io_bytes: Reading = UNKNOWN
+    active_at: float | None = None
+    io_at: float | None = None
+    output_at: float | None = None
+    progress_known: bool = True  # False once a sample could not read the CPU or I/O counters
 
 
 @dataclass(frozen=True)
@@ -180,6 +190,9 @@ class WorkerState:
     spec: tuple = ()  # WorkloadPolicy.spec_key() the current incarnation was started with
     last_exit: str = ""
     inc: Incarnation = field(default_factory=Incarnation)
+    # An ad-hoc worker (decide.adhoc): a process memguard did not start, joined with this policy. It is
+    # watched, ranked and named like any worker, never restarted, and leaves when its process ends.
+    adhoc: WorkloadPolicy | None = None
 
     @property
     def incarnation(self) -> int:
@@ -209,6 +222,10 @@ class WorkerState:
     fulls_since_reclaimed = property(lambda self: self.inc.fulls_since_reclaimed)
     brake_verdict = property(lambda self: self.inc.brake_verdict)
     planned_wait_until = property(lambda self: self.inc.planned_wait_until)
+    cpu_history = property(lambda self: self.inc.cpu_history)
+    active_at = property(lambda self: self.inc.active_at)
+    io_at = property(lambda self: self.inc.io_at)
+    output_at = property(lambda self: self.inc.output_at)
 
 
 @dataclass(frozen=True)
@@ -225,6 +242,28 @@ class ProcessStop:
 
 
 @dataclass(frozen=True)
+class Ticket:
+    """A job waiting to be admitted (``memguard run --wait-free``), in arrival order."""
+
+    ticket: str
+    need_bytes: int
+    name: str
+    since: float
+
+
+@dataclass(frozen=True)
+class Promise:
+    """Memory promised to an admitted job: held back from later jobs until the job has grown into it
+    (its worker's memory), or has ended. ``worker`` once it joined."""
+
+    ticket: str
+    need_bytes: int
+    name: str
+    at: float
+    worker: str | None = None
+
+
+@dataclass(frozen=True)
 class CoreState:
     workers: Mapping[str, WorkerState] = field(default_factory=dict)
     system_rules: Mapping[RuleKey, RuleState] = field(default_factory=dict)
@@ -235,3 +274,8 @@ class CoreState:
     shutting_down: bool = False
     oom_kills: Reading = UNKNOWN
     process_stop: ProcessStop | None = None
+    # (time, available bytes) of the scope's recent readings, fast and full (decide.trend).
+    trend: tuple[tuple[float, float], ...] = ()
+    # Jobs waiting for memory, first come first served, and memory promised to admitted ones (decide.adhoc).
+    queue: tuple[Ticket, ...] = ()
+    promises: Mapping[str, Promise] = field(default_factory=dict)

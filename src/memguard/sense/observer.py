@@ -28,8 +28,8 @@ import threading
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence
 
-from ..model import (Exited, Event, GpuDeviceReading, LiveSnapshot, Observation, Pressure, ProcessSample, Reading,
-                     ScopeMemory, Unknown, WorkerSample, is_known)
+from ..model import (Adoptable, Exited, Event, GpuDeviceReading, LiveSnapshot, Observation, Pressure, PressureEvent,
+                     ProcessSample, ProtectedProcess, Reading, ScopeMemory, Unknown, WorkerSample, is_known)
 from ..policy import DaemonPolicy
 from ..threads import CHECK, LoopOwned, OwnershipError, on_owner_thread
 from .cgroup import MemoryCgroup, ScopeReader, choose_scope
@@ -37,8 +37,8 @@ from .gpu import GpuProblem, GpuReading, GpuStart, ThreadedSensor, attribute_all
 from .host import host_scope
 from .jetson import make_gpu_sensor
 from .procs import Adopted, NameCache, children_reader, find_adopted, sample_tree
-from .psi import read_pressure
-from .unmanaged import scan_unmanaged
+from .psi import PSI_MEMORY_PATH, PsiTrigger, RecentPressure, read_pressure_totals
+from .unmanaged import scan_matches, scan_protected
 
 __all__ = ["Observer", "Sample", "measure_workers", "gpu_observation"]
 
@@ -53,6 +53,13 @@ class Sample:
     gpu_problems: tuple[GpuProblem, ...] = ()
     strays: tuple[tuple[int, int, str, int], ...] = ()
     unattributed: tuple[tuple[int, int], ...] = ()
+    protected: tuple[ProtectedProcess, ...] = ()
+    adoptable: tuple[Adoptable, ...] = ()
+
+
+#: Processes matching ``protect:`` are looked for on every 10th full reading (10 s at the relaxed pace):
+#: a protected daemon rarely restarts, and the children of one (sshd's sessions) inherit its OOM score.
+PROTECT_SCAN_EVERY = 10
 
 
 class _ReaderCache:
@@ -153,6 +160,11 @@ class Observer(LoopOwned):
         self._last_full_scope: ScopeMemory | None = None
         self._pressure = Pressure()
         self._last: Sample = Sample()
+        self._recent = RecentPressure()
+        self._samples = 0
+        self._trigger: PsiTrigger | None = None
+        self._trigger_fired = False
+        self._clock = clock
 
     @on_owner_thread
     def configure(self, policy: DaemonPolicy) -> str | None:
@@ -161,8 +173,69 @@ class Observer(LoopOwned):
         if policy.scope != old.scope:
             self.scope = choose_scope(policy.scope)
             self._last_full_scope = None
+            self._recent = RecentPressure()
+            if self._trigger is not None and self._post is not None:
+                self._disarm()
+                self.watch(self._post)
             return f"now guarding {self.scope.description}"
         return None
+
+    # ------------------------------------------------------------------ PSI trigger
+
+    _post: Callable[[Any], None] | None = None
+
+    def _pressure_path(self) -> str:
+        cg = self.scope.cgroup
+        path = cg.pressure_path() if self.scope.kind == "cgroup" and cg is not None else None
+        return path or PSI_MEMORY_PATH
+
+    @on_owner_thread
+    def watch(self, post: Callable[[Any], None]) -> str:
+        """Arm a kernel PSI trigger on the scope's pressure file: when tasks stall on memory past its
+        threshold, ``post`` gets a :class:`~memguard.model.PressureEvent` (waking the daemon at once) and
+        the next reading re-reads the pressure. Returns a sentence for the log (armed, or why not)."""
+        self._post = post
+        path = self._pressure_path()
+        try:
+            trigger = PsiTrigger(path)
+        except OSError as e:
+            return (f"no PSI trigger on {path} ({e.strerror or e}): pressure is read at every full tick "
+                    f"instead")
+        try:
+            asyncio.get_running_loop().add_reader(trigger.fileno(), self._on_trigger)
+        except (RuntimeError, OSError) as e:
+            trigger.close()
+            return f"no PSI trigger on {path} ({e}): pressure is read at every full tick instead"
+        self._trigger = trigger
+        return f"PSI trigger armed on {path} ({trigger.spec}: stall microseconds within a window)"
+
+    def _on_trigger(self) -> None:
+        trigger = self._trigger
+        if trigger is None:
+            return
+        fired = trigger.fired()
+        if fired is None:
+            self._disarm()
+            return
+        if fired and self._post is not None:
+            self._trigger_fired = True
+            import time
+
+            self._post(PressureEvent((self._clock or time.monotonic)()))
+
+    def _disarm(self) -> None:
+        if self._trigger is not None:
+            try:
+                asyncio.get_running_loop().remove_reader(self._trigger.fileno())
+            except (RuntimeError, ValueError, OSError):
+                pass
+            self._trigger.close()
+            self._trigger = None
+
+    def _read_pressure(self, now: float) -> Pressure:
+        pressure, totals = read_pressure_totals(self._pressure_path())
+        some, full = self._recent.add(now, totals)
+        return replace(pressure, some_avg1=some, full_avg1=full)
 
     def describe(self) -> dict[str, str]:
         """What is guarded, for the start-up line."""
@@ -177,6 +250,7 @@ class Observer(LoopOwned):
 
     @on_owner_thread
     def close(self) -> None:
+        self._disarm()
         self._reader.shutdown(wait=False, cancel_futures=True)
         if self.gpu is not None:
             self.gpu.close()
@@ -189,42 +263,48 @@ class Observer(LoopOwned):
         loop = asyncio.get_running_loop()
         policy = self.policy
         cache = self._cache
+        scan_protect = bool(policy.protect) and self._samples % PROTECT_SCAN_EVERY == 0
+        self._samples += 1
 
-        def read() -> tuple[dict[str, WorkerSample], tuple[ProcessSample, ...], Adopted]:
+        def read() -> tuple[dict[str, WorkerSample], tuple[ProcessSample, ...], Adopted,
+                            tuple[ProtectedProcess, ...], tuple[Adoptable, ...]]:
             cache.claim()
             workers, adopted = measure_workers(snapshot, policy.protect, cache)
             unmanaged: tuple[ProcessSample, ...] = ()
+            adoptable: tuple[Adoptable, ...] = ()
             if policy.unmanaged:
                 exclude = {pid for s in workers.values() for pid, _ in s.members} | set(snapshot.own)
                 exclude |= {p[0] for p in adopted.leftovers} | {p for p, _ in adopted.unmarked}
-                unmanaged = scan_unmanaged(policy.unmanaged, exclude, policy.protect)
-            return workers, unmanaged, adopted
+                unmanaged, adoptable = scan_matches(policy.unmanaged, exclude, policy.protect)
+            protected = scan_protected(policy.protect) if scan_protect else ()
+            return workers, unmanaged, adopted, protected, adoptable
 
         trees = loop.run_in_executor(self._reader, read)
         reading = None
         if self.gpu is not None and self.gpu.enabled:
             reading = await self.gpu.read_async()
-        workers, unmanaged, adopted = await trees
+        workers, unmanaged, adopted, protected, adoptable = await trees
         gpus: tuple[GpuDeviceReading, ...] = ()
         problems: tuple[GpuProblem, ...] = ()
         if reading is not None:
             pids = [pid for s in workers.values() for pid, _ in s.members]
             gpus, workers = gpu_observation(reading, workers, host_pid_map(pids))
             problems = tuple(reading.problems)
-        return Sample(workers, unmanaged, gpus, problems, tuple(adopted.leftovers), tuple(adopted.unmarked))
+        return Sample(workers, unmanaged, gpus, problems, tuple(adopted.leftovers), tuple(adopted.unmarked),
+                      protected, adoptable)
 
     @on_owner_thread
     def full(self, sample: Sample, events: tuple[Event, ...], now: float) -> Observation:
         """A full tick's observation: ``sample`` plus the scope and PSI, read now."""
         self._last = sample
-        cg = self.scope.cgroup
-        path = cg.pressure_path() if self.scope.kind == "cgroup" and cg is not None else None
-        self._pressure = read_pressure(path) if path else read_pressure()
+        self._trigger_fired = False
+        self._pressure = self._read_pressure(now)
         scope = self.scope()
         self._last_full_scope = scope
         return Observation(at=now, scope=scope, pressure=self._pressure, workers=sample.workers,
                            events=events, full=True, unmanaged=sample.unmanaged, gpus=sample.gpus,
-                           strays=sample.strays, unattributed=sample.unattributed)
+                           strays=sample.strays, unattributed=sample.unattributed, protected=sample.protected,
+                           adoptable=sample.adoptable)
 
     # ------------------------------------------------------------------ fast ticks
 
@@ -233,6 +313,9 @@ class Observer(LoopOwned):
         """A fast tick's observation: the scope's memory re-read, everything else from the last full tick."""
         exits = any(isinstance(ev, Exited) for ev in events)
         scope = self.scope() if exits or self._last_full_scope is None else self._fast_scope(self._last_full_scope)
+        if self._trigger_fired:  # the kernel said tasks stall: the pressure figures are read now, not later
+            self._trigger_fired = False
+            self._pressure = self._read_pressure(now)
         last = self._last
         return Observation(at=now, scope=scope, pressure=self._pressure, workers=last.workers,
                            events=events, full=False, unmanaged=last.unmanaged, gpus=last.gpus)

@@ -143,6 +143,24 @@ def _process_memory(pid: int) -> int | None:
     return (anon or 0) + (shmem or 0)
 
 
+_K_RCHAR = b"rchar:"
+_K_WCHAR = b"\nwchar:"
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _io_bytes(pid: int) -> int | None:
+    """rchar + wchar of ``pid`` (bytes read and written through system calls); None if unreadable."""
+    try:
+        data = b"\n" + _read(f"/proc/{pid}/io", 1024)
+    except OSError:
+        return None
+    r = field_int(data, b"\n" + _K_RCHAR)
+    w = field_int(data, _K_WCHAR)
+    if r is None or w is None:
+        return None
+    return r + w
+
+
 def _names(pid: int) -> tuple[str, str]:
     """(comm, basename of argv[0]) of ``pid``; empty strings where unreadable."""
     try:
@@ -231,6 +249,16 @@ def sample_tree(worker: str, pid: int, start: int | None, members: Iterable[tupl
     """
     why, tree = walk_tree(pid, start, members, children)
     total = 0
+    cpu_ticks, io, counters_known = 0, 0, why is None
+    for p in tree:
+        st = _stat(p)
+        got = _io_bytes(p)
+        if st is None or got is None:
+            if p == pid:
+                counters_known = False  # the main process's counters are unreadable: no progress figure
+            continue  # a member that vanished mid-read
+        cpu_ticks += st.cpu_ticks
+        io += got
     if not measure and why is None:
         why = "measured through its cgroup"
     for p in (tree if measure else ()):
@@ -257,7 +285,13 @@ def sample_tree(worker: str, pid: int, start: int | None, members: Iterable[tupl
         ordered.remove((pid, start))
         ordered.insert(0, (pid, start))
     memory = Unknown(why) if why is not None else total
-    return WorkerSample(worker, pid, memory, len(tree), protected, "tree", members=tuple(ordered))
+    if counters_known:
+        cpu: object = cpu_ticks / _CLK_TCK
+        io_total: object = io
+    else:
+        cpu = io_total = Unknown("the main process's /proc stat or io is unreadable")
+    return WorkerSample(worker, pid, memory, len(tree), protected, "tree", members=tuple(ordered),
+                        cpu_seconds=cpu, io_bytes=io_total)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------

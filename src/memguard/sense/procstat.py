@@ -24,6 +24,9 @@ class ProcStat(NamedTuple):
     session: int
     threads: int
     start: int  # clock ticks since boot (field 22)
+    # utime + stime + cutime + cstime (fields 14-17), clock ticks: CPU used by the process and by its
+    # children it has reaped.
+    cpu_ticks: int = 0
 
     @property
     def dead(self) -> bool:
@@ -47,9 +50,10 @@ def read_stat(pid: int) -> ProcStat | None:
     if r < 0:
         return None
     f = data[r + 2:].split()
-    # f[0] is field 3 (state): ppid 4, pgrp 5, session 6, num_threads 20, starttime 22.
+    # f[0] is field 3 (state): ppid 4, pgrp 5, session 6, utime..cstime 14-17, num_threads 20, starttime 22.
     try:
-        return ProcStat(f[0].decode(), int(f[1]), int(f[2]), int(f[3]), int(f[17]), int(f[19]))
+        return ProcStat(f[0].decode(), int(f[1]), int(f[2]), int(f[3]), int(f[17]), int(f[19]),
+                        int(f[11]) + int(f[12]) + int(f[13]) + int(f[14]))
     except (IndexError, ValueError):
         return None
 

@@ -20,7 +20,8 @@ import re
 from memguard.model import Pressure, Reading, Unknown
 from memguard.sense.host import read_bytes
 
-__all__ = ["PSI_MEMORY_PATH", "read_pressure", "parse_pressure"]
+__all__ = ["PSI_MEMORY_PATH", "read_pressure", "parse_pressure", "parse_totals", "read_pressure_totals",
+           "RecentPressure", "PsiTrigger"]
 
 PSI_MEMORY_PATH = "/proc/pressure/memory"
 
@@ -58,3 +59,134 @@ def read_pressure(path: str = PSI_MEMORY_PATH) -> Pressure:
         u = Unknown(f"{path} unreadable: {e.strerror or e}")
         return Pressure(u, u, u, u)
     return parse_pressure(data, path)
+
+
+_TOTAL = re.compile(rb"^(some|full) .*?total=(\d+)", re.M)
+
+
+def parse_totals(data: bytes) -> tuple[int | None, int | None]:
+    """(some, full) total stall time in microseconds from the bytes of a PSI file (None where absent)."""
+    got = {m.group(1): int(m.group(2)) for m in _TOTAL.finditer(data)}
+    return got.get(b"some"), got.get(b"full")
+
+
+def read_pressure_totals(path: str = PSI_MEMORY_PATH) -> tuple[Pressure, tuple[int | None, int | None]]:
+    """:func:`read_pressure` and :func:`parse_totals` from one read of the file."""
+    try:
+        data = read_bytes(path)
+    except OSError as e:
+        u = Unknown(f"{path} unreadable: {e.strerror or e}")
+        return Pressure(u, u, u, u), (None, None)
+    return parse_pressure(data, path), parse_totals(data)
+
+
+class RecentPressure:
+    """memguard's short PSI averages (``psi.some_avg1``, ``psi.full_avg1``) from the kernel's total counters.
+
+    The kernel's averages run over 10 s at the shortest and are updated every 2 s: a thrash shows in them
+    only after several seconds. The ``total=`` counters (microseconds stalled) move at once; the share of
+    wall time stalled between the newest reading and the oldest of the last :data:`WINDOW_S` is the average
+    over about that long. Fed one reading per call (full ticks, and when a PSI trigger fires); not
+    thread-safe (the observer's own).
+    """
+
+    #: 1 s: a thrash that began a second ago reads at its full strength, where a longer window would still
+    #: average in the calm before it (measured: the probe of tests/test_last_line.py stalled for over a second
+    #: with a 2 s window, not at all with 1 s).
+    WINDOW_S = 1.0
+    #: A share is computed over at least 0.3 s (over a millisecond it says nothing).
+    MIN_SPAN_S = 0.3
+
+    def __init__(self) -> None:
+        self._history: list[tuple[float, int | None, int | None]] = []
+
+    def add(self, now: float, totals: tuple[int | None, int | None]) -> tuple[object, object]:
+        """Note a reading at ``now`` (seconds); returns (some, full) in percent over about the last second."""
+        self._history.append((now, totals[0], totals[1]))
+        # Keep the window, plus the newest reading before it (the base of the next share).
+        while len(self._history) > 2 and now - self._history[1][0] >= self.WINDOW_S:
+            self._history.pop(0)
+        return self._share(1), self._share(2)
+
+    def _share(self, index: int) -> object:
+        newest = self._history[-1]
+        if newest[index] is None:
+            return Unknown("no total= in the PSI file")
+        base = None
+        for entry in self._history[:-1]:
+            if newest[0] - entry[0] >= self.MIN_SPAN_S and entry[index] is not None:
+                base = entry  # the oldest one in the window that is at least MIN_SPAN_S old
+                break
+        if base is None:
+            return Unknown("not enough PSI readings yet for a 1 s average")
+        span_us = (newest[0] - base[0]) * 1e6
+        stalled = max(0, newest[index] - base[index])  # type: ignore[operator]
+        return min(100.0, 100.0 * stalled / span_us)
+
+
+class PsiTrigger:
+    """A kernel PSI trigger: the kernel wakes memguard when tasks stall on memory past a threshold.
+
+    ``some STALL_US WINDOW_US`` written to a PSI file makes the file descriptor signal POLLPRI when at
+    least ``STALL_US`` of stall happened within any ``WINDOW_US``. Without CAP_SYS_RESOURCE the window
+    must be a multiple of 2 s (a 1 s window gives EINVAL). A PSI descriptor always reads as "readable",
+    so asyncio's add_reader cannot wait on it: it is registered for EPOLLPRI in an epoll set of its own,
+    and that epoll's descriptor (:meth:`fileno`) is what the event loop watches.
+    """
+
+    #: 200 ms of stall within 2 s (10 % of the time): well past the background of a healthy machine
+    #: (a few ms of reclaim now and then), well before a box thrashes (most of the time stalled).
+    STALL_US = 200_000
+    WINDOW_US = 2_000_000
+
+    def __init__(self, path: str = PSI_MEMORY_PATH, kind: str = "some", stall_us: int = STALL_US,
+                 window_us: int = WINDOW_US) -> None:
+        """Open and arm the trigger. Raises OSError (the kernel has no PSI, or refuses the trigger)."""
+        import os
+        import select
+
+        self.path = path
+        self.spec = f"{kind} {stall_us} {window_us}"
+        self._fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        self._epoll = None
+        try:
+            os.write(self._fd, self.spec.encode() + b"\0")
+            self._epoll = select.epoll()
+            self._epoll.register(self._fd, select.EPOLLPRI)
+        except OSError:
+            self.close()
+            raise
+
+    def fileno(self) -> int:
+        assert self._epoll is not None
+        return self._epoll.fileno()
+
+    def fired(self) -> bool | None:
+        """Drain the events after the loop saw the epoll descriptor readable: True (the trigger fired), or None
+        when the descriptor failed (the file went away: a cgroup removed) and the trigger is dead.
+
+        The kernel hands a trigger's event to the first poll that asks, and the event loop's check of the
+        epoll descriptor is that poll: by the time the epoll set is read here, the event may be gone. So a
+        wake-up itself says the trigger fired (a spurious one costs one extra reading of the pressure).
+        """
+        import select
+
+        if self._epoll is None:
+            return None
+        try:
+            events = self._epoll.poll(0)
+        except OSError:
+            return None
+        if any(ev & (select.EPOLLERR | select.EPOLLHUP) for _, ev in events):
+            return None
+        return True
+
+    def close(self) -> None:
+        import os
+
+        if self._epoll is not None:
+            self._epoll.close()
+            self._epoll = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

@@ -14,11 +14,11 @@ import pwd
 import re
 from typing import Collection, Iterable, Sequence
 
-from ..model import ProcessSample, Unknown
+from ..model import Adoptable, ProcessSample, ProtectedProcess, Unknown
 from ..policy import UnmanagedMatch
 from .procstat import read_stat, same_process
 
-__all__ = ["scan_unmanaged", "alive"]
+__all__ = ["scan_unmanaged", "scan_matches", "scan_protected", "alive"]
 
 
 def _read(path: str) -> str:
@@ -55,14 +55,23 @@ def _user(uid: int, cache: dict[int, str]) -> str:
 
 def scan_unmanaged(matchers: Sequence[UnmanagedMatch], exclude: Collection[int],
                    protect: Iterable[str] = ()) -> tuple[ProcessSample, ...]:
+    """Processes matched by an entry without rules: candidates for system rules' victims."""
+    return scan_matches(matchers, exclude, protect)[0]
+
+
+def scan_matches(matchers: Sequence[UnmanagedMatch], exclude: Collection[int],
+                 protect: Iterable[str] = ()) -> tuple[tuple[ProcessSample, ...], tuple[Adoptable, ...]]:
+    """One pass over /proc: (victim candidates of entries without rules, processes of entries with rules,
+    which the actor adopts as ad-hoc workers)."""
     if not matchers:
-        return ()
+        return (), ()
     compiled = [(m, re.compile(m.cmdline) if m.cmdline else None, re.compile(m.cgroup) if m.cgroup else None)
                 for m in matchers]
     protected = set(protect)
     me = os.getpid()
     users: dict[int, str] = {}
     out = []
+    adopt: list[Adoptable] = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -84,7 +93,7 @@ def scan_unmanaged(matchers: Sequence[UnmanagedMatch], exclude: Collection[int],
             uid = int(st.get("Uid", "0").split()[0])
             user = _user(uid, users)
             cgroup_text = None
-            for m, cmd_re, cg_re in compiled:
+            for index, (m, cmd_re, cg_re) in enumerate(compiled):
                 if m.user is not None and m.user != user:
                     continue
                 if cmd_re is not None and not cmd_re.search(cmdline):
@@ -95,6 +104,9 @@ def scan_unmanaged(matchers: Sequence[UnmanagedMatch], exclude: Collection[int],
                         continue
                 start = _start(pid)
                 if start is None:
+                    break
+                if m.rules:
+                    adopt.append(Adoptable(pid=pid, start=start, name=name, entry=index))
                     break
                 try:
                     anon = int(st.get("RssAnon", "0 kB").split()[0]) * 1024
@@ -108,4 +120,37 @@ def scan_unmanaged(matchers: Sequence[UnmanagedMatch], exclude: Collection[int],
                 break
         except (OSError, ValueError):
             continue
+    return tuple(out), tuple(adopt)
+
+
+def scan_protected(protect: Iterable[str]) -> tuple[ProtectedProcess, ...]:
+    """Every process whose command name or argv[0] (its base name) is in ``protect``, with its
+    oom_score_adj. One pass over /proc; kernel threads are skipped."""
+    names = set(protect)
+    if not names:
+        return ()
+    me = os.getpid()
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        pid = int(entry)
+        try:
+            comm = _read(f"/proc/{pid}/comm").rstrip("\n")
+            if comm not in names:
+                raw = _read(f"/proc/{pid}/cmdline")
+                if not raw or os.path.basename(raw.split("\0", 1)[0]) not in names:
+                    continue
+            elif not _read(f"/proc/{pid}/cmdline"):
+                continue  # a kernel thread (or a zombie) of that name
+            start = _start(pid)
+            if start is None:
+                continue
+            try:
+                adj: int | None = int(_read(f"/proc/{pid}/oom_score_adj"))
+            except (OSError, ValueError):
+                adj = None
+        except OSError:
+            continue
+        out.append(ProtectedProcess(pid=pid, start=start, name=comm, oom_score_adj=adj))
     return tuple(out)

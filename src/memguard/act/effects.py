@@ -417,15 +417,15 @@ class Effects(LoopOwned):
     def _signal(self, action: Signal, policy: DaemonPolicy, notes: list[Notice]) -> None:
         if self.children is None or action.pid <= 1 or action.pid == os.getpid():
             return
-        if self.adhoc is not None and action.worker in self.adhoc:
-            self._signal_adhoc(action, policy, notes)
-            return
         if self._protected(action.pid, policy):
             notes.append(Notice("refused", level="warning", worker=action.worker, workload=action.workload,
                                 pid=action.pid, reason="the process matches protect: at the moment of signalling; "
                                                        "not signalled"))
             if not action.lifecycle:
                 self._not_done(action, "protected")
+            return
+        if self.adhoc is not None and action.worker in self.adhoc:
+            self._signal_adhoc(action, policy, notes)
             return
         if action.signum == SIGKILL:
             # The main process and its recorded members first, each reaped the moment it is killed
@@ -623,14 +623,8 @@ class Effects(LoopOwned):
     # ------------------------------------------------------------------ jobs: admission and ad-hoc workers
 
     def _signal_adhoc(self, action: Signal, policy: DaemonPolicy, notes: list[Notice]) -> None:
+        """A signal for a process memguard did not start (protection was checked by the caller)."""
         assert self.adhoc is not None and self.control is not None
-        if self._protected(action.pid, policy):
-            notes.append(Notice("refused", level="warning", worker=action.worker, workload=action.workload,
-                                pid=action.pid, reason="the process matches protect: at the moment of signalling; "
-                                                       "not signalled"))
-            if not action.lifecycle:
-                self._not_done(action, "protected")
-            return
         conn = self.adhoc.conn_of(action.worker)
         if conn is not None:
             self.control.push_to(conn, {"event": "signal", "worker": action.worker, "action": action.event,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from memguard.decide.pacing import fast_path_interval, next_full_tick
+from memguard.decide.pacing import QUIET_FULL_TICK_S, next_full_tick, watch_plan
 from memguard.decide.state import Phase
 from memguard.model import UNKNOWN, Notice, SetAdmission, Signal, Spawn
 from memguard.policy import RestartPolicy
@@ -271,22 +271,38 @@ def test_reload_restarts_changed_and_stops_removed():
     assert [s.worker for s in acts if isinstance(s, Spawn)] == ["a-0"]
 
 
-def test_pacing_fast_near_threshold_and_fast_path_headroom():
-    """Far from thresholds the full tick is relaxed; near one it is fast; the fast path scales with headroom."""
+def test_pacing_quiet_when_watched_and_fast_path_headroom():
+    """A rule on the scope's memory alone is watched between ticks: far from it or near it the full tick stays
+    quiet (the watcher, not the full tick, follows the scope); the plan's low threshold is the rule's, and its
+    polling pace scales with the headroom. A rule on a worker's memory near its threshold makes full ticks
+    fast again."""
     pol = daemon(workload(), rules=(rule("memory.available < 2GiB", "kill", "system"),))
     sim = Sim(pol)
     sim.start()
     sim.tick(0.1)
     obs = sim.observe()
-    assert next_full_tick(sim.state, obs, pol, sim.now) == pol.poll_interval_s
+    assert next_full_tick(sim.state, obs, pol, sim.now) == QUIET_FULL_TICK_S
     sim.available = int(2.1 * GiB)
     obs = sim.observe()
-    assert next_full_tick(sim.state, obs, pol, sim.now) == pol.fast_poll_interval_s
-    far = fast_path_interval(sim.state, sim.observe(), pol)
-    sim.available = 2 * GiB + 6 * MiB
-    near = fast_path_interval(sim.state, sim.observe(), pol)
+    assert next_full_tick(sim.state, obs, pol, sim.now) == QUIET_FULL_TICK_S
+    plan = watch_plan(sim.state, obs, pol)
+    assert plan.low_bytes == 2 * GiB and plan.high_bytes is None and plan.stop
+    far = plan.interval(int(2.1 * GiB))
+    near = plan.interval(2 * GiB + 6 * MiB)
     assert near < far and near <= 0.002
     assert near >= pol.min_fast_path_interval_s
+    assert plan.outside(2 * GiB) and not plan.outside(2 * GiB + 1)
+
+    worker_rule = daemon(workload(rules=(rule("worker.memory > 900MiB", "restart"),)))
+    sim = Sim(worker_rule)
+    sim.start()
+    sim.tick(0.1)
+    obs = sim.observe()
+    assert next_full_tick(sim.state, obs, worker_rule, sim.now) == worker_rule.poll_interval_s
+    sim.memory["w-0"] = 850 * MiB
+    sim.tick(0.1)
+    obs = sim.observe()
+    assert next_full_tick(sim.state, obs, worker_rule, sim.now) == worker_rule.fast_poll_interval_s
 
 
 def test_fast_path_tick_uses_scope_reading_and_acts_at_once():

@@ -51,6 +51,7 @@ __all__ = [
     "LiveWorker",
     "LiveSnapshot",
     "Observation",
+    "WatchPlan",
     "Explanation",
     "Spawn",
     "Signal",
@@ -372,6 +373,56 @@ class Observation:
     # memguard (watched, killed when memguard stops).
     strays: tuple[tuple[int, int, str, int], ...] = ()
     unattributed: tuple[tuple[int, int], ...] = ()
+    # Each worker's memory re-read at this very tick (a fast tick that crossed a threshold whose rule stops a
+    # victim): the victim is ranked on these figures, not on the last full tick's. Empty on other ticks.
+    worker_memory: Mapping[str, Reading] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class WatchPlan:
+    """What the observer watches between two ticks, precomputed (decide/pacing) from the last one.
+
+    A band around the scope's available memory, in bytes: a reading at or
+    below ``low_bytes`` (a memory threshold of a rule that could fire) or at
+    or above ``high_bytes`` (a rule in force that could release, a pending
+    rule that could stop holding) makes a tick; inside the band nothing is
+    built and nothing is decided. None: no bound on that side.
+
+    ``stop``: crossing ``low_bytes`` can fire a rule that chooses a victim,
+    so that tick re-reads each worker's memory first (the victim is ranked
+    on figures of the moment of acting). ``psi``: PSI triggers to arm, as
+    (``"some"``/``"full"``, stall microseconds, window microseconds): a stall
+    that could lead to a PSI rule firing wakes the daemon.
+
+    Polling pace where no kernel notification watches the band: the
+    headroom above ``low_bytes`` over ``max_fill_rate_bytes_per_s`` (a hog
+    filling memory that fast cannot cross unseen), within
+    [``min_interval_s``, ``max_interval_s``]; where the kernel notifies a
+    crossing, only every ``max_interval_s`` (a backstop for what the kernel
+    does not count, e.g. cached file pages becoming active).
+    """
+
+    low_bytes: float | None = None
+    high_bytes: float | None = None
+    stop: bool = False
+    psi: tuple[tuple[str, int, int], ...] = ()
+    max_fill_rate_bytes_per_s: float = 6000.0 * 1024 * 1024
+    min_interval_s: float = 0.001
+    max_interval_s: float = 1.0
+
+    def outside(self, available: float) -> bool:
+        """Does this reading call for a tick?"""
+        return ((self.low_bytes is not None and available <= self.low_bytes)
+                or (self.high_bytes is not None and available >= self.high_bytes))
+
+    def interval(self, available: float | None) -> float | None:
+        """Seconds until the next read by polling; None when there is nothing to watch."""
+        if self.low_bytes is None:
+            return None if self.high_bytes is None else self.max_interval_s
+        if available is None:
+            return self.min_interval_s
+        wait = (available - self.low_bytes) / self.max_fill_rate_bytes_per_s
+        return max(self.min_interval_s, min(wait, self.max_interval_s))
 
 
 # ---------------------------------------------------------------------------

@@ -56,7 +56,7 @@ from ..model import (
 from ..policy import ActionKind, DaemonPolicy, Rule, RuleKey, WorkloadPolicy
 from ..units import format_duration, format_size
 from .evaluate import Context, evaluate, explain
-from .rules import system_context, worker_context, worker_rules
+from .rules import changes_between_full_ticks, reads_growth, system_context, worker_context, worker_rules
 from .state import CoreState, Incarnation, Phase, ProcessStop, RuleState, StopState, WorkerState, check_transition
 
 __all__ = ["step", "all_stopped"]
@@ -133,8 +133,13 @@ def step(state: CoreState, obs: Observation, policy: DaemonPolicy, now: float) -
     _follow_process_stop(s, obs)
     if not s.shutting_down:
         system_ctx = system_context(obs)
+        touched = _event_workers(obs) if not obs.full else frozenset()
         for name in sorted(s.workers):
-            _worker_rules(s, s.workers[name], system_ctx, obs)
+            w = s.workers[name]
+            if obs.full or name in touched or _rules_due(s, w):
+                _worker_rules(s, w, system_ctx, obs)
+            elif w.phase == Phase.RUNNING:
+                _trial_checks(s, w, s.workload(w), system_ctx)  # timeouts and recycling are due by time
         _system_rules(s, system_ctx, obs)
     _admission(s)
     _start_due(s)
@@ -450,13 +455,19 @@ def _note_kernel_oom(s: _Step, obs: Observation) -> None:
 
 def _take_samples(s: _Step, obs: Observation) -> None:
     if not obs.full:
+        # A fast tick that crossed a stop threshold re-read each worker's memory: rank victims on it.
+        for name, memory in obs.worker_memory.items():
+            w = s.workers.get(name)
+            if w is not None and w.phase == Phase.RUNNING and w.sample is not None and is_known(memory):
+                s.update(w, memory=memory)
         return
     for name, w in list(s.workers.items()):
         sample = obs.workers.get(name)
         if w.phase in (Phase.RUNNING, Phase.STOPPING) and sample is not None and sample.pid == w.pid:
             history = w.history
-            if is_known(sample.memory_bytes):
-                window = s.workload(w).growth_window_s
+            wl = s.workload(w)
+            if is_known(sample.memory_bytes) and reads_growth(wl):  # a history only where a rule reads growth
+                window = wl.growth_window_s
                 history = tuple(p for p in history if obs.at - p[0] <= window) + (
                     (obs.at, float(sample.memory_bytes)),)
             s.update(w, sample=sample, memory=sample.memory_bytes, history=history)
@@ -480,6 +491,21 @@ def _expire_grace(s: _Step) -> None:
 
 # ---------------------------------------------------------------------------
 # 7. Worker rules
+
+
+def _event_workers(obs: Observation) -> frozenset[str]:
+    """Workers an event of this tick is about (a trial report, a spawn, an exit...)."""
+    return frozenset(w for ev in obs.events if isinstance(w := getattr(ev, "worker", None), str))
+
+
+def _rules_due(s: _Step, w: WorkerState) -> bool:
+    """Must the worker's rules run on this fast tick? Only if they read something a fast tick changes, or a
+    rule's ``for:`` or quiet period may run out now: the others would give the last full tick's answers."""
+    if w.phase not in (Phase.RUNNING, Phase.STOPPING):
+        return False
+    if any(rs.pending_since is not None or 0 < rs.quiet_until <= s.now for rs in w.rules.values()):
+        return True
+    return changes_between_full_ticks(s.workload(w))
 
 
 def _track(rs: RuleState, holds: bool | None, rule: Rule, now: float) -> tuple[RuleState, bool]:

@@ -26,19 +26,21 @@ import asyncio
 import concurrent.futures
 import threading
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 from ..model import (Exited, Event, GpuDeviceReading, LiveSnapshot, Observation, Pressure, ProcessSample, Reading,
-                     ScopeMemory, Unknown, WorkerSample, is_known)
+                     ScopeMemory, Unknown, WatchPlan, WorkerSample, is_known)
 from ..policy import DaemonPolicy
 from ..threads import CHECK, LoopOwned, OwnershipError, on_owner_thread
 from .cgroup import MemoryCgroup, ScopeReader, choose_scope
 from .gpu import GpuProblem, GpuReading, GpuStart, ThreadedSensor, attribute_all, host_pid_map
 from .host import host_scope
 from .jetson import make_gpu_sensor
-from .procs import Adopted, NameCache, children_reader, find_adopted, sample_tree
-from .psi import read_pressure
+from .host import PinnedFile
+from .procs import Adopted, NameCache, children_reader, find_adopted, sample_tree, tree_resident_bytes
+from .psi import PSI_MEMORY_PATH, read_pressure
 from .unmanaged import scan_unmanaged
+from .watch import CgroupProbe, Crossing, HostProbe, Target, Watcher
 
 __all__ = ["Observer", "Sample", "measure_workers", "gpu_observation"]
 
@@ -53,6 +55,68 @@ class Sample:
     gpu_problems: tuple[GpuProblem, ...] = ()
     strays: tuple[tuple[int, int, str, int], ...] = ()
     unattributed: tuple[tuple[int, int], ...] = ()
+    # Each cgroup worker's inactive file cache at this sample (usage less working set), and its cgroup:
+    # what a re-read of its usage at the moment of acting needs to give its working set.
+    cached_bytes: Mapping[str, float] = field(default_factory=dict)
+    cgroups: Mapping[str, str] = field(default_factory=dict)
+
+
+def _reads_worker_memory(policy: DaemonPolicy) -> frozenset[str]:
+    """The workers whose rules read their own memory (worker.memory, worker.growth): PSS is for them."""
+    out: set[str] = set()
+    for wl in policy.workloads:
+        if any(_mentions(r.when) or (r.release is not None and _mentions(r.release)) for r in wl.rules):
+            out.update(wl.worker_names())
+    return frozenset(out)
+
+
+def _mentions(expr: Any) -> bool:
+    args = getattr(expr, "args", None)
+    if args is None:
+        return expr.signal in ("worker.memory", "worker.growth")
+    return any(_mentions(a) for a in args)
+
+
+class _Fresh:
+    """Re-reads each worker's memory at the moment of acting, on the loop: its cgroup's usage (one pread of
+    a file kept open) less the cache the last sample saw, or the resident figure of its known processes."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, PinnedFile] = {}
+
+    def read(self, sample: "Sample") -> dict[str, Reading]:
+        out: dict[str, Reading] = {}
+        for name, ws in sample.workers.items():
+            path = sample.cgroups.get(name)
+            if path is not None:
+                f = self.files.get(path)
+                if f is None:
+                    f = self.files[path] = PinnedFile(f"{path}/memory.usage_in_bytes" if _is_v1(path)
+                                                      else f"{path}/memory.current", 64)
+                try:
+                    usage = float(int(f.read()))
+                except (OSError, ValueError):
+                    continue
+                cached = sample.cached_bytes.get(name, 0.0)
+                out[name] = max(0.0, usage - cached)
+            else:
+                m = tree_resident_bytes(p for p, _ in ws.members) if ws.members else None
+                if m is not None:
+                    out[name] = m
+        for path in [p for p in self.files if p not in sample.cgroups.values()]:
+            self.files.pop(path).close()
+        return out
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+        self.files = {}
+
+
+def _is_v1(path: str) -> bool:
+    import os
+
+    return os.path.exists(f"{path}/memory.usage_in_bytes")
 
 
 class _ReaderCache:
@@ -88,11 +152,15 @@ class _ReaderCache:
 
 
 def measure_workers(snapshot: LiveSnapshot, protect: Sequence[str], cache: _ReaderCache | None = None,
-                    use_children_files: bool | None = None) -> tuple[dict[str, WorkerSample], Adopted]:
-    """Each live worker measured: its tree walked (from the recorded members, and the orphans memguard
-    adopted from it, too), its memory read from its own cgroup where it has one (exact, cheap) or summed
-    over the tree (PSS) otherwise. Also returns the adopted orphans that belong to no running worker.
-    Reads ``/proc`` and cgroup files only; meant for the reader thread."""
+                    use_children_files: bool | None = None, pss: Collection[str] | None = None,
+                    cached: dict[str, float] | None = None) -> tuple[dict[str, WorkerSample], Adopted]:
+    """Each live worker measured: its processes found (its cgroup's list where it has one, else a walk of
+    its tree from the recorded members and the orphans memguard adopted from it), its memory read from its
+    own cgroup where it has one (exact, cheap) or summed over the tree otherwise: PSS for the workers in
+    ``pss`` (None: all), whose rules read their memory, the cheap resident figure for the others. Also
+    returns the adopted orphans that belong to no running worker; ``cached`` receives each cgroup worker's
+    inactive file cache (usage less working set). Reads ``/proc`` and cgroup files only; meant for the
+    reader thread."""
     cache = cache or _ReaderCache()
     children = children_reader(use_children_files)
     protect_set = frozenset(protect)
@@ -102,19 +170,28 @@ def measure_workers(snapshot: LiveSnapshot, protect: Sequence[str], cache: _Read
     seen: set[tuple[int, int]] = set()
     for name, lw in snapshot.workers.items():
         members = lw.members + tuple(adopted.members.get(name, ()))
+        cg: MemoryCgroup | None = None
+        pids: list[int] | None = None
+        failed: Exception | None = None
+        if lw.cgroup is not None:
+            try:
+                cg = cache.cgroup(lw.cgroup)
+                pids = cg.pids()
+            except (OSError, RuntimeError) as e:
+                failed = e
+        measure: bool | str = False if lw.cgroup is not None else ("pss" if pss is None or name in pss else "rss")
         s = sample_tree(name, lw.pid, lw.start, members, protect_set, children=children,
-                        measure=lw.cgroup is None, names=cache.names)
+                        measure=measure, names=cache.names, pids=pids)
         seen.update(s.members)
         if lw.cgroup is not None:
             memory: Reading
-            processes = s.processes
-            try:
-                cg = cache.cgroup(lw.cgroup)
-                memory = cg.working_set_bytes()
-                processes = max(processes, len(cg.pids()))
-            except (OSError, RuntimeError) as e:
-                memory = Unknown(f"the worker's cgroup {lw.cgroup} is unreadable: {e}")
-            s = replace(s, memory_bytes=memory, processes=processes, source="cgroup")
+            if cg is None or failed is not None:
+                memory = Unknown(f"the worker's cgroup {lw.cgroup} is unreadable: {failed}")
+            else:
+                usage, memory = cg.usage_and_working_set()
+                if cached is not None and is_known(usage) and is_known(memory):
+                    cached[name] = float(usage) - float(memory)
+            s = replace(s, memory_bytes=memory, source="cgroup")
         out[name] = s
     cache.keep({lw.cgroup for lw in snapshot.workers.values() if lw.cgroup}, seen)
     return out, adopted
@@ -153,31 +230,75 @@ class Observer(LoopOwned):
         self._last_full_scope: ScopeMemory | None = None
         self._pressure = Pressure()
         self._last: Sample = Sample()
+        self._pss = _reads_worker_memory(policy)
+        self._fresh = _Fresh()
+        self._wake: Callable[[], None] | None = None
+        self._watcher: Watcher | None = None
 
     @on_owner_thread
     def configure(self, policy: DaemonPolicy) -> str | None:
         """Take a reloaded policy; returns a sentence when the scope changed (for the log)."""
         old, self.policy = self.policy, policy
+        self._pss = _reads_worker_memory(policy)
         if policy.scope != old.scope:
             self.scope = choose_scope(policy.scope)
             self._last_full_scope = None
+            if self._watcher is not None and self._wake is not None:
+                self._watcher.close()
+                self._watcher = self._make_watcher()
+                self._watcher.start(self._wake)
             return f"now guarding {self.scope.description}"
         return None
+
+    # ------------------------------------------------------------------ between ticks
+
+    def _make_watcher(self) -> Watcher:
+        cg = self.scope.cgroup
+        if self.scope.kind == "cgroup" and cg is not None:
+            probe: CgroupProbe | HostProbe = CgroupProbe(cg.path, cg.version)
+            psi = cg.pressure_path()
+        else:
+            probe, psi = HostProbe(), PSI_MEMORY_PATH
+        return Watcher(probe, psi_path=psi)
+
+    @on_owner_thread
+    def watch(self, plan: WatchPlan) -> None:
+        """Hand the watcher the band to watch until the next tick (see :mod:`memguard.sense.watch`)."""
+        if self._watcher is None:
+            return
+        last = self._last_full_scope
+        total = float(last.total_bytes) if (last is not None and last.kind == "cgroup"
+                                            and is_known(last.total_bytes)) else None
+        self._watcher.watch(Target(plan, total))
+
+    def watch_stats(self) -> dict[str, object]:
+        """What the watcher did: reads, kernel wake-ups, crossings (for the status reply and the benchmark)."""
+        return self._watcher.stats() if self._watcher is not None else {"mode": "off"}
 
     def describe(self) -> dict[str, str]:
         """What is guarded, for the start-up line."""
         return {"kind": self.scope.kind, "description": self.scope.description}
 
     @on_owner_thread
-    async def start(self) -> GpuStart | None:
-        """Start GPU sensing (off the loop: NVML start-up can take seconds); None when the policy turned it off."""
+    async def start(self, wake: Callable[[], None] | None = None) -> GpuStart | None:
+        """Start the watcher (``wake`` is called on the loop when it sees a crossing) and GPU sensing (off the
+        loop: NVML start-up can take seconds); returns None when the policy turned GPU sensing off."""
+        loop = asyncio.get_running_loop()
+        if wake is not None:
+            self._wake = lambda: loop.call_soon_threadsafe(wake)
+            self._watcher = self._make_watcher()
+            self._watcher.start(self._wake)
         if self.gpu is None:
             return None
-        return await asyncio.get_running_loop().run_in_executor(None, self.gpu.start)
+        return await loop.run_in_executor(None, self.gpu.start)
 
     @on_owner_thread
     def close(self) -> None:
         self._reader.shutdown(wait=False, cancel_futures=True)
+        if self._watcher is not None:
+            self._watcher.close()
+            self._watcher = None
+        self._fresh.close()
         if self.gpu is not None:
             self.gpu.close()
 
@@ -190,9 +311,12 @@ class Observer(LoopOwned):
         policy = self.policy
         cache = self._cache
 
+        pss = self._pss
+        cached: dict[str, float] = {}
+
         def read() -> tuple[dict[str, WorkerSample], tuple[ProcessSample, ...], Adopted]:
             cache.claim()
-            workers, adopted = measure_workers(snapshot, policy.protect, cache)
+            workers, adopted = measure_workers(snapshot, policy.protect, cache, pss=pss, cached=cached)
             unmanaged: tuple[ProcessSample, ...] = ()
             if policy.unmanaged:
                 exclude = {pid for s in workers.values() for pid, _ in s.members} | set(snapshot.own)
@@ -211,7 +335,8 @@ class Observer(LoopOwned):
             pids = [pid for s in workers.values() for pid, _ in s.members]
             gpus, workers = gpu_observation(reading, workers, host_pid_map(pids))
             problems = tuple(reading.problems)
-        return Sample(workers, unmanaged, gpus, problems, tuple(adopted.leftovers), tuple(adopted.unmarked))
+        return Sample(workers, unmanaged, gpus, problems, tuple(adopted.leftovers), tuple(adopted.unmarked),
+                      cached, {name: lw.cgroup for name, lw in snapshot.workers.items() if lw.cgroup})
 
     @on_owner_thread
     def full(self, sample: Sample, events: tuple[Event, ...], now: float) -> Observation:
@@ -230,12 +355,27 @@ class Observer(LoopOwned):
 
     @on_owner_thread
     def fast(self, events: tuple[Event, ...], now: float) -> Observation:
-        """A fast tick's observation: the scope's memory re-read, everything else from the last full tick."""
+        """A fast tick's observation: the scope's memory re-read, everything else from the last full tick.
+
+        After the watcher saw a crossing of a threshold whose rule stops a
+        victim, each worker's memory is re-read too (the victim is ranked on
+        figures of this moment); after a PSI trigger, the pressure.
+        """
+        crossing: Crossing | None = self._watcher.take() if self._watcher is not None else None
         exits = any(isinstance(ev, Exited) for ev in events)
         scope = self.scope() if exits or self._last_full_scope is None else self._fast_scope(self._last_full_scope)
         last = self._last
+        fresh: Mapping[str, Reading] = {}
+        if crossing is not None:
+            if crossing.stop:
+                fresh = self._fresh.read(last)
+            if crossing.psi:
+                cg = self.scope.cgroup
+                path = cg.pressure_path() if self.scope.kind == "cgroup" and cg is not None else None
+                self._pressure = read_pressure(path) if path else read_pressure()
         return Observation(at=now, scope=scope, pressure=self._pressure, workers=last.workers,
-                           events=events, full=False, unmanaged=last.unmanaged, gpus=last.gpus)
+                           events=events, full=False, unmanaged=last.unmanaged, gpus=last.gpus,
+                           worker_memory=fresh)
 
     def _fast_scope(self, last: ScopeMemory) -> ScopeMemory:
         """Only what moves fast (usage, working set); the host's /proc/vmstat is skipped (two thirds of a

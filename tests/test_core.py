@@ -561,3 +561,29 @@ def test_reload_replicas_down_and_up_within_a_grace_period_keeps_every_replica()
         acts += sim.run(2.0)
         assert any(isinstance(a, Spawn) and a.worker == "w-1" for a in acts), exit_before_second_reload
         assert sorted(w.phase.value for w in sim.state.workers.values()) == ["running", "running"]
+
+
+def test_a_fast_tick_with_200_workers_does_not_run_their_rules(monkeypatch):
+    """On a fast tick (only the scope's memory was re-read) the rules of 200 workers that read only what full
+    ticks measure give the last full tick's answers: they are not run, and the system rule's kill is decided
+    on the figures re-read at that moment (the largest fresh worker is the victim). A full tick runs them."""
+    import memguard.decide.core as core
+    from memguard.model import Observation
+
+    pol = daemon(workload(replicas=200, rules=(rule("worker.memory > 4GiB", "restart"),)),
+                 rules=(rule("memory.available < 2GiB", "kill", "system"),))
+    sim = Sim(pol)
+    sim.start()
+    sim.tick(0.1)
+    sim.tick(0.1)  # measured
+    calls = []
+    real = core._worker_rules
+    monkeypatch.setattr(core, "_worker_rules", lambda s, w, ctx, obs: (calls.append(w.name), real(s, w, ctx, obs)))
+    last = sim.observe()
+    fast = Observation(at=sim.now + 0.01, scope=scope(int(1.5 * GiB)), workers=last.workers, full=False,
+                       worker_memory={"w-17": 900 * MiB})
+    state, actions = core.step(sim.state, fast, pol, sim.now + 0.01)
+    assert calls == []
+    assert [(s.worker, s.event) for s in signals(actions)] == [("w-17", "kill")]
+    core.step(sim.state, sim.observe(), pol, sim.now + 0.02)
+    assert len(calls) == 200

@@ -314,3 +314,55 @@ def test_effects_report_a_gate_file_they_cannot_write_once(tmp_path):
     assert [n.event for n in notes] == ["admission_recovered"]
     with open(effects.admission_file("w-0")) as f:
         assert f.read().startswith("closed")
+
+
+def test_holding_near_a_threshold_with_200_workers_costs_reads_not_ticks():
+    """With 200 workers and the scope held 10 MiB above a kill threshold, the observer reads the scope on
+    the plan's pace (every ~1.7 ms: 10 MiB / 6000 MiB/s) but the daemon does not tick for it: no fast tick,
+    so no step and no worker rule runs; full ticks keep their quiet pace. A crossing then ticks at once."""
+    async def main():
+        clock = VirtualClock()
+        observer = FakeObserver(clock=clock)
+        effects = FakeEffects(clock=clock.now)
+        log = RecordingLog()
+        pol = policy(workload("w", replicas=200, rules=(rule("worker.memory > 4GiB", "restart"),)),
+                     rules=[rule("memory.available < 2GiB", "kill", "system")])
+        daemon = Daemon(pol, observer, effects, Reporter(log=log), clock, capture_signals=False,
+                        executor=InlineExecutor())
+        task = asyncio.ensure_future(daemon.run())
+        await clock.advance(2.0)  # started and measured
+        assert sum(1 for w in daemon.state.workers.values() if w.sample is not None) == 200
+        observer.available = 2 * GiB + 10 * MiB
+        await clock.advance(0.0)
+        ticks, checks = dict(daemon.ticks), observer.fast_checks
+        await clock.advance(0.5)
+        assert observer.fast_checks - checks >= 200, observer.fast_checks - checks
+        assert daemon.ticks["fast"] == ticks["fast"], "a reading inside the band made a tick"
+        assert daemon.ticks["full"] - ticks["full"] <= 1
+        observer.available = 2 * GiB - 2 * MiB
+        await clock.advance(0.0)
+        assert daemon.ticks["fast"] > ticks["fast"]  # the crossing's tick (and the exit's that follows)
+        assert [s.event for s in effects.signals] == ["kill"]
+        task.cancel()
+    run(main())
+
+
+def test_the_victim_is_ranked_on_figures_read_at_the_moment_of_acting():
+    """At the last full tick w-0 held 900 MiB and w-1 300 MiB; since then w-1 grew to 1.4 GiB and w-0 shrank.
+    The fast tick that crosses the kill threshold re-reads both (once) and kills w-1, and the kill's
+    explanation quotes the figure of that moment, not the stale one."""
+    async def main():
+        pol = policy(workload("w", replicas=2), rules=[rule("memory.available < 2GiB", "kill", "system")])
+        rig = await Rig(pol).start()
+        rig.observer.memory = {"w-0": 900 * MiB, "w-1": 300 * MiB}
+        await rig.advance(2.0)
+        assert rig.daemon.state.workers["w-1"].memory == 300 * MiB
+        rig.observer.fresh_memory = {"w-0": 100 * MiB, "w-1": int(1.4 * GiB)}
+        samples = rig.observer.samples
+        rig.observer.available = int(1.5 * GiB)
+        await rig.advance(0.0)
+        assert rig.observer.samples == samples, "a full tick measured them: this test would prove nothing"
+        kills = [s for s in rig.effects.signals if s.signum == signal.SIGKILL]
+        assert [k.worker for k in kills] == ["w-1"], rig.effects.signals
+        assert "1.4GiB" in kills[0].explain.display and rig.observer.fresh_reads == 1
+    run(main())

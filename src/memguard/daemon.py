@@ -72,6 +72,7 @@ class Daemon:
         self._wake: asyncio.Event | None = None
         self._reloader = Reloader(load_config, self.post, executor)
         self.ticks = {"full": 0, "fast": 0}  # steps of the core, by kind (status reply, tests)
+        self._poked = False
 
     # ------------------------------------------------------------------ the inbox
 
@@ -89,6 +90,7 @@ class Daemon:
 
     def _poke(self) -> None:
         """The observer saw memory leave the watched band (or a PSI trigger fire): tick now."""
+        self._poked = True
         if self._wake is not None:
             self._wake.set()
 
@@ -128,12 +130,23 @@ class Daemon:
         next_full = self.clock.now()
         sampling: asyncio.Task | None = None
         ready = False
+        sample_started = 0.0
         while True:
             now = self.clock.now()
             if sampling is None and now >= next_full:
                 sampling = asyncio.ensure_future(self.observer.sample(self.effects.snapshot()))
                 sampling.add_done_callback(lambda _: self._wake.set())  # type: ignore[union-attr]
+                sample_started = now
+            if sampling is not None and not sampling.done() and not self._inbox and not self._poked:
+                # The full tick waits for its sample; only an input or a crossing ticks meanwhile (and the
+                # watchdog, should the sample take longer than its interval).
+                watchdog = self.reporter.max_sleep()
+                if now < sample_started + (watchdog if watchdog is not None else 3600.0):
+                    self._wake.clear()
+                    await self.clock.sleep_until(sample_started + (watchdog or 3600.0), self._wake)
+                    continue
             self._wake.clear()
+            self._poked = False
             events, admins, replies = self._take_inbox()
             sample = None
             if sampling is not None and sampling.done():

@@ -27,6 +27,7 @@ lock.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -173,6 +174,7 @@ class Watcher:
         self.rearms = 0
         self.mode = "idle"
         self.why_polling = ""
+        self.checked = threading.Event()  # set after each read of the scope (tests wait on it)
 
     # ------------------------------------------------------------------ the loop's side
 
@@ -232,7 +234,7 @@ class Watcher:
                 next_read = 0.0
             if paused or target is None or (target.plan.low_bytes is None and target.plan.high_bytes is None
                                             and not self._psi_fds):
-                self.mode = "idle" if target is None or paused else self.mode
+                self.mode = "idle" if target is None else self.mode
                 self._waiter.wait(None)
                 self._drain_all()
                 continue
@@ -255,6 +257,7 @@ class Watcher:
             if not fired and time.monotonic() < next_read:
                 continue  # a poke that changed nothing
             self._check(target, precise=kernel, psi=psi)
+            self.checked.set()
             if self._paused_now():
                 continue
             avail_interval = target.plan.interval(self._last)
@@ -294,7 +297,14 @@ class Watcher:
     # ------------------------------------------------------------------ kernel thresholds
 
     def _kernel_covers(self, target: Target) -> bool:
-        return target.plan.low_bytes is None or "low" in self._efds.values()
+        """Will the kernel signal the low edge? Only while usage is below the armed threshold: a threshold
+        already passed (the wake came early, within the margin) signals again only after usage falls back,
+        so until then the watcher polls."""
+        if target.plan.low_bytes is None:
+            return True
+        armed = self._armed_usage.get("low")
+        usage = getattr(self.probe, "usage", None)
+        return armed is not None and usage is not None and usage < armed
 
     def _arm_thresholds(self, target: Target) -> None:
         """(Re)arm usage thresholds at the band's edges when they moved by more than the margin."""
@@ -336,8 +346,6 @@ class Watcher:
         for efd in list(self._efds):
             self._waiter.remove(efd)
             try:
-                import os
-
                 os.close(efd)  # closing the eventfd unregisters the threshold
             except OSError:
                 pass
@@ -359,8 +367,6 @@ class Watcher:
         self._psi_armed = want
 
     def _disarm_psi(self) -> None:
-        import os
-
         for fd in list(self._psi_fds):
             self._waiter.remove(fd)
             try:

@@ -159,7 +159,13 @@ def _worker_timers(w: WorkerState, wl: WorkloadPolicy, now: float) -> Iterable[f
         yield w.started_at + wl.recycle.max_age_s * (1.0 - wl.recycle.jitter)  # the earliest it can be due
     if w.blocked_since is not None and wl.brake.after_s is not None:
         yield w.blocked_since + wl.brake.after_s
+    clocks = {"worker.age": w.started_at, "worker.trial_age": w.trial_started_at,
+              "worker.blocked_for": w.blocked_since}
     for r in worker_rules(wl):
+        for c in _comparisons(r.when):  # a rule on a worker's age (or a trial's) falls due at a known moment
+            base = clocks.get(c.signal)
+            if base is not None and c.op in (">", ">="):
+                yield base + c.threshold
         rs = w.rules.get(r.key)
         if rs is not None and rs.pending_since is not None:
             yield rs.pending_since + r.for_s

@@ -8,6 +8,10 @@ other end) and then reads go signals, one JSON line each:
     {"rate": BYTES_PER_S, "stop_at": N}   allocate at that rate until N bytes
                                           are held in all, print "holding N",
                                           then wait for the next line
+    {"rate": BYTES_PER_S, "burst": B}     bursty: B bytes at a time as fast as
+                                          the kernel hands pages out (one
+                                          madvise call), then a pause, so that
+                                          the average is the rate
 
 At start the hog reserves one large anonymous mapping (address space
 only, ``MAP_NORESERVE``: nothing is charged yet). It then fills it in
@@ -82,6 +86,20 @@ def main() -> int:
             go = json.loads(line)
             rate = float(go["rate"])
             stop_at = go.get("stop_at")
+            burst = int(go.get("burst") or 0)
+            if burst:
+                step = burst - burst % PAGE
+                interval = step / rate
+                due = time.monotonic()
+                while taken + step <= args.reserve:
+                    now = time.monotonic()
+                    if due > now:
+                        time.sleep(due - now)
+                    due = max(due, now) + interval
+                    fill(taken, step)
+                    taken += step
+                print(f"holding {taken}", flush=True)
+                continue
             interval = chunk / rate
             due = time.monotonic()
             while stop_at is None or taken < stop_at:

@@ -6,7 +6,8 @@ Two things run in the daemon:
   ``fast_poll_interval`` while something is under way (a rule pending or in
   force that nothing else watches, a worker stopping) or near a threshold
   that only a full tick measures (a worker's memory, PSI, GPU, swap); at
-  ``poll_interval`` while some rule reads such a figure; and only every
+  ``poll_interval`` while some rule reads such a figure (or the machine has
+  GPUs, read at full ticks only); and only every
   :data:`QUIET_FULL_TICK_S` when every rule is watched between ticks (the
   scope's memory) or is a timer. Timers (a ``for:`` running out, a grace
   period, a restart back-off, a trial timeout) bring it forward.
@@ -178,8 +179,8 @@ def next_full_tick(state: CoreState, obs: Observation, policy: DaemonPolicy, now
     """Seconds until the next full tick."""
     if _busy(state, obs, policy, now, full):
         interval = policy.fast_poll_interval_s
-    elif _needs_polling(policy):
-        interval = policy.poll_interval_s
+    elif _needs_polling(policy) or obs.gpus:
+        interval = policy.poll_interval_s  # (GPUs are read at full ticks only: status and problems stay fresh)
     else:
         interval = max(policy.poll_interval_s, QUIET_FULL_TICK_S)
     due = list(timers(state))

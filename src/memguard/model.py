@@ -399,7 +399,8 @@ class WatchPlan:
     filling memory that fast cannot cross unseen), within
     [``min_interval_s``, ``max_interval_s``]; where the kernel notifies a
     crossing, only every ``max_interval_s`` (a backstop for what the kernel
-    does not count, e.g. cached file pages becoming active).
+    does not count, e.g. cached file pages becoming active), or every
+    ``backstop_s`` where nothing can escape it (no cache to speak of).
     """
 
     low_bytes: float | None = None
@@ -409,6 +410,7 @@ class WatchPlan:
     max_fill_rate_bytes_per_s: float = 6000.0 * 1024 * 1024
     min_interval_s: float = 0.001
     max_interval_s: float = 1.0
+    backstop_s: float = 10.0
 
     def outside(self, available: float) -> bool:
         """Does this reading call for a tick?"""

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import replace
+from typing import Mapping
 
 from ..diagnose import diagnose_exit
 from ..model import (
@@ -80,6 +81,7 @@ class _Step:
         self.shutting_down = state.shutting_down
         self.oom_kills = state.oom_kills
         self.process_stop = state.process_stop
+        self.fresh: Mapping[str, object] = {}  # workers' memory re-read at this tick (victim ranking)
         self.actions: list[Action] = []
         self.oom_delta = 0
         self.oom_known = False  # this step's observation had the scope's OOM counter
@@ -455,11 +457,9 @@ def _note_kernel_oom(s: _Step, obs: Observation) -> None:
 
 def _take_samples(s: _Step, obs: Observation) -> None:
     if not obs.full:
-        # A fast tick that crossed a stop threshold re-read each worker's memory: rank victims on it.
-        for name, memory in obs.worker_memory.items():
-            w = s.workers.get(name)
-            if w is not None and w.phase == Phase.RUNNING and w.sample is not None and is_known(memory):
-                s.update(w, memory=memory)
+        # A fast tick that crossed a stop threshold re-read each worker's memory: victims are ranked on it
+        # (the workers' state keeps the full tick's figures; nothing is copied for 200 workers here).
+        s.fresh = obs.worker_memory
         return
     for name, w in list(s.workers.items()):
         sample = obs.workers.get(name)
@@ -772,6 +772,12 @@ def _victim_locked(s: _Step) -> bool:
     return s.now < s.delay_until
 
 
+def _memory_now(s: _Step, w: WorkerState) -> object:
+    """The worker's memory as read at this tick when it was re-read (a stop crossing), else the full tick's."""
+    m = s.fresh.get(w.name)
+    return m if m is not None and is_known(m) else w.memory
+
+
 def _rank(s: _Step, gpu_device: str | None = None) -> list[WorkerState]:
     """Victim order under system pressure: lowest priority first, then the largest.
 
@@ -780,7 +786,8 @@ def _rank(s: _Step, gpu_device: str | None = None) -> list[WorkerState]:
     """
     def size(w: WorkerState) -> float:
         if gpu_device is None:
-            return float(w.memory) if is_known(w.memory) else -1.0
+            m = _memory_now(s, w)
+            return float(m) if is_known(m) else -1.0
         if w.sample is None:
             return -1.0
         v = w.sample.gpu_memory_bytes if gpu_device == "*" else w.sample.gpu_per_device.get(gpu_device, 0)
@@ -846,7 +853,7 @@ def _system_stop(s: _Step, rule: Rule, rs: RuleState, ex: Explanation, obs: Obse
     best_proc = procs[0] if procs else None
     if best_proc is not None and (not candidates or (best_proc.priority, -float(best_proc.memory_bytes)) < (
             s.workload(candidates[0]).priority,
-            -(float(candidates[0].memory) if is_known(candidates[0].memory) else -1.0))):
+            -(float(m) if is_known(m := _memory_now(s, candidates[0])) else -1.0))):
         _stop_process(s, best_proc, rule, ex, len(candidates) + len(procs))
         return
     if not candidates:
@@ -864,7 +871,8 @@ def _system_stop(s: _Step, rule: Rule, rs: RuleState, ex: Explanation, obs: Obse
         where = "all GPUs" if gpu_device == "*" else f"GPU {gpu_device}"
         mem = f"GPU memory {format_size(float(g)) if is_known(g) else 'unknown'} on {where}"
     else:
-        mem = "memory " + (format_size(float(victim.memory)) if is_known(victim.memory) else "unknown")
+        now_mem = _memory_now(s, victim)
+        mem = "memory " + (format_size(float(now_mem)) if is_known(now_mem) else "unknown")
     detail = (f"{ex.display}; victim {victim.name} (priority {wl.priority}, {mem}, "
               f"largest of {len(candidates)} candidate(s) at that priority)")
     ex = replace(ex, display=detail)
@@ -907,6 +915,9 @@ def _admission(s: _Step) -> None:
         w = s.workers[name]
         if w.phase not in (Phase.RUNNING, Phase.STARTING):
             continue
+        if w.admission_open and not system_block and w.draining_since is None and not any(
+                rs.active for rs in w.rules.values()):
+            continue  # open, and nothing is holding it closed: nothing to do
         wl = s.workload(w)
         blocking = [rs for r in worker_rules(wl)
                     if r.action == ActionKind.BLOCK and (rs := w.rules.get(r.key)) is not None and rs.active]

@@ -209,7 +209,8 @@ def watch_plan(state: CoreState, obs: Observation, policy: DaemonPolicy) -> Watc
     stops holding.
     """
     base = dict(max_fill_rate_bytes_per_s=policy.max_fill_rate_bytes_per_s,
-                min_interval_s=policy.min_fast_path_interval_s, max_interval_s=policy.poll_interval_s)
+                min_interval_s=policy.min_fast_path_interval_s, max_interval_s=policy.poll_interval_s,
+                backstop_s=max(policy.poll_interval_s, QUIET_FULL_TICK_S))
     psi = _psi_triggers(policy)
     total, avail = obs.scope.total_bytes, obs.scope.available_bytes
     if not is_known(total) or not is_known(avail):

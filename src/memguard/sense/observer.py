@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
+import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Collection, Mapping, Sequence
 
@@ -77,12 +78,25 @@ def _mentions(expr: Any) -> bool:
     return any(_mentions(a) for a in args)
 
 
+# A crossing read by the watcher less than 5 ms ago stands for the scope's reading of the tick it causes.
+_CROSSING_FRESH_S = 0.005
+
+
 class _Fresh:
     """Re-reads each worker's memory at the moment of acting, on the loop: its cgroup's usage (one pread of
     a file kept open) less the cache the last sample saw, or the resident figure of its known processes."""
 
     def __init__(self) -> None:
         self.files: dict[str, PinnedFile] = {}
+
+    def prepare(self, sample: "Sample") -> None:
+        """Open each worker cgroup's usage file now, at the full tick: the moment of acting only reads."""
+        for path in sample.cgroups.values():
+            if path not in self.files:
+                self.files[path] = PinnedFile(f"{path}/memory.usage_in_bytes" if _is_v1(path)
+                                              else f"{path}/memory.current", 64)
+        for path in [p for p in self.files if p not in sample.cgroups.values()]:
+            self.files.pop(path).close()
 
     def read(self, sample: "Sample") -> dict[str, Reading]:
         out: dict[str, Reading] = {}
@@ -103,8 +117,6 @@ class _Fresh:
                 m = tree_resident_bytes(p for p, _ in ws.members) if ws.members else None
                 if m is not None:
                     out[name] = m
-        for path in [p for p in self.files if p not in sample.cgroups.values()]:
-            self.files.pop(path).close()
         return out
 
     def close(self) -> None:
@@ -234,6 +246,7 @@ class Observer(LoopOwned):
         self._fresh = _Fresh()
         self._wake: Callable[[], None] | None = None
         self._watcher: Watcher | None = None
+        self.clock = clock or time.monotonic
 
     @on_owner_thread
     def configure(self, policy: DaemonPolicy) -> str | None:
@@ -342,6 +355,7 @@ class Observer(LoopOwned):
     def full(self, sample: Sample, events: tuple[Event, ...], now: float) -> Observation:
         """A full tick's observation: ``sample`` plus the scope and PSI, read now."""
         self._last = sample
+        self._fresh.prepare(sample)
         cg = self.scope.cgroup
         path = cg.pressure_path() if self.scope.kind == "cgroup" and cg is not None else None
         self._pressure = read_pressure(path) if path else read_pressure()
@@ -363,7 +377,16 @@ class Observer(LoopOwned):
         """
         crossing: Crossing | None = self._watcher.take() if self._watcher is not None else None
         exits = any(isinstance(ev, Exited) for ev in events)
-        scope = self.scope() if exits or self._last_full_scope is None else self._fast_scope(self._last_full_scope)
+        last_scope = self._last_full_scope
+        if exits or last_scope is None:
+            scope = self.scope()
+        elif (crossing is not None and crossing.available is not None and not crossing.psi
+              and self.clock() - crossing.at < _CROSSING_FRESH_S):
+            # The watcher read the scope exactly (usage and memory.stat) an instant ago: act on that reading
+            # rather than read it again (with many worker cgroups below, memory.stat costs a walk of them).
+            scope = replace(last_scope, available_bytes=int(crossing.available))
+        else:
+            scope = self._fast_scope(last_scope)
         last = self._last
         fresh: Mapping[str, Reading] = {}
         if crossing is not None:

@@ -49,6 +49,8 @@ ARM_MARGIN_BYTES = 1 << 20
 # Within 64 MiB of the cgroup's limit the kernel reclaims the cgroup's cache instead of growing its usage,
 # so a usage threshold no longer follows the working set: the watcher polls there.
 LIMIT_SLACK_BYTES = 64 << 20
+# Up to 16 MiB of inactive file cache, a usage threshold is armed as if there were none (see _arm_thresholds).
+SMALL_CACHE_BYTES = 16 << 20
 # Near an edge (4 MiB) a poll reads memory.stat too: the decision to wake rests on the exact figure.
 _EDGE_BYTES = 4 << 20
 
@@ -166,6 +168,7 @@ class Watcher:
         self._armed_inactive: float | None = None
         self._psi_fds: dict[int, tuple[str, int, int]] = {}
         self._psi_armed: tuple = ()
+        self._safe = False  # the armed low threshold ignores the cache (no backstop read needed)
         # Counters (read by stats() from the loop: plain ints, written by the thread only).
         self.polls = 0
         self.kernel_wakes = 0
@@ -261,7 +264,8 @@ class Watcher:
             if self._paused_now():
                 continue
             avail_interval = target.plan.interval(self._last)
-            next_read = time.monotonic() + (target.plan.max_interval_s if self._kernel_covers(target)
+            next_read = time.monotonic() + ((target.plan.backstop_s if self._safe else target.plan.max_interval_s)
+                                            if self._kernel_covers(target)
                                             else (avail_interval if avail_interval is not None
                                                   else target.plan.max_interval_s))
 
@@ -275,10 +279,10 @@ class Watcher:
         plan = target.plan
         self.polls += 1
         avail = self.probe.read(target.total, precise=precise)
-        if avail is not None and not psi and not plan.outside(avail) and not precise:
+        if avail is not None and not psi and not precise and isinstance(self.probe, CgroupProbe):
             near = ((plan.low_bytes is not None and avail - plan.low_bytes < _EDGE_BYTES)
                     or (plan.high_bytes is not None and plan.high_bytes - avail < _EDGE_BYTES))
-            if near and isinstance(self.probe, CgroupProbe):
+            if near:  # the decision to wake (and the reading the tick acts on) rests on memory.stat too
                 avail = self.probe.read(target.total, precise=True)
         self._last = avail
         if avail is None or psi or plan.outside(avail):
@@ -318,8 +322,13 @@ class Watcher:
             return
         plan, total, inactive = target.plan, target.total, probe.inactive
         want: dict[str, float] = {}
+        # With little inactive file cache the low threshold ignores it: usage reaches it no later than the
+        # working set reaches the edge, whatever the cache does meanwhile, so no backstop read is needed.
+        # With more, the cache is counted (or the kernel would wake early and the watcher poll), and a read
+        # every max_interval_s catches cache that became active or was reclaimed since.
+        self._safe = inactive <= SMALL_CACHE_BYTES
         if plan.low_bytes is not None:
-            t = total - plan.low_bytes + inactive - ARM_MARGIN_BYTES
+            t = total - plan.low_bytes - ARM_MARGIN_BYTES + (0.0 if self._safe else inactive)
             if t <= total - LIMIT_SLACK_BYTES:
                 want["low"] = t
         if plan.high_bytes is not None:

@@ -427,7 +427,11 @@ def versions() -> dict[str, str]:
     for tool, argv in (("earlyoom", ["earlyoom", "-v"]), ("nohang", ["nohang", "--version"])):
         if shutil.which(tool):
             r = subprocess.run(argv, capture_output=True, text=True)
-            out[tool] = (r.stdout + r.stderr).strip().splitlines()[-1] if (r.stdout + r.stderr).strip() else "?"
+            lines = [x for x in (r.stdout + r.stderr).splitlines() if tool in x.lower() and "warning" not in x.lower()]
+            out[tool] = lines[-1].strip() if lines else "?"
+            deb = subprocess.run(["dpkg-query", "-W", "-f=${Version}", tool], capture_output=True, text=True)
+            if deb.returncode == 0:
+                out[tool] += f" (Debian package {deb.stdout.strip()})"
     out["memguard"] = subprocess.run([str(Path(sys.executable).parent / "memguard"), "--version"],
                                      capture_output=True, text=True).stdout.strip()
     return out

@@ -14,8 +14,8 @@ when the scope's available memory leaves the band, or a PSI trigger fires:
 * elsewhere (host scope, cgroup v2) it polls, every ``headroom / max fill
   rate`` seconds. A poll is one ``pread`` of ``memory.usage_in_bytes`` /
   ``memory.current`` (``memory.stat``, which the kernel builds by walking
-  the cgroup's subtree, only every :data:`STAT_REFRESH_S`, or when the
-  reading comes near an edge), or of ``/proc/meminfo`` for the host. No
+  the cgroup's subtree, only every :data:`STAT_REFRESH_S`, and once to
+  confirm a crossing), or of ``/proc/meminfo`` for the host. No
   Observation is built and nothing is decided.
 
 On a crossing it records a :class:`Crossing`, wakes the daemon through the
@@ -51,8 +51,6 @@ ARM_MARGIN_BYTES = 1 << 20
 LIMIT_SLACK_BYTES = 64 << 20
 # Up to 16 MiB of inactive file cache, a usage threshold is armed as if there were none (see _arm_thresholds).
 SMALL_CACHE_BYTES = 16 << 20
-# Near an edge (4 MiB) a poll reads memory.stat too: the decision to wake rests on the exact figure.
-_EDGE_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -108,6 +106,7 @@ class CgroupProbe:
         self._key = b"\ninactive_file " if version == 2 else b"\ntotal_inactive_file "
         self.inactive: float | None = None
         self.usage: float | None = None
+        self.fresh_stat = False  # the last read included memory.stat
         self._stat_at = -1e9
 
     def refresh_stat(self) -> bool:
@@ -129,9 +128,11 @@ class CgroupProbe:
         except (OSError, ValueError):
             return None
         self.usage = usage
+        self.fresh_stat = False
         if precise or self.inactive is None or time.monotonic() - self._stat_at >= STAT_REFRESH_S:
             if not self.refresh_stat():
                 return None
+            self.fresh_stat = True
         return self._available(total, usage)
 
     def _available(self, total: float, usage: float) -> float:
@@ -278,12 +279,13 @@ class Watcher:
     def _check(self, target: Target, *, precise: bool, psi: bool) -> None:
         plan = target.plan
         self.polls += 1
-        avail = self.probe.read(target.total, precise=precise)
-        if avail is not None and not psi and not precise and isinstance(self.probe, CgroupProbe):
-            near = ((plan.low_bytes is not None and avail - plan.low_bytes < _EDGE_BYTES)
-                    or (plan.high_bytes is not None and plan.high_bytes - avail < _EDGE_BYTES))
-            if near:  # the decision to wake (and the reading the tick acts on) rests on memory.stat too
-                avail = self.probe.read(target.total, precise=True)
+        avail = self.probe.read(target.total)
+        if avail is not None and not psi and plan.outside(avail) and isinstance(self.probe, CgroupProbe) \
+                and not self.probe.fresh_stat:
+            # The decision to wake (and the reading the tick acts on) rests on memory.stat too: read once
+            # here, at the crossing, not at every poll near the edge (with many worker cgroups below the
+            # scope, the kernel builds memory.stat by walking all of them).
+            avail = self.probe.read(target.total, precise=True)
         self._last = avail
         if avail is None or psi or plan.outside(avail):
             low = avail is not None and plan.low_bytes is not None and avail <= plan.low_bytes

@@ -93,3 +93,29 @@ def test_without_kernel_thresholds_the_watcher_polls_at_the_headroom_pace(memcg)
             child.wait(10)
     finally:
         w.close()
+
+
+def test_psi_triggers_arm_with_a_2s_window_and_are_watched_for_priority_events():
+    """A PSI trigger on /proc/pressure/memory arms with a 2 s window (an fd the waiter watches for EPOLLPRI
+    only: the file is always readable), and a window the kernel refuses comes back as a reason, not an
+    exception."""
+    import os
+
+    from memguard.sense.notify import Waiter, arm_psi_trigger
+
+    if not os.path.exists("/proc/pressure/memory"):
+        pytest.skip("no PSI on this kernel (/proc/pressure/memory is missing)")
+    fd = arm_psi_trigger("/proc/pressure/memory", "some", 150_000, 2_000_000)
+    if isinstance(fd, str) and "Permission" in fd:
+        pytest.skip(f"PSI triggers need more privileges here: {fd}")
+    assert isinstance(fd, int), fd
+    w = Waiter()
+    try:
+        w.add(fd, priority=True)
+        w.poke()
+        assert w.wait(0) in ([], [fd])  # the poke is drained; a stall may or may not have fired meanwhile
+    finally:
+        w.close()
+        os.close(fd)
+    bad = arm_psi_trigger("/proc/pressure/memory", "some", 150_000, 123_456_789)  # over the 10 s maximum
+    assert isinstance(bad, str) and "refused" in bad

@@ -9,8 +9,10 @@ when the scope's available memory leaves the band, or a PSI trigger fires:
   arms usage thresholds (:func:`~memguard.sense.notify.arm_usage_threshold`)
   at the usage that corresponds to the band's edges and blocks on them; it
   re-reads the scope only when the kernel signals and, as a backstop, every
-  ``max_interval_s`` (the kernel counts usage; cached file pages becoming
-  active, or reclaimed, move the working set without it);
+  ``max_interval_s`` where the cgroup holds more than
+  :data:`SMALL_CACHE_BYTES` of inactive file cache (the kernel counts
+  usage; cached file pages becoming active, or reclaimed, move the working
+  set without it), else every ``backstop_s``;
 * elsewhere (host scope, cgroup v2) it polls, every ``headroom / max fill
   rate`` seconds. A poll is one ``pread`` of ``memory.usage_in_bytes`` /
   ``memory.current`` (``memory.stat``, which the kernel builds by walking
@@ -38,7 +40,7 @@ from .host import PinnedFile, field_int
 from .notify import Waiter, arm_psi_trigger, arm_usage_threshold, drain_eventfd
 
 __all__ = ["Watcher", "Crossing", "Target", "CgroupProbe", "HostProbe", "STAT_REFRESH_S", "ARM_MARGIN_BYTES",
-           "LIMIT_SLACK_BYTES"]
+           "LIMIT_SLACK_BYTES", "SMALL_CACHE_BYTES"]
 
 # 100 ms between two reads of memory.stat while polling a cgroup: the inactive file cache it gives moves
 # slowly next to what a hog allocates; usage alone is read at every poll.
@@ -245,14 +247,13 @@ class Watcher:
             now = time.monotonic()
             timeout = next_read - now
             fired = self._waiter.wait(timeout) if timeout > 0 else []
-            psi = kernel = False
+            psi = False
             for fd in fired:
                 if fd in self._psi_fds:
                     psi = True
                     self.psi_wakes += 1
                 elif fd in self._efds:
                     drain_eventfd(fd)
-                    kernel = True
                     self.kernel_wakes += 1
             with self._lock:
                 changed = self._target is not target or self._closed
@@ -260,7 +261,7 @@ class Watcher:
                 continue
             if not fired and time.monotonic() < next_read:
                 continue  # a poke that changed nothing
-            self._check(target, precise=kernel, psi=psi)
+            self._check(target, psi=psi)
             self.checked.set()
             if self._paused_now():
                 continue
@@ -276,7 +277,7 @@ class Watcher:
         with self._lock:
             return self._paused
 
-    def _check(self, target: Target, *, precise: bool, psi: bool) -> None:
+    def _check(self, target: Target, *, psi: bool) -> None:
         plan = target.plan
         self.polls += 1
         avail = self.probe.read(target.total)

@@ -11,6 +11,10 @@ other end) and then reads go signals, one JSON line each:
     {"rate": R, "burst": N, "pause": S}   bursts: N bytes as fast as the rate
                                           allows (1e12: full speed), then S
                                           seconds of nothing, until killed
+    {"rate": BYTES_PER_S, "burst": B}     paced bursts (no "pause"): B bytes at a
+                                          time as fast as the kernel hands pages
+                                          out (one madvise call), then a wait so
+                                          that the average is the rate
 
 At start the hog reserves one large anonymous mapping (address space
 only, ``MAP_NORESERVE``: nothing is charged yet). It then fills it in
@@ -85,7 +89,7 @@ def main() -> int:
             go = json.loads(line)
             rate = float(go["rate"])
             stop_at = go.get("stop_at")
-            if go.get("burst"):
+            if go.get("burst") and "pause" in go:
                 burst, pause = int(go["burst"]), float(go.get("pause", 0.2))
                 while taken + burst <= args.reserve:
                     done = 0
@@ -99,6 +103,20 @@ def main() -> int:
                         done += size
                     time.sleep(pause)
                 break
+            burst = int(go.get("burst") or 0)
+            if burst:
+                step = burst - burst % PAGE
+                interval = step / rate
+                due = time.monotonic()
+                while taken + step <= args.reserve:
+                    now = time.monotonic()
+                    if due > now:
+                        time.sleep(due - now)
+                    due = max(due, now) + interval
+                    fill(taken, step)
+                    taken += step
+                print(f"holding {taken}", flush=True)
+                continue
             interval = chunk / rate
             due = time.monotonic()
             while stop_at is None or taken < stop_at:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from memguard.decide.pacing import fast_path_interval, next_full_tick
+from memguard.decide.pacing import QUIET_FULL_TICK_S, next_full_tick, watch_plan
 from memguard.decide.state import Phase
 from memguard.model import UNKNOWN, Notice, SetAdmission, Signal, Spawn
 from memguard.policy import RestartPolicy
@@ -295,22 +295,38 @@ def test_reload_restarts_changed_and_stops_removed():
     assert [s.worker for s in acts if isinstance(s, Spawn)] == ["a-0"]
 
 
-def test_pacing_fast_near_threshold_and_fast_path_headroom():
-    """Far from thresholds the full tick is relaxed; near one it is fast; the fast path scales with headroom."""
+def test_pacing_quiet_when_watched_and_fast_path_headroom():
+    """A rule on the scope's memory alone is watched between ticks: far from it or near it the full tick stays
+    quiet (the watcher, not the full tick, follows the scope); the plan's low threshold is the rule's, and its
+    polling pace scales with the headroom. A rule on a worker's memory near its threshold makes full ticks
+    fast again."""
     pol = daemon(workload(), rules=(rule("memory.available < 2GiB", "kill", "system"),))
     sim = Sim(pol)
     sim.start()
     sim.tick(0.1)
     obs = sim.observe()
-    assert next_full_tick(sim.state, obs, pol, sim.now) == pol.poll_interval_s
+    assert next_full_tick(sim.state, obs, pol, sim.now) == QUIET_FULL_TICK_S
     sim.available = int(2.1 * GiB)
     obs = sim.observe()
-    assert next_full_tick(sim.state, obs, pol, sim.now) == pol.fast_poll_interval_s
-    far = fast_path_interval(sim.state, sim.observe(), pol)
-    sim.available = 2 * GiB + 6 * MiB
-    near = fast_path_interval(sim.state, sim.observe(), pol)
+    assert next_full_tick(sim.state, obs, pol, sim.now) == QUIET_FULL_TICK_S
+    plan = watch_plan(sim.state, obs, pol)
+    assert plan.low_bytes == 2 * GiB and plan.high_bytes is None and plan.stop
+    far = plan.interval(int(2.1 * GiB))
+    near = plan.interval(2 * GiB + 6 * MiB)
     assert near < far and near <= 0.002
     assert near >= pol.min_fast_path_interval_s
+    assert plan.outside(2 * GiB) and not plan.outside(2 * GiB + 1)
+
+    worker_rule = daemon(workload(rules=(rule("worker.memory > 900MiB", "restart"),)))
+    sim = Sim(worker_rule)
+    sim.start()
+    sim.tick(0.1)
+    obs = sim.observe()
+    assert next_full_tick(sim.state, obs, worker_rule, sim.now) == worker_rule.poll_interval_s
+    sim.memory["w-0"] = 850 * MiB
+    sim.tick(0.1)
+    obs = sim.observe()
+    assert next_full_tick(sim.state, obs, worker_rule, sim.now) == worker_rule.fast_poll_interval_s
 
 
 def test_fast_path_tick_uses_scope_reading_and_acts_at_once():
@@ -525,3 +541,29 @@ def test_reload_replicas_down_and_up_within_a_grace_period_keeps_every_replica()
         acts += sim.run(2.0)
         assert any(isinstance(a, Spawn) and a.worker == "w-1" for a in acts), exit_before_second_reload
         assert sorted(w.phase.value for w in sim.state.workers.values()) == ["running", "running"]
+
+
+def test_a_fast_tick_with_200_workers_does_not_run_their_rules(monkeypatch):
+    """On a fast tick (only the scope's memory was re-read) the rules of 200 workers that read only what full
+    ticks measure give the last full tick's answers: they are not run, and the system rule's kill is decided
+    on the figures re-read at that moment (the largest fresh worker is the victim). A full tick runs them."""
+    import memguard.decide.core as core
+    from memguard.model import Observation
+
+    pol = daemon(workload(replicas=200, rules=(rule("worker.memory > 4GiB", "restart"),)),
+                 rules=(rule("memory.available < 2GiB", "kill", "system"),))
+    sim = Sim(pol)
+    sim.start()
+    sim.tick(0.1)
+    sim.tick(0.1)  # measured
+    calls = []
+    real = core._worker_rules
+    monkeypatch.setattr(core, "_worker_rules", lambda s, w, ctx, obs: (calls.append(w.name), real(s, w, ctx, obs)))
+    last = sim.observe()
+    fast = Observation(at=sim.now + 0.01, scope=scope(int(1.5 * GiB)), workers=last.workers, full=False,
+                       worker_memory={"w-17": 900 * MiB})
+    state, actions = core.step(sim.state, fast, pol, sim.now + 0.01)
+    assert calls == []
+    assert [(s.worker, s.event) for s in signals(actions)] == [("w-17", "kill")]
+    core.step(sim.state, sim.observe(), pol, sim.now + 0.02)
+    assert len(calls) == 200

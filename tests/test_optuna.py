@@ -224,8 +224,9 @@ def test_a_killed_workers_trial_is_failed_by_the_heartbeat_and_retried(storage: 
     assert w.wait() == -signal.SIGKILL
     assert [t.number for t in by_state(storage, TrialState.RUNNING)] == [number]
 
-    # 9 trials of 0.4 s each take longer than the 2 s grace period, so the stale trial is found
-    w2 = Worker(storage, n_trials=10, env={"HEARTBEAT_S": "1", "TRIAL_SECONDS": "0.4"})
+    # The remaining trials, 0.8 s each, take three times the 2 s grace period (a margin for a loaded machine:
+    # the stale trial is found at the first ask() made more than 2 s after its last heartbeat)
+    w2 = Worker(storage, n_trials=10, env={"HEARTBEAT_S": "1", "TRIAL_SECONDS": "0.8"})
     workers.append(w2)
     w2.expect("done")
     assert w2.wait() == 0

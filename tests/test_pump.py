@@ -62,9 +62,12 @@ def policy(*wls, rules=(), **kw) -> DaemonPolicy:
 
 def test_workers_start_and_are_measured_on_full_ticks():
     """At start the daemon spawns one process per replica, they become running, and full ticks measure
-    them at the relaxed pace (about one sample per poll interval far from every threshold)."""
+    them: at the relaxed pace (about one sample per poll interval) while a rule reads a worker's memory,
+    and only every QUIET_FULL_TICK_S when no rule reads anything only a full tick measures."""
+    from memguard.decide.pacing import QUIET_FULL_TICK_S
+
     async def main():
-        rig = await Rig(policy(workload("w", replicas=2))).start()
+        rig = await Rig(policy(workload("w", replicas=2, rules=(rule("worker.memory > 4GiB", "restart"),)))).start()
         await rig.advance(0.5)
         assert sorted(a.worker for a in rig.effects.actions if isinstance(a, Spawn)) == ["w-0", "w-1"]
         assert rig.phase("w-0") == "running" and rig.phase("w-1") == "running"
@@ -72,6 +75,12 @@ def test_workers_start_and_are_measured_on_full_ticks():
         await rig.advance(10.0)
         assert 8 <= rig.observer.samples - before <= 12
         assert rig.daemon.state.workers["w-0"].memory == 100 * MiB
+
+        quiet = await Rig(policy(workload("w", replicas=2))).start()
+        await quiet.advance(0.5)
+        before = quiet.observer.samples
+        await quiet.advance(3 * QUIET_FULL_TICK_S)
+        assert 2 <= quiet.observer.samples - before <= 4
     run(main())
 
 
@@ -89,7 +98,7 @@ def test_fast_path_acts_between_full_ticks():
         samples = rig.observer.samples
         fast = rig.observer.fast_reads
         rig.observer.available = int(1.5 * GiB)  # a hog crossed the threshold between two full ticks
-        await rig.advance(0.4)
+        await rig.advance(0.0)  # the crossing wakes the daemon at once: no time passes
         kills = [s for s in rig.effects.signals if s.signum == signal.SIGKILL]
         assert [k.worker for k in kills] == ["w-1"], rig.effects.signals
         assert rig.observer.fast_reads > fast
@@ -259,7 +268,7 @@ def test_own_stop_is_recorded_before_the_effects_send_the_signal(tmp_path):
         held = threading.Event()
         rig.daemon.reporter.incidents.writer.submit("test", lambda: held.wait(30))
         rig.observer.memory = {"w-0": 2 * GiB}
-        await rig.advance(1.5)
+        await rig.advance(0.5)  # the kill comes at the next full tick; the restart only after its 1 s back-off
         held.set()
         assert [s.event for s in rig.effects.signals] == ["kill"]
         assert on_disk_at_signal == [[(pid, "pending", "SIGKILL")]]
@@ -368,7 +377,7 @@ def test_a_failing_sink_never_stops_guarding(bad, tmp_path):
         await rig.advance(1.0)
         rig.observer.memory = {"w-0": 2 * GiB}
         await rig.advance(1.5)
-        assert [s.event for s in rig.effects.signals] == ["kill"]
+        assert [s.event for s in rig.effects.signals][:1] == ["kill"]  # (its restart may be killed again)
         assert rig.daemon.reporter.sink_failures.get(bad, 0) >= 1
         if bad != "log":
             assert len(rig.log.named("sink_error", sink=bad)) == 1
@@ -426,3 +435,55 @@ def test_effects_report_a_gate_file_they_cannot_write_once(tmp_path):
     assert [n.event for n in notes] == ["admission_recovered"]
     with open(effects.admission_file("w-0")) as f:
         assert f.read().startswith("closed")
+
+
+def test_holding_near_a_threshold_with_200_workers_costs_reads_not_ticks():
+    """With 200 workers and the scope held 10 MiB above a kill threshold, the observer reads the scope on
+    the plan's pace (every ~1.7 ms: 10 MiB / 6000 MiB/s) but the daemon does not tick for it: no fast tick,
+    so no step and no worker rule runs; full ticks keep their quiet pace. A crossing then ticks at once."""
+    async def main():
+        clock = VirtualClock()
+        observer = FakeObserver(clock=clock)
+        effects = FakeEffects(clock=clock.now)
+        log = RecordingLog()
+        pol = policy(workload("w", replicas=200, rules=(rule("worker.memory > 4GiB", "restart"),)),
+                     rules=[rule("memory.available < 2GiB", "kill", "system")])
+        daemon = Daemon(pol, observer, effects, Reporter(log=log), clock, capture_signals=False,
+                        executor=InlineExecutor())
+        task = asyncio.ensure_future(daemon.run())
+        await clock.advance(2.0)  # started and measured
+        assert sum(1 for w in daemon.state.workers.values() if w.sample is not None) == 200
+        observer.available = 2 * GiB + 10 * MiB
+        await clock.advance(0.0)
+        ticks, checks = dict(daemon.ticks), observer.fast_checks
+        await clock.advance(0.5)
+        assert observer.fast_checks - checks >= 200, observer.fast_checks - checks
+        assert daemon.ticks["fast"] == ticks["fast"], "a reading inside the band made a tick"
+        assert daemon.ticks["full"] - ticks["full"] <= 1
+        observer.available = 2 * GiB - 2 * MiB
+        await clock.advance(0.0)
+        assert daemon.ticks["fast"] > ticks["fast"]  # the crossing's tick (and the exit's that follows)
+        assert [s.event for s in effects.signals] == ["kill"]
+        task.cancel()
+    run(main())
+
+
+def test_the_victim_is_ranked_on_figures_read_at_the_moment_of_acting():
+    """At the last full tick w-0 held 900 MiB and w-1 300 MiB; since then w-1 grew to 1.4 GiB and w-0 shrank.
+    The fast tick that crosses the kill threshold re-reads both (once) and kills w-1, and the kill's
+    explanation quotes the figure of that moment, not the stale one."""
+    async def main():
+        pol = policy(workload("w", replicas=2), rules=[rule("memory.available < 2GiB", "kill", "system")])
+        rig = await Rig(pol).start()
+        rig.observer.memory = {"w-0": 900 * MiB, "w-1": 300 * MiB}
+        await rig.advance(2.0)
+        assert rig.daemon.state.workers["w-1"].memory == 300 * MiB
+        rig.observer.fresh_memory = {"w-0": 100 * MiB, "w-1": int(1.4 * GiB)}
+        samples = rig.observer.samples
+        rig.observer.available = int(1.5 * GiB)
+        await rig.advance(0.0)
+        assert rig.observer.samples == samples, "a full tick measured them: this test would prove nothing"
+        kills = [s for s in rig.effects.signals if s.signum == signal.SIGKILL]
+        assert [k.worker for k in kills] == ["w-1"], rig.effects.signals
+        assert "1.4GiB" in kills[0].explain.display and rig.observer.fresh_reads == 1
+    run(main())

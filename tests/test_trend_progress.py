@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from memguard.decide.pacing import fast_path_interval
+from memguard.decide.pacing import next_full_tick, watch_plan
 from memguard.decide.trend import fill_rate, note
 from memguard.model import (Admit, AdmitCancel, AdmitRequest, Exited, Joined, Notice, Observation,
                             Progress)
@@ -84,33 +84,42 @@ def test_within_without_a_rate_is_the_plain_rule():
     assert not signals(acts)
 
 
-def test_fast_path_reads_sooner_for_a_within_rule_and_not_while_a_victim_dies():
-    """The fast path plans for the trend: a within rule's headroom is less what the recent rate fills in
-    its horizon, so reads come sooner; once a victim of a rule is dying (SIGKILL sent, not yet exited),
-    rules no harder than it cannot act and the fast path drops to the fast poll interval instead of
-    re-reading every millisecond."""
+def test_watch_plan_moves_a_within_rule_up_the_trend_and_drops_rules_while_a_victim_dies():
+    """The watcher's band plans for the trend: a within rule goes to the plan's trends (its threshold and
+    horizon, for the watcher to project its own readings' rate: falling 1 GiB/s, ``within: 2s`` on 2 GiB
+    wakes the daemon near 4 GiB), a plain rule only to the band's low edge. Once a victim of a rule is dying
+    (SIGKILL sent, not yet exited), rules no harder than it cannot act: nothing is watched for them, and
+    full ticks run at the fast poll interval until the victim is gone."""
     plain = rule("memory.available < 2GiB", "kill", "system")
-    ahead = _within("memory.available < 2GiB", "kill", 3.0)
-    for r, expect_fast in ((plain, False), (ahead, True)):
+    ahead = _within("memory.available < 2GiB", "kill", 2.0)
+    lows = {}
+    for r in (plain, ahead):
         sim = Sim(daemon(workload("w", memory=None), rules=(r,)))
+        avail = 6 * GiB
+        sim.available = int(avail)
         sim.start()
         sim.tick(0.1)
-        avail = 6 * GiB
         for _ in range(10):
             sim.available = int(avail)
             sim.tick(0.1)
             avail -= 0.1 * GiB
-        obs = Observation(at=sim.now, scope=scope(int(avail)))
-        wait = fast_path_interval(sim.state, obs, sim.policy)
-        assert (wait < 0.5) == expect_fast, (r, wait)
+        plan = watch_plan(sim.state, Observation(at=sim.now, scope=scope(int(avail))), sim.policy)
+        lows[r.within_s] = plan
+    assert lows[None].low_bytes == 2 * GiB and lows[None].trends == ()
+    assert lows[2.0].low_bytes == 2 * GiB and lows[2.0].trends == ((2 * GiB, 2.0),)
+    ahead_plan = lows[2.0]
+    assert not ahead_plan.trend_crossed(4.5 * GiB, GiB) and ahead_plan.trend_crossed(3.9 * GiB, GiB)
+    assert not ahead_plan.trend_crossed(2.1 * GiB, None), "no rate: only the plain threshold"
+    assert ahead_plan.interval(4.5 * GiB, GiB) < ahead_plan.interval(4.5 * GiB, None)
     sim = Sim(daemon(workload("w", memory=None), rules=(plain,)))
     sim.start()
     sim.tick(0.1)
     sim.available = GiB
     acts = sim.tick(0.1)
     assert [s.signum for s in signals(acts)] == [SIGKILL]
-    wait = fast_path_interval(sim.state, Observation(at=sim.now, scope=scope(GiB)), sim.policy)
-    assert wait == sim.policy.fast_poll_interval_s
+    obs = Observation(at=sim.now, scope=scope(3 * GiB))  # some memory back; the victim still dying
+    assert watch_plan(sim.state, obs, sim.policy).low_bytes is None
+    assert next_full_tick(sim.state, obs, sim.policy, sim.now) == sim.policy.fast_poll_interval_s
 
 
 # ---------------------------------------------------------------------------

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 from typing import TYPE_CHECKING
@@ -79,13 +78,18 @@ EX_CONFIG = 78
 RestartPreventExitStatus keeps it from restarting onto the same file."""
 
 
+# Modules the daemon never needs, which asyncio and structlog would load if they can (about 4 MiB for
+# OpenSSL, 6 MiB for rich's pretty tracebacks): the daemon writes its own log lines, and speaks TLS only
+# to https:// webhooks. Marked absent before anything imports them; other commands are unaffected.
+_DAEMON_SKIPS = ("rich", "better_exceptions")
+
+
 def _cmd_daemon(args: argparse.Namespace) -> int:
+    for name in _DAEMON_SKIPS:
+        sys.modules.setdefault(name, None)  # type: ignore[arg-type]
     from dataclasses import replace
 
-    from .compose import build_daemon
     from .config import ConfigError, load_config
-    from .report.log import configure_logging
-    from .sense.cgroup import ScopeError
 
     try:
         policy = load_config(args.config)
@@ -95,6 +99,14 @@ def _cmd_daemon(args: argparse.Namespace) -> int:
               f"(exit {EX_CONFIG}, EX_CONFIG: fix them, then check with: memguard check {args.config})",
               file=sys.stderr)
         return EX_CONFIG
+    if not any(h.webhook and h.webhook.startswith("https:") for h in policy.alerts):
+        # No TLS to speak at start: OpenSSL stays out (an https:// webhook added by a later reload is told,
+        # at its first alert, to take effect after a restart).
+        sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
+    from .compose import build_daemon
+    from .report.log import configure_logging
+    from .sense.cgroup import ScopeError
+
     if args.dry_run:
         policy = replace(policy, dry_run=True)
     if args.runtime_dir:
@@ -105,6 +117,8 @@ def _cmd_daemon(args: argparse.Namespace) -> int:
     except ScopeError as e:
         print(f"memguard: {e}", file=sys.stderr)
         return 2
+    import asyncio
+
     return asyncio.run(daemon.run())
 
 
@@ -163,10 +177,14 @@ def _cmd_ctl(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from .run import run_job
 
+    import asyncio
+
     return asyncio.run(run_job(args))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The command line; ``only="daemon"`` builds just the daemon's subcommand (the service's start: the
+    other commands' modules, the incident store, the exit classifier, stay out of the daemon's memory)."""
     from .config import DEFAULT_CONFIG_DIR, DEFAULT_CONFIG_FILE
 
     parser = argparse.ArgumentParser(prog="memguard", description="A memory supervisor for ML machines.")
@@ -182,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="overrides runtime_dir (admission files, control socket; default: /run/memguard for "
                         "root, else $XDG_RUNTIME_DIR/memguard or /tmp/memguard-UID)")
     d.set_defaults(func=_cmd_daemon)
+    if only == "daemon":
+        return parser
 
     r = sub.add_parser("run", help="run one command under memguard's ladder (joining the daemon if one runs)",
                        usage="memguard run [options] -- CMD [ARGS...]")
@@ -258,7 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    if (sys.argv[1:] if argv is None else argv) == ["--version"]:
+        print(f"memguard {__version__}")  # without building the parser, which imports every command
+        return 0
+    given = sys.argv[1:] if argv is None else argv
+    lean = given[:1] == ["daemon"] and not {"-h", "--help"} & set(given)
+    args = build_parser("daemon" if lean else None).parse_args(argv)
     if getattr(args, "cmd", None) and args.cmd[0] == "--":
         args.cmd = args.cmd[1:]
     try:

@@ -39,19 +39,23 @@ Under memguard:
 
 from __future__ import annotations
 
-import contextlib
+import _thread
 import gc
 import itertools
-import json
-import logging
 import os
-import socket
 import sys
-import threading
 import time
-from typing import Any, Callable, Mapping, TypeVar
 
 from . import paths as _paths
+
+# Importing the client stays cheap for every worker: json, socket, logging and threading are imported
+# when first used (a worker outside memguard never needs them); typing only for type checkers.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import socket
+    from typing import Any, Callable, Mapping, TypeVar
+
+    F = TypeVar("F", bound=Callable[..., Any])
 
 __all__ = [
     "MemguardError",
@@ -100,8 +104,18 @@ HEARTBEAT_INTERVAL_S = 1.0
 #: memguard's replies and pushes are short lines; 1 MiB without a newline is not memguard.
 _MAX_LINE_BYTES = 1024 * 1024
 
-_log = logging.getLogger("memguard.client")
-F = TypeVar("F", bound=Callable[..., Any])
+
+
+class _LazyLog:
+    """``logging.getLogger("memguard.client")``, imported at the first message."""
+
+    def __getattr__(self, name: str) -> Any:
+        import logging
+
+        return getattr(logging.getLogger("memguard.client"), name)
+
+
+_log = _LazyLog()
 
 
 class MemguardError(Exception):
@@ -136,6 +150,8 @@ class _Connection:
         self.on_push = on_push
         self.pid = os.getpid()
         self.alive = True
+        import threading
+
         self._send_lock = threading.Lock()
         self._ids = itertools.count(1)
         self._waiting: dict[int, list[Any]] = {}  # id -> [Event, reply]
@@ -150,8 +166,12 @@ class _Connection:
         rid = next(self._ids)
         slot: list[Any] | None = None
         if wait_s is not None:
+            import threading
+
             slot = [threading.Event(), None]
             self._waiting[rid] = slot
+        import json
+
         data = (json.dumps({**message, "id": rid}, separators=(",", ":")) + "\n").encode()
         try:
             with self._send_lock:
@@ -185,6 +205,8 @@ class _Connection:
 
     def _dispatch(self, line: bytes) -> None:
         try:
+            import json
+
             msg = json.loads(line)
         except ValueError:
             return
@@ -209,7 +231,7 @@ class _Connection:
     def close(self) -> None:
         self.alive = False
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)
+            self.sock.shutdown(2)  # socket.SHUT_RDWR
         except OSError:
             pass
         try:
@@ -243,13 +265,13 @@ class Client:
         self.poll_interval_s = poll_interval_s
         self.connect_backoff_s = connect_backoff_s
         self.reconnect_after_s = reconnect_after_s
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
         self._conn: _Connection | None = None
         self._retry_at = 0.0
         self._warned = False
         self._callbacks: list[Callable[[], Any]] = []
         self._last_heartbeat = float("-inf")
-        self._reclaim_lock = threading.Lock()
+        self._reclaim_lock = _thread.allocate_lock()
         self._reclaim_pending = False
         self._reclaim_running = False
 
@@ -302,6 +324,8 @@ class Client:
         for attempt, pause in enumerate((0.0, *self.connect_backoff_s)):
             if pause:
                 time.sleep(pause)
+            import socket
+
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 sock.settimeout(REQUEST_TIMEOUT_S)
@@ -437,6 +461,8 @@ class Client:
             if self._reclaim_running:
                 return  # the running pass will go round once more
             self._reclaim_running = True
+        import threading
+
         threading.Thread(target=self._reclaim_loop, name="memguard-reclaim", daemon=True).start()
 
     def _reclaim_loop(self) -> None:
@@ -497,7 +523,7 @@ def _malloc_trim() -> bool:
         return False
 
 
-class _Trial(contextlib.ContextDecorator):
+class _Trial:
     def __init__(self, client: Client | None, name: str | None, wait_timeout: float | None) -> None:
         self.client = client
         self.name = name
@@ -506,6 +532,17 @@ class _Trial(contextlib.ContextDecorator):
 
     def _recreate_cm(self) -> "_Trial":
         return _Trial(self.client, self.name, self.wait_timeout)  # one per call: re-entrant as a decorator
+
+    def __call__(self, func: F) -> F:
+        """Used as a decorator: each call runs in a trial of its own (contextlib.ContextDecorator's way)."""
+        import functools
+
+        @functools.wraps(func)
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            with self._recreate_cm():
+                return func(*args, **kwargs)
+
+        return inner  # type: ignore[return-value]
 
     def __enter__(self) -> "_Trial":
         c = self.client or default_client()
@@ -529,7 +566,7 @@ class _Trial(contextlib.ContextDecorator):
 
 _default: Client | None = None
 _default_key: tuple[str | None, ...] | None = None
-_default_lock = threading.Lock()
+_default_lock = _thread.allocate_lock()
 _callbacks: list[Callable[[], Any]] = []
 
 
@@ -550,7 +587,7 @@ def default_client() -> Client:
 def _after_fork_in_child() -> None:
     # Locks and the connection belong to the parent; start afresh in the child.
     global _default, _default_key, _default_lock
-    _default_lock = threading.Lock()
+    _default_lock = _thread.allocate_lock()
     _default = None
     _default_key = None
 
@@ -651,6 +688,9 @@ def admin_request(op: str, socket_path: str | None = None, *, timeout_s: float =
     if len(tried) > 1 and not os.path.exists(path):
         raise ControlUnavailable("no memguard control socket found (looked at " + ", ".join(tried)
                                  + "); is memguard running? Name the socket with --socket or MEMGUARD_SOCKET")
+    import json
+    import socket
+
     data = (json.dumps({"op": op, **fields, "id": 1}, separators=(",", ":")) + "\n").encode()
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:

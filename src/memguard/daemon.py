@@ -10,8 +10,12 @@ Everything that reaches the daemon is an input of the next tick: exits,
 spawns, trial reports, administrators' requests (answered after the tick),
 signals (SIGHUP reloads, SIGTERM/SIGINT stop), a parsed configuration.
 Nothing steps the core outside the tick. A *full* tick uses the observer's
-sample (trees, cgroups, GPUs; measured off the loop); *fast* ones re-read
-only the scope's memory, paced so a hog cannot cross a threshold unseen.
+sample (trees, cgroups, GPUs; measured off the loop); a *fast* one re-reads
+only the scope's memory (and, after a crossing that can stop a victim, each
+worker's). Between ticks the observer watches the band of byte thresholds
+the last tick planned (:func:`~memguard.decide.pacing.watch_plan`) through
+a kernel notification or cheap reads, and wakes the pump only when memory
+leaves it: holding memory near a threshold costs reads, not ticks.
 
 The ports and the clock are constructor arguments: ``memguard daemon`` and
 ``memguard run`` compose the real ones (:mod:`memguard.compose`); tests
@@ -27,7 +31,7 @@ from typing import Any, Callable, Mapping
 
 from .clock import Clock, MonotonicClock
 from .decide.core import all_stopped, step
-from .decide.pacing import next_wake
+from .decide.pacing import next_wake, watch_plan
 from .decide.state import CoreState, Phase
 from .model import Event, Notice, Observation, Operator, Reconcile, Shutdown
 from .policy import DaemonPolicy
@@ -67,6 +71,9 @@ class Daemon:
         self._inbox: list[Any] = []
         self._wake: asyncio.Event | None = None
         self._reloader = Reloader(load_config, self.post, executor)
+        self.ticks = {"full": 0, "fast": 0}  # steps of the core, by kind (status reply, tests)
+        self._poked = False
+        self._psi_told: object = None
 
     # ------------------------------------------------------------------ the inbox
 
@@ -81,6 +88,12 @@ class Daemon:
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         self.post(_Admin(dict(request), fut))
         return fut
+
+    def _poke(self) -> None:
+        """The observer saw memory leave the watched band (or a PSI trigger fire): tick now."""
+        self._poked = True
+        if self._wake is not None:
+            self._wake.set()
 
     def output(self, worker: str, stream: str, line: str) -> None:
         self.reporter.output(worker, stream, line)
@@ -100,10 +113,7 @@ class Daemon:
                 self.reporter.note("start_failed", str(e), level="error")
                 return EXIT_START_FAILED
             self.reporter.decisions(notes, False)
-            gpu = await self.observer.start()
-            watch = getattr(self.observer, "watch", None)  # event-driven pressure, where the observer has it
-            if watch is not None:
-                self.reporter.note("psi_trigger", watch(self.post), level="debug")
+            gpu = await self.observer.start(self._poke)
             self.reporter.started(self.policy, scope=self.observer.describe(), effects=self.effects.describe(),
                                   gpu=gpu)
             self.post(Reconcile("start"))
@@ -122,12 +132,23 @@ class Daemon:
         next_full = self.clock.now()
         sampling: asyncio.Task | None = None
         ready = False
+        sample_started = 0.0
         while True:
             now = self.clock.now()
             if sampling is None and now >= next_full:
                 sampling = asyncio.ensure_future(self.observer.sample(self.effects.snapshot()))
                 sampling.add_done_callback(lambda _: self._wake.set())  # type: ignore[union-attr]
+                sample_started = now
+            if sampling is not None and not sampling.done() and not self._inbox and not self._poked:
+                # The full tick waits for its sample; only an input or a crossing ticks meanwhile (and the
+                # watchdog, should the sample take longer than its interval).
+                watchdog = self.reporter.max_sleep()
+                if now < sample_started + (watchdog if watchdog is not None else 3600.0):
+                    self._wake.clear()
+                    await self.clock.sleep_until(sample_started + (watchdog or 3600.0), self._wake)
+                    continue
             self._wake.clear()
+            self._poked = False
             events, admins, replies = self._take_inbox()
             sample = None
             if sampling is not None and sampling.done():
@@ -143,6 +164,7 @@ class Daemon:
             obs = self.observer.full(sample, events, now) if sample is not None else self.observer.fast(events, now)
             full, before = obs.full, self.state
             self.state, actions = step(self.state, obs, self.policy, now)  # the one call
+            self.ticks["full" if full else "fast"] += 1
             self.reporter.decisions(actions, self.policy.dry_run)
             self.reporter.decisions(self.effects.execute(actions, self.policy, obs), False)
             gone = set(before.workers) - set(self.state.workers)
@@ -158,6 +180,11 @@ class Daemon:
                 break
             now = self.clock.now()
             next_full, wake_at = next_wake(self.state, obs, self.policy, now, next_full, full)
+            self.observer.watch(watch_plan(self.state, obs, self.policy))
+            psi = self.observer.watch_stats().get("psi")
+            if psi and psi != self._psi_told:  # the watcher armed the PSI triggers (or could not): told once
+                self._psi_told = psi
+                self.reporter.note("psi_trigger", str(psi), level="debug")
             watchdog = self.reporter.max_sleep()
             if watchdog is not None:
                 wake_at = min(wake_at, now + watchdog)
@@ -228,7 +255,9 @@ class Daemon:
             if item.reply.done():
                 continue
             if item.request.get("op") == "status":
-                item.reply.set_result(self.reporter.status_reply(self.state))
+                reply = dict(self.reporter.status_reply(self.state))
+                reply["watch"] = dict(self.observer.watch_stats(), ticks=dict(self.ticks))
+                item.reply.set_result(reply)
             else:
                 w = self.state.workers.get(str(item.request.get("worker")))
                 item.reply.set_result({"ok": True, "phase": w.phase.value if w is not None else "removed"})

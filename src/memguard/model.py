@@ -50,7 +50,6 @@ __all__ = [
     "Joined",
     "AdmitRequest",
     "AdmitCancel",
-    "PressureEvent",
     "ProtectedProcess",
     "Adoptable",
     "Reconcile",
@@ -61,6 +60,7 @@ __all__ = [
     "LiveWorker",
     "LiveSnapshot",
     "Observation",
+    "WatchPlan",
     "Explanation",
     "Spawn",
     "Signal",
@@ -365,14 +365,6 @@ class AdmitCancel:
     reason: str = ""
 
 
-@dataclass(frozen=True)
-class PressureEvent:
-    """A PSI trigger fired: tasks stalled on memory past the trigger's threshold (a wake-up; the
-    pressure itself is read with the observation)."""
-
-    at: float
-
-
 WorkerEvent = Union[Spawned, SpawnFailed, Exited, TrialEvent]
 
 
@@ -401,7 +393,7 @@ class Operator:
 
 Command = Union[Reconcile, Shutdown, Operator]
 Event = Union[Spawned, SpawnFailed, Exited, TrialEvent, NotDone, GateNotSet, Reconcile, Shutdown, Operator, Progress,
-              Joined, AdmitRequest, AdmitCancel, PressureEvent]
+              Joined, AdmitRequest, AdmitCancel]
 
 
 @dataclass(frozen=True)
@@ -481,6 +473,74 @@ class Observation:
     # them the lowest OOM score it may set. ``adoptable``: see :class:`Adoptable`.
     protected: tuple[ProtectedProcess, ...] = ()
     adoptable: tuple[Adoptable, ...] = ()
+    # Each worker's memory re-read at this very tick (a fast tick that crossed a threshold whose rule stops a
+    # victim): the victim is ranked on these figures, not on the last full tick's. Empty on other ticks.
+    worker_memory: Mapping[str, Reading] = field(default_factory=dict)
+    # The scope's available memory as the watcher read it between the last tick and this one, as (time,
+    # bytes), oldest first: the fill rate (``within:``, ``memory.fill_rate``) is built from them too.
+    readings: tuple[tuple[float, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class WatchPlan:
+    """What the observer watches between two ticks, precomputed (decide/pacing) from the last one.
+
+    A band around the scope's available memory, in bytes: a reading at or
+    below ``low_bytes`` (a memory threshold of a rule that could fire) or at
+    or above ``high_bytes`` (a rule in force that could release, a pending
+    rule that could stop holding) makes a tick; inside the band nothing is
+    built and nothing is decided. None: no bound on that side.
+
+    ``stop``: crossing ``low_bytes`` can fire a rule that chooses a victim,
+    so that tick re-reads each worker's memory first (the victim is ranked
+    on figures of the moment of acting). ``psi``: PSI triggers to arm, as
+    (``"some"``/``"full"``, stall microseconds, window microseconds): a stall
+    that could lead to a PSI rule firing wakes the daemon.
+
+    Polling pace where no kernel notification watches the band: the
+    headroom above ``low_bytes`` over ``max_fill_rate_bytes_per_s`` (a hog
+    filling memory that fast cannot cross unseen), within
+    [``min_interval_s``, ``max_interval_s``]; where the kernel notifies a
+    crossing, only every ``max_interval_s`` (a backstop for what the kernel
+    does not count, e.g. cached file pages becoming active), or every
+    ``backstop_s`` where nothing can escape it (no cache to speak of).
+    """
+
+    low_bytes: float | None = None
+    high_bytes: float | None = None
+    stop: bool = False
+    psi: tuple[tuple[str, int, int], ...] = ()
+    max_fill_rate_bytes_per_s: float = 6000.0 * 1024 * 1024
+    min_interval_s: float = 0.001
+    max_interval_s: float = 1.0
+    backstop_s: float = 10.0
+    # Rules on the trend (``within``) that could fire: (threshold in available bytes, horizon in seconds).
+    # The watcher keeps the rate of its own readings and wakes the daemon when a reading moved that far
+    # along it is at or below the threshold; with any, it polls (a kernel threshold knows no rate).
+    trends: tuple[tuple[float, float], ...] = ()
+
+    def outside(self, available: float) -> bool:
+        """Does this reading call for a tick?"""
+        return ((self.low_bytes is not None and available <= self.low_bytes)
+                or (self.high_bytes is not None and available >= self.high_bytes))
+
+    def trend_crossed(self, available: float, fill_rate: float | None) -> bool:
+        """Will a trend rule's threshold be reached within its horizon at ``fill_rate`` (bytes/s falling)?"""
+        if fill_rate is None or fill_rate <= 0:
+            return False
+        return any(available - fill_rate * within <= t for t, within in self.trends)
+
+    def interval(self, available: float | None, fill_rate: float | None = None) -> float | None:
+        """Seconds until the next read by polling; None when there is nothing to watch."""
+        if self.low_bytes is None:
+            return None if self.high_bytes is None else self.max_interval_s
+        if available is None:
+            return self.min_interval_s
+        room = available - self.low_bytes
+        if self.trends and fill_rate is not None and fill_rate > 0:  # a trend rule fires that much earlier
+            room = min([room] + [available - fill_rate * within - t for t, within in self.trends])
+        wait = room / self.max_fill_rate_bytes_per_s
+        return max(self.min_interval_s, min(wait, self.max_interval_s))
 
 
 # ---------------------------------------------------------------------------

@@ -41,7 +41,10 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Mapping
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Mapping
 
 __all__ = [
     "ENV_SOCKET",

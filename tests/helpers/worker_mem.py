@@ -1,6 +1,7 @@
 """A test worker (standard library only): allocates memory at a rate, optionally forks, prints its pids.
 
     worker_mem.py [--rate MB_PER_S] [--max MB] [--fork N] [--sigterm exit|ignore] [--report FIFO]
+                  [--wait-fifo FIFO]
 
 Prints one line ``pids <pid> <child pid>...`` once started, then allocates
 ``rate`` MB per second (touching every page) up to ``max`` MB, then holds.
@@ -8,7 +9,8 @@ Replica-specific behaviour comes from the environment: ``RATE_<replica>``
 overrides --rate for that replica. With ``--report FIFO`` it also writes
 ``started <pid>`` there once started and ``terminated <pid>`` when SIGTERM
 ends it: a test whose daemon cannot log (its output is broken on purpose)
-still learns what happened.
+still learns what happened. With ``--wait-fifo FIFO`` it allocates nothing
+until the test opens that FIFO for writing (the go signal).
 """
 
 import argparse
@@ -23,6 +25,7 @@ p.add_argument("--max", type=float, default=1e9)
 p.add_argument("--fork", type=int, default=0)
 p.add_argument("--sigterm", choices=["exit", "ignore"], default="exit")
 p.add_argument("--report", help="a FIFO to write 'started <pid>' and 'terminated <pid>' to")
+p.add_argument("--wait-fifo", help="allocate only once this FIFO is opened for writing")
 args = p.parse_args()
 
 
@@ -62,6 +65,8 @@ for _ in range(args.fork):
 
 print("pids", os.getpid(), *children, flush=True)
 report("started")
+if args.wait_fifo:
+    os.close(os.open(args.wait_fifo, os.O_RDONLY))  # blocks until the test opens the other end
 
 held = []
 chunk_mb = 4

@@ -61,7 +61,10 @@ LINE_MAX = 64 * 1024
 _TRUNCATED = " [... line truncated by memguard]"
 
 _PR_SET_CHILD_SUBREAPER = 36
-_SWEEP_INTERVAL = 1.0  # seconds between safety-net sweeps (SIGCHLD also sweeps)
+# 30 s between safety-net sweeps: SIGCHLD sweeps at once, and each full tick's walk prunes the recorded
+# members (add_members), so the timer only catches a SIGCHLD the kernel coalesced away. (It ran every second
+# and re-read every member's stat: the largest share of an idle daemon's CPU.)
+_SWEEP_INTERVAL = 30.0
 _SENTINEL_RESTART_DELAY = 1.0
 _DRAIN_CHUNKS = 32  # 64 KiB reads: more than the largest pipe buffer (1 MiB)
 _SENTINEL_PATH = Path(__file__).with_name("sentinel.py")
@@ -343,7 +346,8 @@ class ChildSupervisor(LoopOwned):
 
     @on_owner_thread
     def add_members(self, worker: str, members: Iterable[tuple[int, int]]) -> None:
-        """Record processes of ``worker``'s tree, as (pid, start time), found by sensing.
+        """Record processes of ``worker``'s tree, as (pid, start time), found by sensing: the whole tree a
+        full tick's walk found (recorded members it did not find are gone and forgotten).
 
         They receive :data:`MEMBER_SIGNALS` with the group, are reaped here
         when they become our orphans, and those outside the worker's process
@@ -352,6 +356,10 @@ class ChildSupervisor(LoopOwned):
         rec = self._workers.get(worker)
         if rec is None:
             return
+        members = list(members)
+        found = dict(members)
+        for mpid in [p for p, start in rec.members.items() if found.get(p) != start]:
+            del rec.members[mpid]  # the walk that found these no longer found it: it is gone
         for mpid, mstart in members:
             if mpid == rec.pid or rec.members.get(mpid) == mstart:
                 continue

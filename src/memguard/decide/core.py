@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import replace
+from typing import Mapping
 
 from ..diagnose import diagnose_exit
 from ..model import (
@@ -58,7 +59,7 @@ from ..units import format_duration, format_size
 from .adhoc import take_adhoc
 from .evaluate import Context, evaluate
 from .progress import take_progress
-from .rules import BRAKE_ANSWER_S, RUNTIME_RULE, system_context, worker_context, worker_rules
+from .rules import BRAKE_ANSWER_S, RUNTIME_RULE, changes_between_full_ticks, system_context, worker_context, worker_rules
 from .trend import note as note_trend, rule_explain, rule_holds
 from .state import CoreState, Incarnation, Phase, ProcessStop, RuleState, StopState, WorkerState, check_transition
 
@@ -89,6 +90,7 @@ class _Step:
         self.trend = state.trend
         self.queue = state.queue
         self.promises = dict(state.promises)
+        self.fresh: Mapping[str, object] = {}  # workers' memory re-read at this tick (victim ranking)
         self.actions: list[Action] = []
         self.oom_delta = 0
         self.oom_known = False  # this step's observation had the scope's OOM counter
@@ -137,6 +139,9 @@ class _Step:
 
 def step(state: CoreState, obs: Observation, policy: DaemonPolicy, now: float) -> tuple[CoreState, list[Action]]:
     s = _Step(state, policy, now)
+    for at, value in obs.readings:  # the watcher's readings since the last tick, then this tick's
+        if (not s.trend or at > s.trend[-1][0]) and at < obs.at:
+            s.trend = note_trend(s.trend, at, value)
     s.trend = note_trend(s.trend, obs.at, obs.scope.available_bytes)
     _commands(s, obs)
     _note_kernel_oom(s, obs)
@@ -148,8 +153,13 @@ def step(state: CoreState, obs: Observation, policy: DaemonPolicy, now: float) -
     _follow_process_stop(s, obs)
     if not s.shutting_down:
         system_ctx = system_context(obs, s.trend)
+        touched = _event_workers(obs) if not obs.full else frozenset()
         for name in sorted(s.workers):
-            _worker_rules(s, s.workers[name], system_ctx, obs)
+            w = s.workers[name]
+            if obs.full or name in touched or _rules_due(s, w):
+                _worker_rules(s, w, system_ctx, obs)
+            elif w.phase == Phase.RUNNING:
+                _trial_checks(s, w, s.workload(w), system_ctx)  # timeouts and recycling are due by time
         _system_rules(s, system_ctx, obs)
     _admission(s)
     _start_due(s)
@@ -540,15 +550,22 @@ def _note_kernel_oom(s: _Step, obs: Observation) -> None:
 
 def _take_samples(s: _Step, obs: Observation) -> None:
     if not obs.full:
+        # A fast tick that crossed a stop threshold re-read each worker's memory: victims are ranked on it
+        # (the workers' state keeps the full tick's figures; nothing is copied for 200 workers here).
+        s.fresh = obs.worker_memory
         return
     for name, w in list(s.workers.items()):
         sample = obs.workers.get(name)
         if w.phase in (Phase.RUNNING, Phase.STOPPING) and sample is not None and sample.pid == w.pid:
             history = w.history
             if is_known(sample.memory_bytes):
+                # The history feeds worker.growth, the worker.memory trend (within:) and status sparklines.
+                # Points leave from the front only: drop the expired ones, then one C-level slice and append.
                 window = s.workload(w).growth_window_s
-                history = tuple(p for p in history if obs.at - p[0] <= window) + (
-                    (obs.at, float(sample.memory_bytes)),)
+                cut = 0
+                while cut < len(history) and obs.at - history[cut][0] > window:
+                    cut += 1
+                history = history[cut:] + ((obs.at, float(sample.memory_bytes)),)
             w = s.update(w, sample=sample, memory=sample.memory_bytes, history=history)
             if w.reclaimed_at is not None and w.brake_verdict is None:
                 s.update(w, fulls_since_reclaimed=w.fulls_since_reclaimed + 1)
@@ -572,6 +589,21 @@ def _expire_grace(s: _Step) -> None:
 
 # ---------------------------------------------------------------------------
 # 7. Worker rules
+
+
+def _event_workers(obs: Observation) -> frozenset[str]:
+    """Workers an event of this tick is about (a trial report, a spawn, an exit...)."""
+    return frozenset(w for ev in obs.events if isinstance(w := getattr(ev, "worker", None), str))
+
+
+def _rules_due(s: _Step, w: WorkerState) -> bool:
+    """Must the worker's rules run on this fast tick? Only if they read something a fast tick changes, or a
+    rule's ``for:`` or quiet period may run out now: the others would give the last full tick's answers."""
+    if w.phase not in (Phase.RUNNING, Phase.STOPPING):
+        return False
+    if any(rs.pending_since is not None or 0 < rs.quiet_until <= s.now for rs in w.rules.values()):
+        return True
+    return changes_between_full_ticks(s.workload(w))
 
 
 def _track(rs: RuleState, holds: bool | None, rule: Rule, now: float) -> tuple[RuleState, bool]:
@@ -938,6 +970,12 @@ def _victim_locked(s: _Step) -> bool:
     return s.now < s.delay_until
 
 
+def _memory_now(s: _Step, w: WorkerState) -> object:
+    """The worker's memory as read at this tick when it was re-read (a stop crossing), else the full tick's."""
+    m = s.fresh.get(w.name)
+    return m if m is not None and is_known(m) else w.memory
+
+
 def _rank(s: _Step, gpu_device: str | None = None) -> list[WorkerState]:
     """Victim order under system pressure: lowest priority first, then the largest.
 
@@ -946,7 +984,8 @@ def _rank(s: _Step, gpu_device: str | None = None) -> list[WorkerState]:
     """
     def size(w: WorkerState) -> float:
         if gpu_device is None:
-            return float(w.memory) if is_known(w.memory) else -1.0
+            m = _memory_now(s, w)
+            return float(m) if is_known(m) else -1.0
         if w.sample is None:
             return -1.0
         v = w.sample.gpu_memory_bytes if gpu_device == "*" else w.sample.gpu_per_device.get(gpu_device, 0)
@@ -1012,7 +1051,7 @@ def _system_stop(s: _Step, rule: Rule, rs: RuleState, ex: Explanation, obs: Obse
     best_proc = procs[0] if procs else None
     if best_proc is not None and (not candidates or (best_proc.priority, -float(best_proc.memory_bytes)) < (
             s.workload(candidates[0]).priority,
-            -(float(candidates[0].memory) if is_known(candidates[0].memory) else -1.0))):
+            -(float(m) if is_known(m := _memory_now(s, candidates[0])) else -1.0))):
         _stop_process(s, best_proc, rule, ex, len(candidates) + len(procs))
         return
     if not candidates:
@@ -1030,7 +1069,8 @@ def _system_stop(s: _Step, rule: Rule, rs: RuleState, ex: Explanation, obs: Obse
         where = "all GPUs" if gpu_device == "*" else f"GPU {gpu_device}"
         mem = f"GPU memory {format_size(float(g)) if is_known(g) else 'unknown'} on {where}"
     else:
-        mem = "memory " + (format_size(float(victim.memory)) if is_known(victim.memory) else "unknown")
+        now_mem = _memory_now(s, victim)
+        mem = "memory " + (format_size(float(now_mem)) if is_known(now_mem) else "unknown")
     detail = (f"{ex.display}; victim {victim.name} (priority {wl.priority}, {mem}, "
               f"largest of {len(candidates)} candidate(s) at that priority)")
     ex = replace(ex, display=detail)
@@ -1073,6 +1113,9 @@ def _admission(s: _Step) -> None:
         w = s.workers[name]
         if w.phase not in (Phase.RUNNING, Phase.STARTING):
             continue
+        if w.admission_open and not system_block and w.draining_since is None and not any(
+                rs.active for rs in w.rules.values()):
+            continue  # open, and nothing is holding it closed: nothing to do
         wl = s.workload(w)
         blocking = [rs for r in worker_rules(wl)
                     if r.action == ActionKind.BLOCK and (rs := w.rules.get(r.key)) is not None and rs.active]

@@ -20,7 +20,8 @@ from .state import CoreState, Phase, WorkerState
 from .trend import WORKER_TREND_WINDOW_S, endpoint_rate, fill_rate
 
 __all__ = ["runtime_rule", "worker_rules", "system_context", "worker_context", "growth_rate", "timers",
-           "BRAKE_ANSWER_S", "workload_of", "RUNTIME_RULE"]
+           "BRAKE_ANSWER_S", "workload_of", "RUNTIME_RULE",
+           "rule_signals", "reads_growth", "changes_between_full_ticks"]
 
 #: How long the brake waits for the worker to answer its reclaim request before judging the memory
 #: as it is: 10 s. A reclaim pass (gc.collect(), malloc_trim(), emptying caches) takes about a second for
@@ -28,6 +29,54 @@ __all__ = ["runtime_rule", "worker_rules", "system_context", "worker_context", "
 BRAKE_ANSWER_S = 10.0
 
 RUNTIME_RULE = "limits.runtime"
+
+# Readings that change only at full ticks: a fast tick carries the last full tick's figures for them.
+_FULL_TICK_PREFIXES = ("worker.memory", "worker.gpu_memory", "worker.processes", "worker.growth", "psi.", "swap.",
+                       "gpu.")
+
+_SIGNALS: dict[int, tuple[object, frozenset[str]]] = {}
+
+
+def _expr_signals(expr: object, out: set[str]) -> None:
+    args = getattr(expr, "args", None)
+    if args is None:
+        out.add(expr.signal)  # type: ignore[attr-defined]
+        return
+    for a in args:
+        _expr_signals(a, out)
+
+
+def rule_signals(rules: tuple[Rule, ...]) -> frozenset[str]:
+    """Every signal the rules' ``when`` and ``release`` read (memoised per rules tuple: policies are frozen)."""
+    hit = _SIGNALS.get(id(rules))
+    if hit is not None and hit[0] is rules:
+        return hit[1]
+    out: set[str] = set()
+    for r in rules:
+        _expr_signals(r.when, out)
+        if r.release is not None:
+            _expr_signals(r.release, out)
+    found = frozenset(out)
+    if len(_SIGNALS) > 4096:
+        _SIGNALS.clear()
+    _SIGNALS[id(rules)] = (rules, found)
+    return found
+
+
+def reads_growth(wl: WorkloadPolicy) -> bool:
+    """Does a rule of the workload read ``worker.growth`` (the only reason to keep a memory history)?"""
+    return "worker.growth" in rule_signals(wl.rules)
+
+
+def changes_between_full_ticks(wl: WorkloadPolicy) -> bool:
+    """Does a rule of the workload read something a fast tick can change (system memory, time, counters)?
+
+    A workload whose rules read only what full ticks measure gets the same
+    answers on a fast tick as on the last full one: its rules need not run.
+    """
+    return (any(not s.startswith(_FULL_TICK_PREFIXES) for s in rule_signals(wl.rules))
+            or any(r.within_s is not None for r in wl.rules)  # a trend moves with time
+            or wl.limits.runtime_s is not None)
 
 
 def runtime_rule(wl: WorkloadPolicy) -> Rule | None:
@@ -107,7 +156,8 @@ def worker_context(w: WorkerState, wl: WorkloadPolicy, system: Context, now: flo
         "no trial running")
     values["worker.blocked_for"] = (now - w.blocked_since) if w.blocked_since is not None else 0.0
     values["worker.refusals"] = float(w.refusals)
-    values["worker.growth"] = growth_rate(w.history, wl.growth_window_s)
+    values["worker.growth"] = (growth_rate(w.history, wl.growth_window_s) if reads_growth(wl)
+                               else Unknown("no rule reads worker.growth"))
     values["worker.cpu"] = cpu_percent(w, now)
     values["worker.idle"] = idle_for(w, now)
     values["worker.quiet"] = quiet_for(w, now)

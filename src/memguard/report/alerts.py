@@ -39,7 +39,6 @@ import concurrent.futures
 import datetime as _dt
 import json
 import socket
-import ssl
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -145,7 +144,14 @@ async def post_json(url: str, body: bytes, headers: Iterable[tuple[str, str]] = 
     if u.scheme not in ("http", "https") or not u.hostname:
         raise OSError(f"not an http(s) URL: {url}")
     port = u.port or (443 if u.scheme == "https" else 80)
-    ctx = ssl.create_default_context() if u.scheme == "https" else None
+    ctx = None
+    if u.scheme == "https":
+        try:
+            import ssl
+        except ImportError:
+            raise OSError("https:// webhooks need TLS, which this daemon did not load (none was configured "
+                          "when it started): restart memguard to use this hook") from None
+        ctx = ssl.create_default_context()
     reader, writer = await asyncio.open_connection(u.hostname, port, ssl=ctx,
                                                    server_hostname=u.hostname if ctx else None)
     try:
@@ -174,7 +180,7 @@ async def post_json(url: str, body: bytes, headers: Iterable[tuple[str, str]] = 
         writer.close()
         try:
             await asyncio.wait_for(writer.wait_closed(), 1.0)
-        except (OSError, asyncio.TimeoutError, ssl.SSLError):
+        except (OSError, asyncio.TimeoutError):  # ssl.SSLError is an OSError
             pass
 
 
@@ -353,7 +359,7 @@ class Alerts:
                     post_json(spec.webhook, body, spec.headers, user_agent=self.user_agent), spec.timeout_s)
             except asyncio.TimeoutError:
                 return False, f"no answer within {spec.timeout_s:g}s (timeout)", False
-            except (OSError, ssl.SSLError, UnicodeError) as e:
+            except (OSError, UnicodeError) as e:  # ssl.SSLError is an OSError
                 return False, f"{type(e).__name__}: {e}", False
             if 200 <= status < 300:
                 return True, "", False

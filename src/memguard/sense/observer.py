@@ -24,21 +24,24 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import threading
+import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
-from ..model import (Adoptable, Exited, Event, GpuDeviceReading, LiveSnapshot, Observation, Pressure, PressureEvent,
-                     ProcessSample, ProtectedProcess, Reading, ScopeMemory, Unknown, WorkerSample, is_known)
+from ..model import (Adoptable, Exited, Event, GpuDeviceReading, LiveSnapshot, Observation, Pressure, ProcessSample,
+                     ProtectedProcess, Reading, ScopeMemory, Unknown, WatchPlan, WorkerSample, is_known)
 from ..policy import DaemonPolicy
 from ..threads import CHECK, LoopOwned, OwnershipError, on_owner_thread
 from .cgroup import MemoryCgroup, ScopeReader, choose_scope
 from .gpu import GpuProblem, GpuReading, GpuStart, ThreadedSensor, attribute_all, host_pid_map
 from .host import host_scope
 from .jetson import make_gpu_sensor
-from .procs import Adopted, NameCache, children_reader, find_adopted, sample_tree
-from .psi import PSI_MEMORY_PATH, PsiTrigger, RecentPressure, read_pressure_totals
+from .procs import Adopted, NameCache, children_reader, find_adopted, sample_tree, tree_resident_bytes
+from .psi import PSI_MEMORY_PATH, RecentPressure, read_pressure_totals
 from .unmanaged import scan_matches, scan_protected
+from .watch import CgroupProbe, Crossing, HostProbe, Target, Watcher
 
 __all__ = ["Observer", "Sample", "measure_workers", "gpu_observation"]
 
@@ -53,13 +56,102 @@ class Sample:
     gpu_problems: tuple[GpuProblem, ...] = ()
     strays: tuple[tuple[int, int, str, int], ...] = ()
     unattributed: tuple[tuple[int, int], ...] = ()
+    # Each cgroup worker's inactive file cache at this sample (usage less working set), and its cgroup:
+    # what a re-read of its usage at the moment of acting needs to give its working set.
+    cached_bytes: Mapping[str, float] = field(default_factory=dict)
+    cgroups: Mapping[str, str] = field(default_factory=dict)
     protected: tuple[ProtectedProcess, ...] = ()
     adoptable: tuple[Adoptable, ...] = ()
 
 
-#: Processes matching ``protect:`` are looked for on every 10th full reading (10 s at the relaxed pace):
-#: a protected daemon rarely restarts, and the children of one (sshd's sessions) inherit its OOM score.
-PROTECT_SCAN_EVERY = 10
+#: Processes matching ``protect:`` are looked for at a full reading at least every 10 s (every 10th at the
+#: default poll interval, each one when the full tick is quiet): a protected daemon rarely restarts, and the
+#: children of one (sshd's sessions) inherit its OOM score.
+PROTECT_SCAN_S = 10.0
+
+
+def _reads_worker_memory(policy: DaemonPolicy) -> frozenset[str]:
+    """The workers whose rules read their own memory (worker.memory, worker.growth): PSS is for them."""
+    out: set[str] = set()
+    for wl in policy.workloads:
+        if any(_mentions(r.when) or (r.release is not None and _mentions(r.release)) for r in wl.rules):
+            out.update(wl.worker_names())
+    return frozenset(out)
+
+
+def _managed_names(policy: DaemonPolicy) -> frozenset[str]:
+    return frozenset(n for wl in policy.workloads for n in wl.worker_names())
+
+
+def _mentions(expr: Any) -> bool:
+    args = getattr(expr, "args", None)
+    if args is None:
+        return expr.signal in ("worker.memory", "worker.growth")
+    return any(_mentions(a) for a in args)
+
+
+# A crossing read by the watcher less than 5 ms ago stands for the scope's reading of the tick it causes.
+_CROSSING_FRESH_S = 0.005
+
+
+class _Fresh:
+    """Re-reads each worker's memory at the moment of acting, on the loop: its cgroup's usage (one pread of
+    a file opened at the full tick) less the cache the last sample saw, or the resident figure of its known
+    processes. Kept lean: with 200 workers this is on the path from a crossing to the signal."""
+
+    def __init__(self) -> None:
+        self.fds: dict[str, int] = {}  # cgroup path -> its usage file, open
+        self.plan: list[tuple[str, int, float]] = []  # (worker, fd, cache bytes) for the last sample
+
+    def prepare(self, sample: "Sample") -> None:
+        """Open each worker cgroup's usage file now, at the full tick: the moment of acting only reads."""
+        paths = set(sample.cgroups.values())
+        for path in [p for p in self.fds if p not in paths]:
+            _close(self.fds.pop(path))
+        plan = []
+        for name, path in sample.cgroups.items():
+            fd = self.fds.get(path)
+            if fd is None:
+                try:
+                    fd = self.fds[path] = os.open(f"{path}/memory.usage_in_bytes" if _is_v1(path)
+                                                  else f"{path}/memory.current", os.O_RDONLY | os.O_CLOEXEC)
+                except OSError:
+                    continue
+            plan.append((name, fd, sample.cached_bytes.get(name, 0.0)))
+        self.plan = plan
+
+    def read(self, sample: "Sample") -> dict[str, Reading]:
+        out: dict[str, Reading] = {}
+        pread = os.pread
+        for name, fd, cached in self.plan:
+            try:
+                usage = int(pread(fd, 64, 0))
+            except (OSError, ValueError):
+                continue
+            out[name] = usage - cached if usage > cached else 0.0
+        for name, ws in sample.workers.items():
+            if name not in sample.cgroups and ws.members:
+                m = tree_resident_bytes(p for p, _ in ws.members)
+                if m is not None:
+                    out[name] = m
+        return out
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            _close(fd)
+        self.fds = {}
+        self.plan = []
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _is_v1(path: str) -> bool:
+    return os.path.exists(f"{path}/memory.usage_in_bytes")
 
 
 class _ReaderCache:
@@ -95,11 +187,15 @@ class _ReaderCache:
 
 
 def measure_workers(snapshot: LiveSnapshot, protect: Sequence[str], cache: _ReaderCache | None = None,
-                    use_children_files: bool | None = None) -> tuple[dict[str, WorkerSample], Adopted]:
-    """Each live worker measured: its tree walked (from the recorded members, and the orphans memguard
-    adopted from it, too), its memory read from its own cgroup where it has one (exact, cheap) or summed
-    over the tree (PSS) otherwise. Also returns the adopted orphans that belong to no running worker.
-    Reads ``/proc`` and cgroup files only; meant for the reader thread."""
+                    use_children_files: bool | None = None, pss: Collection[str] | None = None,
+                    cached: dict[str, float] | None = None) -> tuple[dict[str, WorkerSample], Adopted]:
+    """Each live worker measured: its processes found (its cgroup's list where it has one, else a walk of
+    its tree from the recorded members and the orphans memguard adopted from it), its memory read from its
+    own cgroup where it has one (exact, cheap) or summed over the tree otherwise: PSS for the workers in
+    ``pss`` (None: all), whose rules read their memory, the cheap resident figure for the others. Also
+    returns the adopted orphans that belong to no running worker; ``cached`` receives each cgroup worker's
+    inactive file cache (usage less working set). Reads ``/proc`` and cgroup files only; meant for the
+    reader thread."""
     cache = cache or _ReaderCache()
     children = children_reader(use_children_files)
     protect_set = frozenset(protect)
@@ -109,19 +205,28 @@ def measure_workers(snapshot: LiveSnapshot, protect: Sequence[str], cache: _Read
     seen: set[tuple[int, int]] = set()
     for name, lw in snapshot.workers.items():
         members = lw.members + tuple(adopted.members.get(name, ()))
+        cg: MemoryCgroup | None = None
+        pids: list[int] | None = None
+        failed: Exception | None = None
+        if lw.cgroup is not None:
+            try:
+                cg = cache.cgroup(lw.cgroup)
+                pids = cg.pids()
+            except (OSError, RuntimeError) as e:
+                failed = e
+        measure: bool | str = False if lw.cgroup is not None else ("pss" if pss is None or name in pss else "rss")
         s = sample_tree(name, lw.pid, lw.start, members, protect_set, children=children,
-                        measure=lw.cgroup is None, names=cache.names)
+                        measure=measure, names=cache.names, pids=pids)
         seen.update(s.members)
         if lw.cgroup is not None:
             memory: Reading
-            processes = s.processes
-            try:
-                cg = cache.cgroup(lw.cgroup)
-                memory = cg.working_set_bytes()
-                processes = max(processes, len(cg.pids()))
-            except (OSError, RuntimeError) as e:
-                memory = Unknown(f"the worker's cgroup {lw.cgroup} is unreadable: {e}")
-            s = replace(s, memory_bytes=memory, processes=processes, source="cgroup")
+            if cg is None or failed is not None:
+                memory = Unknown(f"the worker's cgroup {lw.cgroup} is unreadable: {failed}")
+            else:
+                usage, memory = cg.usage_and_working_set()
+                if cached is not None and is_known(usage) and is_known(memory):
+                    cached[name] = float(usage) - float(memory)
+            s = replace(s, memory_bytes=memory, source="cgroup")
         out[name] = s
     cache.keep({lw.cgroup for lw in snapshot.workers.values() if lw.cgroup}, seen)
     return out, adopted
@@ -160,98 +265,104 @@ class Observer(LoopOwned):
         self._last_full_scope: ScopeMemory | None = None
         self._pressure = Pressure()
         self._last: Sample = Sample()
+        self._pss = _reads_worker_memory(policy)
+        self._managed = _managed_names(policy)
+        self._fresh = _Fresh()
+        self._wake: Callable[[], None] | None = None
+        self._watcher: Watcher | None = None
+        self.clock = clock or time.monotonic
         self._recent = RecentPressure()
-        self._samples = 0
-        self._trigger: PsiTrigger | None = None
-        self._trigger_fired = False
-        self._clock = clock
+        self._protect_scanned: float | None = None
 
     @on_owner_thread
     def configure(self, policy: DaemonPolicy) -> str | None:
         """Take a reloaded policy; returns a sentence when the scope changed (for the log)."""
         old, self.policy = self.policy, policy
+        self._pss = _reads_worker_memory(policy)
+        self._managed = _managed_names(policy)
+        if policy.protect != old.protect:
+            self._protect_scanned = None  # new names: looked for at the next full reading
         if policy.scope != old.scope:
             self.scope = choose_scope(policy.scope)
             self._last_full_scope = None
             self._recent = RecentPressure()
-            if self._trigger is not None and self._post is not None:
-                self._disarm()
-                self.watch(self._post)
+            if self._watcher is not None and self._wake is not None:
+                self._watcher.close()
+                self._watcher = self._make_watcher()
+                self._watcher.start(self._wake)
             return f"now guarding {self.scope.description}"
         return None
 
-    # ------------------------------------------------------------------ PSI trigger
+    # ------------------------------------------------------------------ between ticks
 
-    _post: Callable[[Any], None] | None = None
+    def _make_watcher(self) -> Watcher:
+        cg = self.scope.cgroup
+        if self.scope.kind == "cgroup" and cg is not None:
+            probe: CgroupProbe | HostProbe = CgroupProbe(cg.path, cg.version)
+            psi = cg.pressure_path()
+        else:
+            probe, psi = HostProbe(), PSI_MEMORY_PATH
+        return Watcher(probe, psi_path=psi)
+
+    @on_owner_thread
+    def watch(self, plan: WatchPlan) -> None:
+        """Hand the watcher the band to watch until the next tick (see :mod:`memguard.sense.watch`)."""
+        if self._watcher is None:
+            return
+        last = self._last_full_scope
+        total = float(last.total_bytes) if (last is not None and last.kind == "cgroup"
+                                            and is_known(last.total_bytes)) else None
+        self._watcher.watch(Target(plan, total))
+
+    def watch_stats(self) -> dict[str, object]:
+        """What the watcher did: reads, kernel wake-ups, crossings (for the status reply and the benchmark)."""
+        return self._watcher.stats() if self._watcher is not None else {"mode": "off"}
 
     def _pressure_path(self) -> str:
         cg = self.scope.cgroup
         path = cg.pressure_path() if self.scope.kind == "cgroup" and cg is not None else None
         return path or PSI_MEMORY_PATH
 
-    @on_owner_thread
-    def watch(self, post: Callable[[Any], None]) -> str:
-        """Arm a kernel PSI trigger on the scope's pressure file: when tasks stall on memory past its
-        threshold, ``post`` gets a :class:`~memguard.model.PressureEvent` (waking the daemon at once) and
-        the next reading re-reads the pressure. Returns a sentence for the log (armed, or why not)."""
-        self._post = post
-        path = self._pressure_path()
-        try:
-            trigger = PsiTrigger(path)
-        except OSError as e:
-            return (f"no PSI trigger on {path} ({e.strerror or e}): pressure is read at every full tick "
-                    f"instead")
-        try:
-            asyncio.get_running_loop().add_reader(trigger.fileno(), self._on_trigger)
-        except (RuntimeError, OSError) as e:
-            trigger.close()
-            return f"no PSI trigger on {path} ({e}): pressure is read at every full tick instead"
-        self._trigger = trigger
-        return f"PSI trigger armed on {path} ({trigger.spec}: stall microseconds within a window)"
-
-    def _on_trigger(self) -> None:
-        trigger = self._trigger
-        if trigger is None:
-            return
-        fired = trigger.fired()
-        if fired is None:
-            self._disarm()
-            return
-        if fired and self._post is not None:
-            self._trigger_fired = True
-            import time
-
-            self._post(PressureEvent((self._clock or time.monotonic)()))
-
-    def _disarm(self) -> None:
-        if self._trigger is not None:
-            try:
-                asyncio.get_running_loop().remove_reader(self._trigger.fileno())
-            except (RuntimeError, ValueError, OSError):
-                pass
-            self._trigger.close()
-            self._trigger = None
-
     def _read_pressure(self, now: float) -> Pressure:
+        """The scope's PSI figures, with the 1 s averages memguard keeps from the kernel's stall totals."""
         pressure, totals = read_pressure_totals(self._pressure_path())
         some, full = self._recent.add(now, totals)
         return replace(pressure, some_avg1=some, full_avg1=full)
+
+    def _readings(self) -> tuple[tuple[float, float], ...]:
+        """The watcher's readings since the last tick, on this observer's clock."""
+        if self._watcher is None:
+            return ()
+        got = self._watcher.recent()
+        if not got:
+            return ()
+        shift = self.clock() - time.monotonic()
+        return tuple((t + shift, a) for t, a in got) if shift else got
 
     def describe(self) -> dict[str, str]:
         """What is guarded, for the start-up line."""
         return {"kind": self.scope.kind, "description": self.scope.description}
 
     @on_owner_thread
-    async def start(self) -> GpuStart | None:
-        """Start GPU sensing (off the loop: NVML start-up can take seconds); None when the policy turned it off."""
+    async def start(self, wake: Callable[[], None] | None = None) -> GpuStart | None:
+        """Start the watcher (``wake`` is called on the loop when it sees a crossing) and GPU sensing (off the
+        loop: NVML start-up can take seconds); returns None when the policy turned GPU sensing off."""
+        loop = asyncio.get_running_loop()
+        if wake is not None:
+            self._wake = lambda: loop.call_soon_threadsafe(wake)
+            self._watcher = self._make_watcher()
+            self._watcher.start(self._wake)
         if self.gpu is None:
             return None
-        return await asyncio.get_running_loop().run_in_executor(None, self.gpu.start)
+        return await loop.run_in_executor(None, self.gpu.start)
 
     @on_owner_thread
     def close(self) -> None:
-        self._disarm()
         self._reader.shutdown(wait=False, cancel_futures=True)
+        if self._watcher is not None:
+            self._watcher.close()
+            self._watcher = None
+        self._fresh.close()
         if self.gpu is not None:
             self.gpu.close()
 
@@ -263,13 +374,20 @@ class Observer(LoopOwned):
         loop = asyncio.get_running_loop()
         policy = self.policy
         cache = self._cache
-        scan_protect = bool(policy.protect) and self._samples % PROTECT_SCAN_EVERY == 0
-        self._samples += 1
+
+        # Ad-hoc workers (``memguard run`` joining) bring rules of their own: PSS for them too.
+        pss = self._pss | {name for name in snapshot.workers if name not in self._managed}
+        cached: dict[str, float] = {}
+        now = self.clock()
+        scan_protect = bool(policy.protect) and (self._protect_scanned is None
+                                                 or now - self._protect_scanned >= PROTECT_SCAN_S)
+        if scan_protect:
+            self._protect_scanned = now
 
         def read() -> tuple[dict[str, WorkerSample], tuple[ProcessSample, ...], Adopted,
                             tuple[ProtectedProcess, ...], tuple[Adoptable, ...]]:
             cache.claim()
-            workers, adopted = measure_workers(snapshot, policy.protect, cache)
+            workers, adopted = measure_workers(snapshot, policy.protect, cache, pss=pss, cached=cached)
             unmanaged: tuple[ProcessSample, ...] = ()
             adoptable: tuple[Adoptable, ...] = ()
             if policy.unmanaged:
@@ -291,34 +409,54 @@ class Observer(LoopOwned):
             gpus, workers = gpu_observation(reading, workers, host_pid_map(pids))
             problems = tuple(reading.problems)
         return Sample(workers, unmanaged, gpus, problems, tuple(adopted.leftovers), tuple(adopted.unmarked),
+                      cached, {name: lw.cgroup for name, lw in snapshot.workers.items() if lw.cgroup},
                       protected, adoptable)
 
     @on_owner_thread
     def full(self, sample: Sample, events: tuple[Event, ...], now: float) -> Observation:
         """A full tick's observation: ``sample`` plus the scope and PSI, read now."""
         self._last = sample
-        self._trigger_fired = False
+        self._fresh.prepare(sample)
         self._pressure = self._read_pressure(now)
         scope = self.scope()
         self._last_full_scope = scope
         return Observation(at=now, scope=scope, pressure=self._pressure, workers=sample.workers,
                            events=events, full=True, unmanaged=sample.unmanaged, gpus=sample.gpus,
                            strays=sample.strays, unattributed=sample.unattributed, protected=sample.protected,
-                           adoptable=sample.adoptable)
+                           adoptable=sample.adoptable, readings=self._readings())
 
     # ------------------------------------------------------------------ fast ticks
 
     @on_owner_thread
     def fast(self, events: tuple[Event, ...], now: float) -> Observation:
-        """A fast tick's observation: the scope's memory re-read, everything else from the last full tick."""
+        """A fast tick's observation: the scope's memory re-read, everything else from the last full tick.
+
+        After the watcher saw a crossing of a threshold whose rule stops a
+        victim, each worker's memory is re-read too (the victim is ranked on
+        figures of this moment); after a PSI trigger, the pressure.
+        """
+        crossing: Crossing | None = self._watcher.take() if self._watcher is not None else None
         exits = any(isinstance(ev, Exited) for ev in events)
-        scope = self.scope() if exits or self._last_full_scope is None else self._fast_scope(self._last_full_scope)
-        if self._trigger_fired:  # the kernel said tasks stall: the pressure figures are read now, not later
-            self._trigger_fired = False
-            self._pressure = self._read_pressure(now)
+        last_scope = self._last_full_scope
+        if exits or last_scope is None:
+            scope = self.scope()
+        elif (crossing is not None and crossing.available is not None and not crossing.psi
+              and self.clock() - crossing.at < _CROSSING_FRESH_S):
+            # The watcher read the scope exactly (usage and memory.stat) an instant ago: act on that reading
+            # rather than read it again (with many worker cgroups below, memory.stat costs a walk of them).
+            scope = replace(last_scope, available_bytes=int(crossing.available))
+        else:
+            scope = self._fast_scope(last_scope)
         last = self._last
+        fresh: Mapping[str, Reading] = {}
+        if crossing is not None:
+            if crossing.stop:
+                fresh = self._fresh.read(last)
+            if crossing.psi:  # the kernel said tasks stall: the pressure figures are read now, not later
+                self._pressure = self._read_pressure(now)
         return Observation(at=now, scope=scope, pressure=self._pressure, workers=last.workers,
-                           events=events, full=False, unmanaged=last.unmanaged, gpus=last.gpus)
+                           events=events, full=False, unmanaged=last.unmanaged, gpus=last.gpus,
+                           worker_memory=fresh, readings=self._readings())
 
     def _fast_scope(self, last: ScopeMemory) -> ScopeMemory:
         """Only what moves fast (usage, working set); the host's /proc/vmstat is skipped (two thirds of a

@@ -38,7 +38,7 @@ from memguard.sense.host import field_int
 from memguard.sense.procstat import read_stat
 
 __all__ = ["walk_tree", "sample_tree", "children_reader", "process_start_time", "NameCache", "own_children",
-           "environ_marker", "Adopted", "find_adopted"]
+           "environ_marker", "Adopted", "find_adopted", "resident_bytes", "tree_resident_bytes", "cgroup_tree"]
 
 _O_FLAGS = os.O_RDONLY | os.O_CLOEXEC
 
@@ -161,6 +161,34 @@ def _io_bytes(pid: int) -> int | None:
     return r + w
 
 
+_K_SWAP = b"\nVmSwap:"
+
+
+def resident_bytes(pid: int) -> int | None:
+    """RssAnon + RssShmem + VmSwap of ``pid`` from ``/proc/<pid>/status``: kernel counters, no page-table walk
+    (unlike PSS), so cheap enough to read at the moment of acting. None if the process is gone."""
+    try:
+        status = _read(f"/proc/{pid}/status", 4096)
+    except OSError:
+        return None
+    anon = field_int(status, _K_RSS_ANON)
+    shmem = field_int(status, _K_RSS_SHMEM)
+    if anon is None and shmem is None:
+        return None  # a kernel thread, or a zombie
+    return (anon or 0) + (shmem or 0) + (field_int(status, _K_SWAP) or 0)
+
+
+def tree_resident_bytes(pids: Iterable[int]) -> int | None:
+    """:func:`resident_bytes` summed over a tree's processes; None when none of them could be read."""
+    total, seen = 0, False
+    for p in pids:
+        m = resident_bytes(p)
+        if m is not None:
+            total += m
+            seen = True
+    return total if seen else None
+
+
 def _names(pid: int) -> tuple[str, str]:
     """(comm, basename of argv[0]) of ``pid``; empty strings where unreadable."""
     try:
@@ -233,21 +261,58 @@ def walk_tree(pid: int, start: int | None, members: Iterable[tuple[int, int]] = 
     return why, tree
 
 
+def cgroup_tree(pid: int, start: int | None, pids: Iterable[int],
+                members: Iterable[tuple[int, int]] = ()) -> tuple[str | None, dict[int, int]]:
+    """Like :func:`walk_tree`, for a worker with a cgroup of its own: its processes are those the cgroup
+    lists (``cgroup.procs``, one read) instead of a walk of children files, plus recorded members still alive
+    outside it."""
+    tree: dict[int, int] = {}
+    why: str | None = None
+    if start is None:
+        why = f"process {pid} did not exist when tracking began"
+    else:
+        st = _stat(pid)
+        if st is None:
+            why = f"process {pid} is gone"
+        elif st.start != start:
+            why = f"pid {pid} now belongs to another process (start time {st.start}, expected {start})"
+        elif st.dead:
+            why = f"process {pid} has exited"
+        else:
+            tree[pid] = start
+    for p in pids:
+        if p in tree:
+            continue
+        st = _stat(p)
+        if st is not None and not st.dead:
+            tree[p] = st.start
+    for mpid, mstart in members:
+        if mpid in tree:
+            continue
+        st = _stat(mpid)
+        if st is not None and st.start == mstart and not st.dead:
+            tree[mpid] = mstart
+    return why, tree
+
+
 NameCache = dict[tuple[int, int], tuple[str, str]]
 
 
 def sample_tree(worker: str, pid: int, start: int | None, members: Iterable[tuple[int, int]] = (),
-                protect: Collection[str] = (), *, children: ChildrenOf | None = None, measure: bool = True,
-                names: NameCache | None = None) -> WorkerSample:
+                protect: Collection[str] = (), *, children: ChildrenOf | None = None, measure: bool | str = True,
+                names: NameCache | None = None, pids: Iterable[int] | None = None) -> WorkerSample:
     """Measure one worker's whole tree (see the module text): memory, process count, protection, members.
 
-    ``measure=False`` walks the tree (members, protection) but leaves the
-    memory Unknown: a worker with a cgroup of its own is measured through
-    it, exactly and far more cheaply than PSS, which walks page tables.
+    ``measure``: ``True`` or ``"pss"`` sums PSS over the tree (exact, walks
+    page tables); ``"rss"`` sums :func:`resident_bytes` (kernel counters,
+    cheap; shared pages count in each process); ``False`` leaves the memory
+    Unknown: a worker with a cgroup of its own is measured through it,
+    exactly and far more cheaply. ``pids``: the worker's cgroup's processes
+    (see :func:`cgroup_tree`), instead of walking children files.
     ``names`` caches (comm, argv[0]) per (pid, start time) across samples:
     a process's name for ``protect:`` is read once.
     """
-    why, tree = walk_tree(pid, start, members, children)
+    why, tree = walk_tree(pid, start, members, children) if pids is None else cgroup_tree(pid, start, pids, members)
     total = 0
     cpu_ticks, io, counters_known = 0, 0, why is None
     for p in tree:
@@ -261,8 +326,9 @@ def sample_tree(worker: str, pid: int, start: int | None, members: Iterable[tupl
         io += got
     if not measure and why is None:
         why = "measured through its cgroup"
+    read = resident_bytes if measure == "rss" else _process_memory
     for p in (tree if measure else ()):
-        m = _process_memory(p)
+        m = read(p)
         if m is None:
             if p == pid and why is None:
                 why = f"memory of process {p} is unreadable"
@@ -290,8 +356,8 @@ def sample_tree(worker: str, pid: int, start: int | None, members: Iterable[tupl
         io_total: object = io
     else:
         cpu = io_total = Unknown("the main process's /proc stat or io is unreadable")
-    return WorkerSample(worker, pid, memory, len(tree), protected, "tree", members=tuple(ordered),
-                        cpu_seconds=cpu, io_bytes=io_total)  # type: ignore[arg-type]
+    return WorkerSample(worker, pid, memory, len(tree), protected, "rss" if measure == "rss" else "tree",
+                        members=tuple(ordered), cpu_seconds=cpu, io_bytes=io_total)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------

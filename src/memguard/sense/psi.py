@@ -21,7 +21,7 @@ from memguard.model import Pressure, Reading, Unknown
 from memguard.sense.host import read_bytes
 
 __all__ = ["PSI_MEMORY_PATH", "read_pressure", "parse_pressure", "parse_totals", "read_pressure_totals",
-           "RecentPressure", "PsiTrigger"]
+           "RecentPressure"]
 
 PSI_MEMORY_PATH = "/proc/pressure/memory"
 
@@ -122,71 +122,3 @@ class RecentPressure:
         span_us = (newest[0] - base[0]) * 1e6
         stalled = max(0, newest[index] - base[index])  # type: ignore[operator]
         return min(100.0, 100.0 * stalled / span_us)
-
-
-class PsiTrigger:
-    """A kernel PSI trigger: the kernel wakes memguard when tasks stall on memory past a threshold.
-
-    ``some STALL_US WINDOW_US`` written to a PSI file makes the file descriptor signal POLLPRI when at
-    least ``STALL_US`` of stall happened within any ``WINDOW_US``. Without CAP_SYS_RESOURCE the window
-    must be a multiple of 2 s (a 1 s window gives EINVAL). A PSI descriptor always reads as "readable",
-    so asyncio's add_reader cannot wait on it: it is registered for EPOLLPRI in an epoll set of its own,
-    and that epoll's descriptor (:meth:`fileno`) is what the event loop watches.
-    """
-
-    #: 200 ms of stall within 2 s (10 % of the time): well past the background of a healthy machine
-    #: (a few ms of reclaim now and then), well before a box thrashes (most of the time stalled).
-    STALL_US = 200_000
-    WINDOW_US = 2_000_000
-
-    def __init__(self, path: str = PSI_MEMORY_PATH, kind: str = "some", stall_us: int = STALL_US,
-                 window_us: int = WINDOW_US) -> None:
-        """Open and arm the trigger. Raises OSError (the kernel has no PSI, or refuses the trigger)."""
-        import os
-        import select
-
-        self.path = path
-        self.spec = f"{kind} {stall_us} {window_us}"
-        self._fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-        self._epoll = None
-        try:
-            os.write(self._fd, self.spec.encode() + b"\0")
-            self._epoll = select.epoll()
-            self._epoll.register(self._fd, select.EPOLLPRI)
-        except OSError:
-            self.close()
-            raise
-
-    def fileno(self) -> int:
-        assert self._epoll is not None
-        return self._epoll.fileno()
-
-    def fired(self) -> bool | None:
-        """Drain the events after the loop saw the epoll descriptor readable: True (the trigger fired), or None
-        when the descriptor failed (the file went away: a cgroup removed) and the trigger is dead.
-
-        The kernel hands a trigger's event to the first poll that asks, and the event loop's check of the
-        epoll descriptor is that poll: by the time the epoll set is read here, the event may be gone. So a
-        wake-up itself says the trigger fired (a spurious one costs one extra reading of the pressure).
-        """
-        import select
-
-        if self._epoll is None:
-            return None
-        try:
-            events = self._epoll.poll(0)
-        except OSError:
-            return None
-        if any(ev & (select.EPOLLERR | select.EPOLLHUP) for _, ev in events):
-            return None
-        return True
-
-    def close(self) -> None:
-        import os
-
-        if self._epoll is not None:
-            self._epoll.close()
-            self._epoll = None
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1

@@ -24,9 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
 from ..model import (Action, Exited, GateNotSet, LiveSnapshot, LiveWorker, NotDone, Notice, Observation, Pressure,
-                     Reclaim,
-                     Reading,
-                     ScopeMemory, SetAdmission, Signal, SignalProcess, Spawn, Spawned, WorkerSample)
+                     Reclaim, Reading, ScopeMemory, SetAdmission, Signal, SignalProcess, Spawn, Spawned, WatchPlan,
+                     WorkerSample)
 from ..policy import DaemonPolicy
 from ..sense.observer import Sample
 
@@ -41,19 +40,58 @@ class FakeObserver:
 
     Set ``available`` / ``total`` (the scope, bytes), ``memory[worker]``
     (bytes or Unknown; 100 MiB by default), ``protected`` (worker names),
-    ``pressure``. Counts ``samples`` (full ticks measured) and ``fast_reads``.
+    ``pressure``. Counts ``samples`` (full ticks measured) and ``fast_reads``
+    (fast ticks' readings).
+
+    Between ticks it watches like the real one: ``plan`` is the last
+    :class:`~memguard.model.WatchPlan` the daemon handed over; setting
+    ``available`` outside its band wakes the daemon at once (as a kernel
+    notification would), and with a ``clock`` it also reads ``available``
+    on the plan's polling pace in virtual time, counting ``fast_checks``.
+    ``fresh_memory[worker]`` is what a re-read at the moment of acting
+    finds (default: ``memory``); ``fresh_reads`` counts those re-reads.
     """
 
-    def __init__(self, *, total: int = 24 * GiB, available: int = 20 * GiB) -> None:
+    def __init__(self, *, total: int = 24 * GiB, available: int = 20 * GiB, clock: Any = None) -> None:
         self.total: Reading = total
-        self.available: Reading = available
+        self._available: Reading = available
         self.memory: dict[str, Reading] = {}
+        self.fresh_memory: dict[str, Reading] = {}
         self.protected: set[str] = set()
         self.pressure = Pressure()
         self.samples = 0
         self.fast_reads = 0
+        self.fast_checks = 0
+        self.fresh_reads = 0
+        self.crossings = 0
         self.policy: DaemonPolicy | None = None
+        self.plan: WatchPlan | None = None
+        self.clock = clock
+        self._crossed: bool | None = None  # None: no crossing; else whether it can stop a victim
+        self._wake: Callable[[], None] | None = None
         self._last = Sample()
+        self._poller: Any = None
+        self._replanned: Any = None
+
+    @property
+    def available(self) -> Reading:
+        return self._available
+
+    @available.setter
+    def available(self, value: Reading) -> None:
+        self._available = value
+        self._check()
+
+    def _check(self) -> None:
+        plan = self.plan
+        if plan is None or self._crossed is not None or self._wake is None:
+            return
+        v = self._available
+        if not isinstance(v, (int, float)) or plan.outside(float(v)):
+            low = isinstance(v, (int, float)) and plan.low_bytes is not None and v <= plan.low_bytes
+            self._crossed = bool(low and plan.stop)
+            self.crossings += 1
+            self._wake()
 
     def describe(self) -> dict[str, str]:
         return {"kind": "host", "description": "a scripted host (testing)"}
@@ -62,14 +100,49 @@ class FakeObserver:
         self.policy = policy
         return None
 
-    async def start(self) -> None:
+    async def start(self, wake: Callable[[], None] | None = None) -> None:
+        self._wake = wake
+        if self.clock is not None and wake is not None:
+            import asyncio
+
+            self._replanned = asyncio.Event()
+            self._poller = asyncio.ensure_future(self._poll())
         return None
 
+    async def _poll(self) -> None:
+        """Reads ``available`` on the plan's pace, in virtual time (what the real watcher's thread does)."""
+        assert self._replanned is not None
+        while True:
+            plan = self.plan
+            v = self._available
+            wait = plan.interval(float(v)) if plan is not None and isinstance(v, (int, float)) else None
+            if wait is None or self._crossed is not None:
+                self._replanned.clear()
+                await self._replanned.wait()
+                continue
+            self._replanned.clear()
+            await self.clock.sleep_until(self.clock.now() + wait, self._replanned)
+            if self._replanned.is_set():
+                continue
+            self.fast_checks += 1
+            self._check()
+
+    def watch(self, plan: WatchPlan) -> None:
+        self.plan = plan
+        self._crossed = None
+        if self._replanned is not None:
+            self._replanned.set()
+        self._check()
+
+    def watch_stats(self) -> dict[str, object]:
+        return {"mode": "testing", "polls": self.fast_checks, "crossings": self.crossings}
+
     def close(self) -> None:
-        pass
+        if self._poller is not None:
+            self._poller.cancel()
 
     def _scope(self) -> ScopeMemory:
-        return ScopeMemory("host", self.total, self.available, 0, 0, 0)
+        return ScopeMemory("host", self.total, self._available, 0, 0, 0)
 
     async def sample(self, snapshot: LiveSnapshot) -> Sample:
         self.samples += 1
@@ -85,8 +158,12 @@ class FakeObserver:
 
     def fast(self, events: tuple, now: float) -> Observation:
         self.fast_reads += 1
+        fresh: dict[str, Reading] = {}
+        if self._crossed:
+            self.fresh_reads += 1
+            fresh = {name: self.fresh_memory.get(name, self.memory.get(name, 100 * MiB)) for name in self._last.workers}
         return Observation(at=now, scope=self._scope(), pressure=self.pressure, workers=self._last.workers,
-                           events=events, full=False)
+                           events=events, full=False, worker_memory=fresh)
 
 
 @dataclass

@@ -36,7 +36,7 @@ from memguard.config import (
     load_config,
     load_workload_file,
 )
-from memguard.expr import Comparison, ExprError
+from memguard.expr import Comparison
 from memguard.policy import ActionKind, DaemonPolicy, Limits, RestartPolicy, Rule, WorkloadPolicy
 from memguard.signals import SIGNALS
 

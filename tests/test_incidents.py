@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from memguard.model import Exited, Explanation, Observation, ScopeMemory, Signal, SignalProcess
+from memguard.model import Exited, Explanation, Observation, Signal, SignalProcess
 from memguard.report.deaths import KMSG_STATE, DeathWatch
 from memguard.report.incidents import (
     CAUSES,
@@ -32,7 +32,7 @@ from memguard.report.incidents import (
     incident_id,
 )
 from memguard.report.recorder import FlightRecorder
-from memguard.sense.containers import Owner, attribute_cgroup
+from memguard.sense.containers import attribute_cgroup
 from memguard.sense.host import host_scope
 from memguard.sense.kmsg import KmsgReader, KmsgUnavailable, parse_oom_reports
 

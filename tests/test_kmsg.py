@@ -29,7 +29,7 @@ from memguard.sense.kmsg import (
     records_from_text,
 )
 
-from daemonkit import make_cgroup, wait_gone
+from daemonkit import make_cgroup
 
 DATA = Path(__file__).resolve().parent / "data" / "kernel_oom"
 EAT = [sys.executable, "-c",
@@ -296,7 +296,6 @@ def test_small_read_buffer_grows_on_einval() -> None:
 def test_records_overwritten_before_reading_are_reported() -> None:
     """When the ring wraps past an unread position, the kernel answers EPIPE and reading resumes at the oldest
     record: the reader reports a gap with the number of records lost, then goes on."""
-    import time
 
     with _reader() as reader:
         start = reader.cursor

@@ -68,7 +68,7 @@ def test_every_subcommand_help_has_a_description_examples_and_defaults() -> None
         sub = helptext.subparsers(build_parser())[name]
         assert sub.description and sub.description.splitlines()[0] in out, name
         assert "examples:" in out, name
-        assert "\n  memguard " in out or f"\n  source <(memguard completion" in out, name
+        assert "\n  memguard " in out or "\n  source <(memguard completion" in out, name
     daemon = run([*MEMGUARD, "daemon", "--help"]).stdout
     assert "(default:\n" in daemon or "(default: /etc/memguard/memguard.yaml)" in " ".join(daemon.split())
     assert "/etc/memguard/memguard.yaml" in daemon and "78" in daemon

@@ -244,24 +244,30 @@ def _flushed(rig: Rig) -> None:
 
 def test_own_stop_is_recorded_before_the_effects_send_the_signal(tmp_path):
     """memguard's own kill is on disk (a pending incident naming the worker, its command, the rule and the
-    numbers) when the effects port is asked to send it, and its journal entry precedes the kill's log line;
-    after the exit the record is completed with what the signal did and carries the recorder's timeline."""
+    numbers) when the effects port is asked to send it, and nothing else comes between: its journal entry and
+    the kill's log line (in that order) are written after the signal; after the exit the record is completed
+    with what the signal did and carries the recorder's timeline."""
     from memguard.report.incidents import IncidentStore
     from memguard.report.recorder import FlightRecorder
 
     store = IncidentStore(tmp_path / "incidents")
     on_disk_at_signal: list = []
+    logged_at_signal: list = []
+    logs: list = []
 
     class Watching(FakeEffects):
         def execute(self, actions, policy, obs=None):
             for a in actions:
                 if isinstance(a, Signal):
                     on_disk_at_signal.append([(i.pid, i.state, i.how.get("signal_name")) for i in store.list()])
+                    logged_at_signal.append([e["event"] for e in logs[0].events if e["event"] in ("incident", "kill")])
             return super().execute(actions, policy, obs)
 
     async def main():
         pol = policy(workload("w", rules=(rule("worker.memory > 100%", "kill", name="over-limit"),)))
-        rig = await Rig(pol, effects=Watching, incidents=store, recorder=FlightRecorder(60)).start()
+        rig = Rig(pol, effects=Watching, incidents=store, recorder=FlightRecorder(60))
+        logs.append(rig.log)
+        await rig.start()
         await rig.advance(2.0)
         pid = rig.effects.pid("w-0")
         # The reporter's writer thread is held: what is on disk at the signal was written on the loop, in time.
@@ -272,6 +278,7 @@ def test_own_stop_is_recorded_before_the_effects_send_the_signal(tmp_path):
         held.set()
         assert [s.event for s in rig.effects.signals] == ["kill"]
         assert on_disk_at_signal == [[(pid, "pending", "SIGKILL")]]
+        assert logged_at_signal == [[]]  # the lines come after the act
         names = [e["event"] for e in rig.log.events]
         assert names.index("incident") < names.index("kill")
         rig.observer.memory = {}  # the next incarnation stays small

@@ -6,7 +6,6 @@ Driven with Observation values at virtual times (the recorder has no clock).
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 

@@ -3,8 +3,10 @@
 Every tick is the same short walk: take what happened since the last tick
 from one inbox, ask the **observer** for an Observation, call the core's
 ``step()`` once, hand the actions to the **effects** port (after the
-**reporter** has logged them), answer the requests the tick handled, and
-sleep until the next reading is due or something happens.
+**reporter** has written down memguard's own stops: a record on disk is all
+that stands between a decision and its signal), have the reporter log them,
+answer the requests the tick handled, and sleep until the next reading is
+due or something happens.
 
 Everything that reaches the daemon is an input of the next tick: exits,
 spawns, trial reports, administrators' requests (answered after the tick),
@@ -165,8 +167,10 @@ class Daemon:
             full, before = obs.full, self.state
             self.state, actions = step(self.state, obs, self.policy, now)  # the one call
             self.ticks["full" if full else "fast"] += 1
+            self.reporter.before_acting(actions, self.policy.dry_run)  # records of its own stops, on disk
+            notes = self.effects.execute(actions, self.policy, obs)
             self.reporter.decisions(actions, self.policy.dry_run)
-            self.reporter.decisions(self.effects.execute(actions, self.policy, obs), False)
+            self.reporter.decisions(notes, False)
             gone = set(before.workers) - set(self.state.workers)
             if gone:
                 self.effects.forget(gone)

@@ -390,6 +390,12 @@ class ChildSupervisor(LoopOwned):
                 for w, r in self._workers.items() if not r.reaped}
 
     @on_owner_thread
+    def live_record(self, worker: str) -> tuple[int, int, int, tuple[tuple[int, int], ...]] | None:
+        """(pid, start time, incarnation, recorded members) of one unreaped worker, or None (see live_records)."""
+        r = self._workers.get(worker)
+        return None if r is None or r.reaped else (r.pid, r.start, r.incarnation, tuple(r.members.items()))
+
+    @on_owner_thread
     def is_member(self, worker: str, pid: int) -> bool:
         """Is ``pid`` a recorded member of ``worker``'s current tree?"""
         rec = self._workers.get(worker)

@@ -430,7 +430,7 @@ class Effects(LoopOwned):
         if action.signum == SIGKILL:
             # The main process and its recorded members first, each reaped the moment it is killed
             # (process_mrelease); the group, the members again and the cgroup then get SIGKILL as always.
-            record = self.children.live_records().get(action.worker)
+            record = self.children.live_record(action.worker)
             if record is not None and record[0] == action.pid and record[2] == action.incarnation:
                 self._releaser.kill([(record[0], record[1]), *record[3]], action.worker)
         self.children.signal(action.worker, action.pid, action.incarnation, action.signum)

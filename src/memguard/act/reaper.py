@@ -65,24 +65,31 @@ class MemoryReleaser:
         """SIGKILL ``targets`` (pid, start time) from the releaser's thread and reap their memory at once.
 
         ``process_mrelease`` only helps while the victim has not yet detached its memory on its way out
-        (after that the kernel returns ESRCH and the victim frees it as it unwinds): the call must follow
-        the signal with nothing in between. So the thread sends the signal and makes the call back to back,
-        holding the interpreter lock across the pair (the event loop cannot run in between). This waits
-        (at most ``wait_s``) for the signals to be sent, not for the memory; returns the pairs signalled.
+        (after that the kernel returns ESRCH and the victim frees it as it unwinds), so the call should
+        follow the signal closely. The first target (the main victim) is signalled here, on the caller's
+        thread, at once: waking the releaser's thread can take milliseconds on a machine whose cores the
+        victim keeps busy, and every millisecond is memory the victim takes. The thread then reaps it and
+        sends each other target its signal and makes the call back to back, holding the interpreter lock
+        across the pair. This waits (at most ``wait_s``) for those signals to be sent, not for the memory;
+        returns the pairs signalled.
         """
         if self._thread is None or self.unsupported:
             return []
+        sent: list[int] = []
         fds = []
         for pid, start in targets:
             fd = pin(pid, start)
-            if not isinstance(fd, Outcome):
-                fds.append((fd, pid))
+            if isinstance(fd, Outcome):
+                continue
+            if not fds and pidfd_kill(fd):  # the main victim (or the first still there): at once
+                sent.append(pid)
+            fds.append((fd, pid))
         if not fds:
             return []
         done = threading.Event()
-        sent: list[int] = []
         self._queue.put((fds, who, time.monotonic(), done, sent))
-        done.wait(wait_s)
+        if len(fds) > 1:
+            done.wait(wait_s)
         return [(pid, start) for pid, start in targets if pid in sent]
 
     def close(self) -> None:
@@ -111,11 +118,12 @@ class MemoryReleaser:
             for i, (fd, pid) in enumerate(fds):
                 try:
                     if sent is not None:  # kill, then reap at once (see kill())
-                        killed = pidfd_kill(fd)
-                        if killed:
-                            sent.append(pid)
-                        if i == 0 and done is not None:
-                            done.set()  # the main victim is signalled: the loop may go on
+                        if i == 0:
+                            killed = pid in sent  # signalled by kill() itself
+                        else:
+                            killed = pidfd_kill(fd)
+                            if killed:
+                                sent.append(pid)
                         if not killed:
                             continue
                     err = process_mrelease(fd)

@@ -204,7 +204,7 @@ def bash_script(parser: argparse.ArgumentParser) -> str:
         lines.append('        case "$npos" in')
         for n, p in enumerate(c.positionals):
             if p.kind == "command":
-                lines.append(f'            *) COMPREPLY=($(compgen -W "--" -- "$cur")) ;;')
+                lines.append('            *) COMPREPLY=($(compgen -W "--" -- "$cur")) ;;')
                 break
             lines.append(f"            {n}) {_bash_value(p.kind, p.choices)} ;;")
         lines.append("        esac")

@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from ..units import format_duration, format_size
+from ..units import format_size
 
 __all__ = ["add_parser", "run", "render", "View", "Segment", "SORTS"]
 

@@ -68,15 +68,26 @@ def reads_growth(wl: WorkloadPolicy) -> bool:
     return "worker.growth" in rule_signals(wl.rules)
 
 
+_CHANGES: dict[int, tuple[object, bool]] = {}
+
+
 def changes_between_full_ticks(wl: WorkloadPolicy) -> bool:
     """Does a rule of the workload read something a fast tick can change (system memory, time, counters)?
 
     A workload whose rules read only what full ticks measure gets the same
     answers on a fast tick as on the last full one: its rules need not run.
+    (Memoised per workload policy, which is frozen: asked for every worker on every fast tick.)
     """
-    return (any(not s.startswith(_FULL_TICK_PREFIXES) for s in rule_signals(wl.rules))
-            or any(r.within_s is not None for r in wl.rules)  # a trend moves with time
-            or wl.limits.runtime_s is not None)
+    hit = _CHANGES.get(id(wl))
+    if hit is not None and hit[0] is wl:
+        return hit[1]
+    found = (any(not s.startswith(_FULL_TICK_PREFIXES) for s in rule_signals(wl.rules))
+             or any(r.within_s is not None for r in wl.rules)  # a trend moves with time
+             or wl.limits.runtime_s is not None)
+    if len(_CHANGES) > 4096:
+        _CHANGES.clear()
+    _CHANGES[id(wl)] = (wl, found)
+    return found
 
 
 def runtime_rule(wl: WorkloadPolicy) -> Rule | None:

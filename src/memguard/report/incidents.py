@@ -55,7 +55,6 @@ import hashlib
 import json
 import os
 import signal as _signal
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field, fields, replace
@@ -712,15 +711,25 @@ class IncidentStore:
             self.dir.mkdir(parents=True, exist_ok=True, mode=0o750)
 
     def _write_file(self, path: Path, text: str, durable: bool) -> None:
-        self._ensure_dir()
-        fd, tmp = tempfile.mkstemp(prefix="." + path.stem + ".", suffix=".tmp", dir=self.dir)
+        # A record of memguard's own stop is written between the decision and the signal: few system calls
+        # (the directory is checked only when the file cannot be created; no random temporary name).
+        tmp = str(self.dir / f".{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
+            fd = os.open(tmp, flags, 0o640)
+        except FileNotFoundError:
+            self._ensure_dir()
+            fd = os.open(tmp, flags, 0o640)
+        try:
+            try:
+                os.fchmod(fd, 0o640)  # whatever the umask
+                data = text.encode("utf-8")
+                while data:
+                    data = data[os.write(fd, data):]
                 if durable:
-                    os.fsync(f.fileno())
-            os.chmod(tmp, 0o640)
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
             os.replace(tmp, path)
         except BaseException:
             try:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import heapq
 import queue
 import threading
 import time
@@ -188,6 +189,7 @@ class IncidentSink:
         self._pending: dict[int, _Pending] = {}
         self._exits: list[Notice] = []
         self._afters: list[tuple[float, str, float]] = []  # (due, incident id, around) on the daemon's clock
+        self._before: dict[int, tuple[Any, Any]] = {}  # id(action) -> (action, record to announce): this tick's
         self._finish: list[tuple[str, float]] = []  # own stops written this tick: timeline and fsync after the signal
         self._announced: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._cgroups: dict[int, str] = {}  # worker pid -> its memory cgroup, read once while it runs
@@ -234,16 +236,33 @@ class IncidentSink:
 
     # ------------------------------------------------------------------ what the core decided
 
+    def before(self, action: Action, dry_run: bool = False) -> None:
+        """Before the effects act: memguard's own stop written down (not in a dry run: nothing is sent, nothing
+        dies), so a daemon that dies right after the signal still leaves it. Its log line waits for
+        :meth:`decided`, after the signal: nothing but the record stands between the decision and the act."""
+        if isinstance(action, (Signal, SignalProcess)) and self._own(action, dry_run):
+            self._before[id(action)] = (action, self.own_stop(action, announce=False))
+
     def decided(self, action: Action, dry_run: bool = False) -> None:
-        """Before the decision is logged (and so before the signal): memguard's own stop, written down (not in a
-        dry run: nothing is sent, nothing dies); an exit, kept for the end of the tick."""
+        """The decision logged: the journal entry of a record :meth:`before` wrote (or, for an action it was not
+        shown, the record written and announced now); an exit, kept for the end of the tick."""
         if isinstance(action, (Signal, SignalProcess)):
-            if not dry_run and not getattr(action, "lifecycle", False) and action.pid > 0:
+            early = self._before.pop(id(action), None)
+            if early is not None and early[0] is action:
+                if early[1] is not None:
+                    self.announce(*early[1])
+            elif self._own(action, dry_run):
                 self.own_stop(action)
         elif isinstance(action, Notice) and action.event == "exit":
             self._exit_notice(action)
 
-    def own_stop(self, action: Signal | SignalProcess) -> Incident | None:
+    @staticmethod
+    def _own(action: Signal | SignalProcess, dry_run: bool) -> bool:
+        return not dry_run and not getattr(action, "lifecycle", False) and action.pid > 0
+
+    def own_stop(self, action: Signal | SignalProcess, announce: bool = True) -> Any:
+        """memguard's own signal written down (pending until the exit completes it): the record, announced in
+        the journal; with ``announce=False`` (record, path) to announce later, or None."""
         pid = action.pid
         pend = self._pending.get(pid)
         if pend is not None:  # an escalation of a stop already written down
@@ -276,6 +295,8 @@ class IncidentSink:
         while len(self._pending) > MAX_PENDING:  # a stop whose exit never came: its record stays pending
             del self._pending[next(iter(self._pending))]
         self._finish.append((inc.id, mono))
+        if not announce:
+            return inc, str(path)
         self.announce(inc, str(path))
         return inc
 
@@ -286,19 +307,21 @@ class IncidentSink:
         if ex is None or self.policy is None or self.state is None or \
                 ex.rule not in {r.name for r in self.policy.rules}:
             return []
-        out = []
+        # Written between the decision and the signal: the first RANKING_MAX only, without sorting them all.
+        chosen = action.worker if isinstance(action, Signal) else None
+        pool = []
         for w in self.state.workers.values():
             if w.phase != Phase.RUNNING or w.sample is None or w.sample.protected:
                 continue
             wl = self.policy.workload(w.workload)
-            mem = w.memory if is_known(w.memory) else None
+            mem = int(w.memory) if is_known(w.memory) else None
+            # the chosen one first (an unmanaged victim is not among the workers), then the victim order
+            pool.append((w.name != chosen, wl.priority if wl is not None else 0, -(mem or -1), w.name, w, mem))
+        out = []
+        for _, priority, _, name, w, mem in heapq.nsmallest(RANKING_MAX, pool, key=lambda t: t[:4]):
             gpu = w.sample.gpu_memory_bytes if is_known(w.sample.gpu_memory_bytes) else None
-            out.append({"worker": w.name, "pid": w.pid, "priority": wl.priority if wl is not None else 0,
-                        "memory_bytes": int(mem) if mem is not None else None,
+            out.append({"worker": name, "pid": w.pid, "priority": priority, "memory_bytes": mem,
                         "gpu_memory_bytes": int(gpu) if gpu else None})
-        out.sort(key=lambda r: (r["priority"], -(r["memory_bytes"] or -1), r["worker"]))
-        if isinstance(action, Signal):  # the chosen one first (an unmanaged victim is not among the workers)
-            out.sort(key=lambda r: r["worker"] != action.worker)
         return [{k: v for k, v in r.items() if v is not None} for r in out[:RANKING_MAX]]
 
     def _exit_notice(self, n: Notice) -> None:
@@ -317,6 +340,7 @@ class IncidentSink:
 
     def ticked(self, obs: Observation, state: CoreState) -> None:
         """After the tick (its observation recorded, its signals sent): finish this tick's records."""
+        self._before.clear()  # every action of the tick was logged by now
         self.state = state
         if obs.full:
             for name, w in obs.workers.items():

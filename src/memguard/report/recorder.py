@@ -44,8 +44,6 @@ from ..model import (
     Exited,
     Notice,
     Observation,
-    Reclaim,
-    SetAdmission,
     Signal,
     SignalProcess,
     Spawn,

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from ..decide.state import CoreState
-from ..model import Action, Notice, Observation, is_known
+from ..model import Action, Notice, Observation, Signal, SignalProcess, is_known
 from ..policy import DaemonPolicy
 from ..threads import LoopOwned, on_owner_thread
 from ..units import format_size
@@ -108,11 +108,22 @@ class Reporter(LoopOwned):
     # ------------------------------------------------------------------ what the core decided
 
     @on_owner_thread
-    def decisions(self, actions: Iterable[Action], dry_run: bool) -> None:
-        """Log each action (before it is carried out) and count it for the metrics.
+    def before_acting(self, actions: Sequence[Action], dry_run: bool) -> None:
+        """What must be on disk before the effects act: each of memguard's own stops as an incident record
+        (pending), so that a daemon that dies right after its signal still leaves it. Nothing else stands
+        between a decision and its signal: the log lines follow in :meth:`decisions`."""
+        if self.incidents is None:
+            return
+        for action in actions:
+            if isinstance(action, (Signal, SignalProcess)):
+                self._guarded("incidents", self.incidents.before, action, dry_run)
 
-        memguard's own stops are written down (an incident record) before their log line, and so before the
-        daemon's effects send the signal.
+    @on_owner_thread
+    def decisions(self, actions: Iterable[Action], dry_run: bool) -> None:
+        """Log each action and count it for the metrics (the daemon calls it once the effects have acted).
+
+        An incident record of memguard's own stop is announced just before the stop's own log line (written
+        by :meth:`before_acting`, or here when that was not called).
         """
         actions = list(actions)
         for action in actions:

@@ -267,6 +267,26 @@ def test_exit_meanings() -> None:
     assert "signal 99" in exit_meaning(signal=99)
 
 
+def test_pending_reads_the_newest_files_and_returns_only_pending_records(tmp_path: Path) -> None:
+    """``pending(n)`` (a daemon's start closing what a dead predecessor left pending) looks at the n newest
+    files only and returns their pending records, not the complete ones nor a file that is not a record."""
+    store = IncidentStore(tmp_path)
+    now = time.time()  # recent: older records would be pruned by age as the next ones are written
+    old_pending = incident_for_action(Signal(worker="w-0", workload="w", pid=10, incarnation=1, signum=9,
+                                             event="kill", reason="rule r"), wall=now - 300, monotonic=1.0)
+    store.write(old_pending, durable=False)
+    done = incident_for_action(Signal(worker="w-1", workload="w", pid=11, incarnation=1, signum=9, event="kill",
+                                      reason="rule r"), wall=now - 200, monotonic=2.0)
+    store.write(done, durable=False)
+    store.complete(done.id, wall=now - 199, signal=9)
+    new_pending = incident_for_action(Signal(worker="w-2", workload="w", pid=12, incarnation=1, signum=9,
+                                             event="kill", reason="rule r"), wall=now - 100, monotonic=3.0)
+    store.write(new_pending, durable=False)
+    (tmp_path / "29991231-235959-ffffffff.json").write_text("{ pending, but not JSON")
+    assert [i.id for i in store.pending(10)] == [new_pending.id, old_pending.id]
+    assert [i.id for i in store.pending(2)] == [new_pending.id]  # the broken newest file counts as looked at
+
+
 def test_memguards_own_action_before_the_signal(tmp_path: Path) -> None:
     """The record of memguard's decision (rule, numbers, ranking) is written pending before the signal and
     completed after: the cause follows what the rule watched."""

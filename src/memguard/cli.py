@@ -103,6 +103,10 @@ def _cmd_daemon(args: argparse.Namespace) -> int:
         # No TLS to speak at start: OpenSSL stays out (an https:// webhook added by a later reload is told,
         # at its first alert, to take effect after a restart).
         sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
+    for pretty in ("rich", "better_exceptions"):
+        # structlog loads either, where installed, to draw tracebacks: megabytes a daemon keeps for nothing
+        # (its rare tracebacks are plain text in the journal).
+        sys.modules.setdefault(pretty, None)  # type: ignore[arg-type]
     from .compose import build_daemon
     from .report.log import configure_logging
     from .sense.cgroup import ScopeError

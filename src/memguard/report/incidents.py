@@ -917,6 +917,28 @@ class IncidentStore:
         out.sort(key=lambda i: (i.wall, i.id), reverse=True)
         return out
 
+    def pending(self, n: int) -> list[Incident]:
+        """The pending records among the ``n`` newest files. Most records are complete: a file whose text does
+        not mention ``pending`` is not parsed (a daemon's start must not hold a few hundred records' timelines
+        in memory at once)."""
+        out: list[Incident] = []
+        for i, p in enumerate(sorted(self._files(), key=lambda p: p.name, reverse=True)):
+            if i >= n:
+                break
+            try:
+                text = p.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                continue
+            if "pending" not in text:
+                continue
+            try:
+                inc = Incident.from_dict(json.loads(text))
+            except (ValueError, TypeError):
+                continue
+            if inc.state == "pending":
+                out.append(inc)
+        return out
+
     def by_pid(self, pid: int) -> list[Incident]:
         return [i for i in self.list() if i.pid == pid or i.what.get("container", {}).get("pid") == pid]
 

@@ -228,8 +228,8 @@ class IncidentSink:
         """Records of memguard's own stops a previous instance wrote and never completed (it died): among the
         newest :data:`STALE_SCAN` records, not the whole store (a start must not read 64 MiB of JSON)."""
         n = 0
-        for inc in self.store.latest(STALE_SCAN):
-            if inc.state == "pending" and inc.source == "memguard" and inc.wall < before:
+        for inc in self.store.pending(STALE_SCAN):
+            if inc.source == "memguard" and inc.wall < before:
                 self.store.amend(inc.id, lambda i: complete_action(i, wall=self._wall(), note=STALE_NOTE))
                 n += 1
         return n

@@ -46,7 +46,6 @@ The calls block: from asyncio, run them in a thread
 from __future__ import annotations
 
 import asyncio
-import http.client
 import json
 import os
 import re
@@ -54,7 +53,7 @@ import socket
 import time
 import urllib.parse
 from dataclasses import dataclass, field, replace
-from typing import Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from memguard.model import Unknown
 
@@ -453,20 +452,33 @@ def _signal_number(text: str | None) -> int | None:
         return None
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float | None) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._unix_path = path
+_CONNECTION: type | None = None
 
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self._unix_path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
+
+def _unix_connection(path: str, timeout: float | None) -> Any:
+    """An ``http.client`` connection over the unix socket ``path`` (http.client, and the email package it
+    brings, are imported the first time a runtime is asked: a daemon on a box without one never loads them)."""
+    global _CONNECTION
+    if _CONNECTION is None:
+        import http.client
+
+        class _UnixHTTPConnection(http.client.HTTPConnection):
+            def __init__(self, path: str, timeout: float | None) -> None:
+                super().__init__("localhost", timeout=timeout)
+                self._unix_path = path
+
+            def connect(self) -> None:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(self.timeout)
+                try:
+                    sock.connect(self._unix_path)
+                except BaseException:
+                    sock.close()
+                    raise
+                self.sock = sock
+
+        _CONNECTION = _UnixHTTPConnection
+    return _CONNECTION(path, timeout)
 
 
 def default_docker_socket() -> str:
@@ -505,7 +517,11 @@ class DockerClient:
         self.timeout_s = timeout_s
 
     def _request(self, path: str, *, timeout_s: float | None = None) -> tuple[int, bytes] | Unknown:
-        conn = _UnixHTTPConnection(self.socket_path, self.timeout_s if timeout_s is None else timeout_s)
+        if not os.path.exists(self.socket_path):
+            return Unknown(f"no container runtime socket at {self.socket_path}")
+        conn = _unix_connection(self.socket_path, self.timeout_s if timeout_s is None else timeout_s)
+        from http.client import HTTPException
+
         try:
             conn.request("GET", path, headers={"Host": "docker"})
             resp = conn.getresponse()
@@ -516,7 +532,7 @@ class DockerClient:
             return Unknown(f"no permission to use {self.socket_path}")
         except (socket.timeout, TimeoutError):
             return Unknown(f"{self.socket_path} did not answer within {self.timeout_s:g}s")
-        except (OSError, http.client.HTTPException) as e:
+        except (OSError, HTTPException) as e:
             return Unknown(f"{self.socket_path}: {e.strerror if isinstance(e, OSError) and e.strerror else e}")
         finally:
             conn.close()
@@ -591,7 +607,12 @@ class DockerClient:
         params = {"filters": json.dumps(filters)}
         if since is not None:
             params["since"] = _api_time(since)
-        conn = _UnixHTTPConnection(self.socket_path, None)
+        if not os.path.exists(self.socket_path):
+            yield Unknown(f"runtime events: no container runtime socket at {self.socket_path}")
+            return
+        conn = _unix_connection(self.socket_path, None)
+        from http.client import HTTPException
+
         try:
             try:
                 conn.connect()
@@ -600,7 +621,7 @@ class DockerClient:
                 conn.request("GET", f"/events?{urllib.parse.urlencode(params)}", headers={"Host": "docker"})
                 resp = conn.getresponse()
                 conn.sock.settimeout(None)  # events may be hours apart
-            except (OSError, http.client.HTTPException) as e:
+            except (OSError, HTTPException) as e:
                 yield Unknown(f"runtime events: {e}")
                 return
             if resp.status >= 400:
@@ -609,7 +630,7 @@ class DockerClient:
             while True:
                 try:
                     line = resp.readline()
-                except (OSError, http.client.HTTPException) as e:
+                except (OSError, HTTPException) as e:
                     yield Unknown(f"runtime events stream broke: {e}")
                     return
                 if not line:

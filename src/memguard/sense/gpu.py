@@ -627,6 +627,21 @@ class ThreadedSensor:
         return tuple(_unknown_device(i, self._identity.get(i), why, mig) for i, mig in self._indices)
 
 
+NO_NVML_LIBRARY = "the NVML library (libnvidia-ml.so.1) was not found: no NVIDIA driver is installed"
+NO_NVML_LIBRARY_JETSON = "this Jetson has no NVML library (libnvidia-ml.so.1), as on JetPack 5 and older"
+
+
+def _nvml_library_present() -> bool:
+    """Can the dynamic loader find libnvidia-ml.so.1, the way pynvml will look for it (one dlopen)?"""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        return False
+    return True
+
+
 class GpuSensor(ThreadedSensor):
     """Reads NVML devices and per-process GPU memory, one dedicated thread, deadlines.
 
@@ -660,6 +675,9 @@ class GpuSensor(ThreadedSensor):
     def _prepare(self) -> GpuStart | None:
         if self._binding is not None:
             return None
+        if self.module == "pynvml" and not _nvml_library_present():
+            # No driver: the binding (megabytes of a long-running daemon's memory) is not worth importing.
+            return self._off_reason(NO_NVML_LIBRARY, NO_NVML_LIBRARY_JETSON)
         try:
             import importlib
 
@@ -689,8 +707,7 @@ class GpuSensor(ThreadedSensor):
             code = _code(e)
             jetson_why = None
             if code == _LIBRARY_NOT_FOUND:
-                why = "the NVML library (libnvidia-ml.so.1) was not found: no NVIDIA driver is installed"
-                jetson_why = "this Jetson has no NVML library (libnvidia-ml.so.1), as on JetPack 5 and older"
+                why, jetson_why = NO_NVML_LIBRARY, NO_NVML_LIBRARY_JETSON
             elif code == _DRIVER_NOT_LOADED:
                 why = "the NVIDIA driver is not loaded (NVML: Driver Not Loaded)"
             elif code == _LIB_RM_VERSION_MISMATCH or _classify(b, e) == "mismatch":

@@ -119,6 +119,7 @@ def memguard_config(tmp: str, scope: str, idle: int) -> str:
     Path(f"{tmp}/memguard.yaml").write_text(
         "poll_interval: 1s\nfast_poll_interval: 100ms\n"
         f"scope: {scope}\nworkloads: workloads.d/\nlog: {{format: json, level: info}}\n"
+        f"state_dir: {json.dumps(tmp + '/state')}\n"  # incident records stay with the run, not in /var/lib
         'rules:\n  - {"name": "bench-kill", "when": "memory.available < 2GiB", "action": "kill"}\n')
     Path(f"{tmp}/workloads.d/hog.yaml").write_text(
         f"name: hog\ncommand: {json.dumps(hog_argv(tmp))}\ngrace: 1s\nrestart: {{policy: never}}\n")

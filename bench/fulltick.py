@@ -134,7 +134,8 @@ def measure(n: int, per: int, cgroups: bool, reps: int, pss: bool) -> dict:
         now = 1.0
         for i in range(reps + 1):
             t0 = time.thread_time()
-            samples, _ = measure_workers(snapshot, policy.protect, cache, pss=pss_for)
+            # As the daemon reads them for these rules: no rule reads worker.idle or worker.quiet, no /proc/<pid>/io.
+            samples, _ = measure_workers(snapshot, policy.protect, cache, pss=pss_for, io=set())
             t1 = time.thread_time()
             obs = Observation(at=now, scope=scope, pressure=Pressure(), workers=samples, full=True)
             state, _ = step(state, obs, policy, now)

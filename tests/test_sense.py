@@ -432,3 +432,29 @@ def test_cgroup_v2_layout_is_read_through_the_same_interface(tmp_path):
 
     (leaf / "memory.stat").write_text(f"anon {400 * MIB}\n")  # inactive_file missing
     assert isinstance(cgroup_scope(cg, 16 << 30).available_bytes, Unknown)
+
+
+def test_io_counters_are_read_only_when_asked_and_cpu_time_comes_with_the_tree():
+    """sample_tree(io=False) leaves the I/O counters unread (IO_NOT_READ: no /proc/<pid>/io opened, only
+    worker.idle and worker.quiet need them) but still gives the tree's CPU time from the stat reads that
+    found it; io=True sums rchar + wchar over the tree, which a process writing to a pipe moves."""
+    from memguard.model import IO_NOT_READ
+
+    child = subprocess.Popen([sys.executable, "-c", "import sys, time\nfor _ in range(5000): sys.stdout.write('x' * 100)\n"
+                              "sys.stdout.flush()\nsum(range(3_000_000))\ntime.sleep(30)"],
+                             stdout=subprocess.DEVNULL)
+    try:
+        start = process_start_time(child.pid)
+        deadline = time.monotonic() + 10
+        with_io = sample_tree("w", child.pid, start, io=True)
+        while (not isinstance(with_io.io_bytes, int) or with_io.io_bytes < 500_000
+               or not with_io.cpu_seconds) and time.monotonic() < deadline:
+            os.sched_yield()
+            with_io = sample_tree("w", child.pid, start, io=True)
+        without = sample_tree("w", child.pid, start, io=False)
+        assert with_io.io_bytes >= 500_000
+        assert without.io_bytes is IO_NOT_READ
+        assert is_known(without.cpu_seconds) and without.cpu_seconds > 0
+    finally:
+        child.kill()
+        child.wait()

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 
 from memguard.decide.pacing import next_full_tick, watch_plan
 from memguard.decide.trend import fill_rate, note
-from memguard.model import (Admit, AdmitCancel, AdmitRequest, Exited, Joined, Notice, Observation,
+from memguard.model import (IO_NOT_READ, Admit, AdmitCancel, AdmitRequest, Exited, Joined, Notice, Observation,
                             Progress)
 from memguard.policy import RestartPolicy, WorkloadPolicy
 
@@ -188,6 +188,28 @@ def test_a_spinning_worker_without_progress_is_caught_by_worker_quiet():
     sig = signals(acts)
     assert sig and sig[0].signum == SIGTERM and sig[0].explain.rule == "spinning"
     assert sig[0].explain.signal == "worker.quiet"
+
+
+class NoIoSim(ProgressSim):
+    """Samples as the reader takes them for a worker no rule of which reads its I/O: CPU time, no I/O."""
+
+    def observe(self) -> Observation:
+        obs = super().observe()
+        return replace(obs, workers={n: replace(s, io_bytes=IO_NOT_READ) for n, s in obs.workers.items()})
+
+
+def test_io_not_read_is_not_unreadable_counters():
+    """A worker whose I/O counters were not read (no rule reads worker.idle or worker.quiet: the reader
+    skips /proc/<pid>/io) keeps worker.cpu: {when: worker.cpu < 1%, for: 60s} still stops it after a hang,
+    where counters that could not be read would leave the rule unknown forever."""
+    hang = rule("worker.cpu < 1%", "terminate", for_s=60.0, name="deadlock")
+    sim = NoIoSim(daemon(workload("w", rules=(hang,))))
+    sim.start()
+    sim.tick(0.1)
+    assert not signals(sim.run_busy("w-0", 60, cores=1.0))
+    assert sim.state.workers["w-0"].inc.progress_known
+    sig = signals(sim.run_busy("w-0", 80, cores=0.0))
+    assert sig and sig[0].signum == SIGTERM and sig[0].explain.rule == "deadlock"
 
 
 def test_unreadable_counters_never_escalate():

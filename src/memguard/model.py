@@ -122,6 +122,9 @@ class Unknown:
 
 
 UNKNOWN = Unknown()
+#: A worker sample's ``io_bytes`` when no rule reads the worker's I/O (``worker.idle``, ``worker.quiet``): the
+#: counters were not read, which is not a failure to read them (compared by identity).
+IO_NOT_READ = Unknown("no rule reads the worker's I/O counters: not read")
 
 Reading = Union[int, float, Unknown]
 

@@ -30,7 +30,7 @@ Pure functions of values: no I/O, no clock.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from .state import evolve as replace  # dataclasses.replace without re-running __init__ (see evolve)
 from typing import Any
 
 from ..model import Admit, AdmitCancel, AdmitRequest, Joined, Notice, Observation, is_known

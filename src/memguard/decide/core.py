@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import replace
+from .state import evolve as replace  # dataclasses.replace without re-running __init__ (see evolve)
 from typing import Mapping
 
 from ..diagnose import diagnose_exit

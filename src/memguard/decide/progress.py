@@ -25,9 +25,9 @@ Pure functions of values: no I/O, no clock.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from .state import evolve as replace  # dataclasses.replace without re-running __init__ (see evolve)
 
-from ..model import Observation, Progress, Reading, Unknown, WorkerSample, is_known
+from ..model import IO_NOT_READ, Observation, Progress, Reading, Unknown, WorkerSample, is_known
 from .state import Incarnation, Phase, WorkerState
 
 __all__ = ["CPU_WINDOW_S", "IDLE_CPU_PERCENT", "take_progress", "cpu_percent", "idle_for", "quiet_for"]
@@ -46,7 +46,8 @@ _MIN_SPAN_S = 1.0
 def _absorb(inc: Incarnation, sample: WorkerSample, at: float) -> Incarnation:
     """The incarnation after one full sample of its tree."""
     cpu, io = sample.cpu_seconds, sample.io_bytes
-    if not is_known(cpu) or not is_known(io):
+    read_io = io is not IO_NOT_READ  # not read (no rule needs it) is not unreadable
+    if not is_known(cpu) or (read_io and not is_known(io)):
         return replace(inc, progress_known=False)
     history = inc.cpu_history
     active = inc.active_at
@@ -57,7 +58,7 @@ def _absorb(inc: Incarnation, sample: WorkerSample, at: float) -> Incarnation:
         used = max(0.0, float(cpu) - c0)
         if dt > 0 and 100.0 * used / dt >= IDLE_CPU_PERCENT:
             active = at
-    if is_known(inc.io_bytes) and float(io) > float(inc.io_bytes):
+    if read_io and is_known(inc.io_bytes) and float(io) > float(inc.io_bytes):
         active = at
         io_at = at
     kept = tuple(p for p in history if at - p[0] <= CPU_WINDOW_S)
@@ -66,7 +67,8 @@ def _absorb(inc: Incarnation, sample: WorkerSample, at: float) -> Incarnation:
     if older and (not kept or at - kept[0][0] < _MIN_SPAN_S):
         kept = (older[-1],) + kept
     kept += ((at, float(cpu)),)
-    return replace(inc, cpu_history=kept, io_bytes=float(io), active_at=active, io_at=io_at)
+    return replace(inc, cpu_history=kept, io_bytes=float(io) if read_io else inc.io_bytes, active_at=active,
+                   io_at=io_at)
 
 
 def take_progress(workers: dict[str, WorkerState], obs: Observation) -> None:

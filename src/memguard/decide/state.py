@@ -31,9 +31,10 @@ that window is full, the next recycle or brake restart waits for room.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Mapping
+from typing import Any, Mapping
 
 from ..model import Explanation, Reading, UNKNOWN, WorkerSample
 from ..policy import RuleKey, WorkloadPolicy
@@ -279,3 +280,31 @@ class CoreState:
     # Jobs waiting for memory, first come first served, and memory promised to admitted ones (decide.adhoc).
     queue: tuple[Ticket, ...] = ()
     promises: Mapping[str, Promise] = field(default_factory=dict)
+
+
+_INIT_FIELDS: dict[type, frozenset[str]] = {}
+
+
+def evolve(obj: Any, /, **changes: Any) -> Any:
+    """``dataclasses.replace`` for the core's frozen dataclasses, without running ``__init__`` again.
+
+    The core replaces a few fields of each worker's state several times per tick: with 200 workers that is
+    over a thousand copies a full tick, and ``dataclasses.replace`` (which rebuilds every field through
+    ``__init__``) was a third of a full tick's step. These classes have no ``__post_init__`` and no
+    ``__slots__``: a copy of the instance dictionary with the changes applied is the same object. Unknown
+    fields are refused as ``replace`` refuses them.
+    """
+    cls = type(obj)
+    names = _INIT_FIELDS.get(cls)
+    if names is None:
+        if not dataclasses.is_dataclass(cls) or hasattr(cls, "__post_init__") or not hasattr(obj, "__dict__"):
+            return dataclasses.replace(obj, **changes)
+        names = _INIT_FIELDS[cls] = frozenset(f.name for f in dataclasses.fields(cls) if f.init)
+    for key in changes:
+        if key not in names:
+            raise TypeError(f"{cls.__name__} has no field {key!r} to replace")
+    new = object.__new__(cls)
+    d = new.__dict__
+    d.update(obj.__dict__)
+    d.update(changes)
+    return new

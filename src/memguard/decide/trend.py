@@ -28,7 +28,7 @@ Pure functions of values: no I/O, no clock.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from .state import evolve as replace  # dataclasses.replace without re-running __init__ (see evolve)
 
 from ..model import Explanation, Reading, Unknown, is_known
 from ..policy import Rule

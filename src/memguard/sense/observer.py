@@ -79,15 +79,29 @@ def _reads_worker_memory(policy: DaemonPolicy) -> frozenset[str]:
     return frozenset(out)
 
 
+def _reads_io(policy: DaemonPolicy) -> frozenset[str]:
+    """The workers whose rules read their I/O counters (worker.idle, worker.quiet): /proc/<pid>/io is for them."""
+    out: set[str] = set()
+    for wl in policy.workloads:
+        if any(_mentions(r.when, _IO_SIGNALS) or (r.release is not None and _mentions(r.release, _IO_SIGNALS))
+               for r in wl.rules):
+            out.update(wl.worker_names())
+    return frozenset(out)
+
+
 def _managed_names(policy: DaemonPolicy) -> frozenset[str]:
     return frozenset(n for wl in policy.workloads for n in wl.worker_names())
 
 
-def _mentions(expr: Any) -> bool:
+_MEMORY_SIGNALS = ("worker.memory", "worker.growth")
+_IO_SIGNALS = ("worker.idle", "worker.quiet")
+
+
+def _mentions(expr: Any, signals: tuple[str, ...] = _MEMORY_SIGNALS) -> bool:
     args = getattr(expr, "args", None)
     if args is None:
-        return expr.signal in ("worker.memory", "worker.growth")
-    return any(_mentions(a) for a in args)
+        return expr.signal in signals
+    return any(_mentions(a, signals) for a in args)
 
 
 # A crossing read by the watcher less than 5 ms ago stands for the scope's reading of the tick it causes.
@@ -188,14 +202,16 @@ class _ReaderCache:
 
 def measure_workers(snapshot: LiveSnapshot, protect: Sequence[str], cache: _ReaderCache | None = None,
                     use_children_files: bool | None = None, pss: Collection[str] | None = None,
-                    cached: dict[str, float] | None = None) -> tuple[dict[str, WorkerSample], Adopted]:
+                    cached: dict[str, float] | None = None,
+                    io: Collection[str] | None = None) -> tuple[dict[str, WorkerSample], Adopted]:
     """Each live worker measured: its processes found (its cgroup's list where it has one, else a walk of
     its tree from the recorded members and the orphans memguard adopted from it), its memory read from its
     own cgroup where it has one (exact, cheap) or summed over the tree otherwise: PSS for the workers in
     ``pss`` (None: all), whose rules read their memory, the cheap resident figure for the others. Also
     returns the adopted orphans that belong to no running worker; ``cached`` receives each cgroup worker's
-    inactive file cache (usage less working set). Reads ``/proc`` and cgroup files only; meant for the
-    reader thread."""
+    inactive file cache (usage less working set). ``io`` (None: all): the workers whose I/O counters are
+    read (their rules read ``worker.idle`` or ``worker.quiet``). Reads ``/proc`` and cgroup files only; meant
+    for the reader thread."""
     cache = cache or _ReaderCache()
     children = children_reader(use_children_files)
     protect_set = frozenset(protect)
@@ -216,7 +232,7 @@ def measure_workers(snapshot: LiveSnapshot, protect: Sequence[str], cache: _Read
                 failed = e
         measure: bool | str = False if lw.cgroup is not None else ("pss" if pss is None or name in pss else "rss")
         s = sample_tree(name, lw.pid, lw.start, members, protect_set, children=children,
-                        measure=measure, names=cache.names, pids=pids)
+                        measure=measure, names=cache.names, pids=pids, io=io is None or name in io)
         seen.update(s.members)
         if lw.cgroup is not None:
             memory: Reading
@@ -266,6 +282,7 @@ class Observer(LoopOwned):
         self._pressure = Pressure()
         self._last: Sample = Sample()
         self._pss = _reads_worker_memory(policy)
+        self._io = _reads_io(policy)
         self._managed = _managed_names(policy)
         self._fresh = _Fresh()
         self._wake: Callable[[], None] | None = None
@@ -279,6 +296,7 @@ class Observer(LoopOwned):
         """Take a reloaded policy; returns a sentence when the scope changed (for the log)."""
         old, self.policy = self.policy, policy
         self._pss = _reads_worker_memory(policy)
+        self._io = _reads_io(policy)
         self._managed = _managed_names(policy)
         if policy.protect != old.protect:
             self._protect_scanned = None  # new names: looked for at the next full reading
@@ -376,7 +394,8 @@ class Observer(LoopOwned):
         cache = self._cache
 
         # Ad-hoc workers (``memguard run`` joining) bring rules of their own: PSS for them too.
-        pss = self._pss | {name for name in snapshot.workers if name not in self._managed}
+        adhoc = {name for name in snapshot.workers if name not in self._managed}
+        pss, io = self._pss | adhoc, self._io | adhoc
         cached: dict[str, float] = {}
         now = self.clock()
         scan_protect = bool(policy.protect) and (self._protect_scanned is None
@@ -387,7 +406,7 @@ class Observer(LoopOwned):
         def read() -> tuple[dict[str, WorkerSample], tuple[ProcessSample, ...], Adopted,
                             tuple[ProtectedProcess, ...], tuple[Adoptable, ...]]:
             cache.claim()
-            workers, adopted = measure_workers(snapshot, policy.protect, cache, pss=pss, cached=cached)
+            workers, adopted = measure_workers(snapshot, policy.protect, cache, pss=pss, cached=cached, io=io)
             unmanaged: tuple[ProcessSample, ...] = ()
             adoptable: tuple[Adoptable, ...] = ()
             if policy.unmanaged:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import os
 from typing import Callable, Collection, Iterable, Mapping, NamedTuple
 
-from memguard.model import Unknown, WorkerSample
+from memguard.model import IO_NOT_READ, Unknown, WorkerSample
 from memguard.sense.host import field_int
 from memguard.sense.procstat import read_stat
 
@@ -213,7 +213,7 @@ def children_reader(use_children_files: bool | None = None) -> ChildrenOf:
 
 
 def walk_tree(pid: int, start: int | None, members: Iterable[tuple[int, int]] = (),
-              children: ChildrenOf | None = None) -> tuple[str | None, dict[int, int]]:
+              children: ChildrenOf | None = None, stats: dict | None = None) -> tuple[str | None, dict[int, int]]:
     """Every live process of the tree rooted at ``pid`` (which must have started at ``start``).
 
     ``members`` are descendants recorded earlier: one reparented away from
@@ -239,6 +239,8 @@ def walk_tree(pid: int, start: int | None, members: Iterable[tuple[int, int]] = 
         else:
             tree[pid] = start
             stack.append((pid, st.threads, start))
+            if stats is not None:
+                stats[pid] = st
     for mpid, mstart in members:
         if mpid in tree:
             continue
@@ -247,6 +249,8 @@ def walk_tree(pid: int, start: int | None, members: Iterable[tuple[int, int]] = 
             continue
         tree[mpid] = mstart
         stack.append((mpid, st.threads, mstart))
+        if stats is not None:
+            stats[mpid] = st
     while stack:
         p, threads, pstart = stack.pop()
         for child in children(p, threads):
@@ -258,11 +262,13 @@ def walk_tree(pid: int, start: int | None, members: Iterable[tuple[int, int]] = 
                 continue
             tree[child] = st.start
             stack.append((child, st.threads, st.start))
+            if stats is not None:
+                stats[child] = st
     return why, tree
 
 
 def cgroup_tree(pid: int, start: int | None, pids: Iterable[int],
-                members: Iterable[tuple[int, int]] = ()) -> tuple[str | None, dict[int, int]]:
+                members: Iterable[tuple[int, int]] = (), stats: dict | None = None) -> tuple[str | None, dict[int, int]]:
     """Like :func:`walk_tree`, for a worker with a cgroup of its own: its processes are those the cgroup
     lists (``cgroup.procs``, one read) instead of a walk of children files, plus recorded members still alive
     outside it."""
@@ -280,18 +286,24 @@ def cgroup_tree(pid: int, start: int | None, pids: Iterable[int],
             why = f"process {pid} has exited"
         else:
             tree[pid] = start
+            if stats is not None:
+                stats[pid] = st
     for p in pids:
         if p in tree:
             continue
         st = _stat(p)
         if st is not None and not st.dead:
             tree[p] = st.start
+            if stats is not None:
+                stats[p] = st
     for mpid, mstart in members:
         if mpid in tree:
             continue
         st = _stat(mpid)
         if st is not None and st.start == mstart and not st.dead:
             tree[mpid] = mstart
+            if stats is not None:
+                stats[mpid] = st
     return why, tree
 
 
@@ -300,7 +312,8 @@ NameCache = dict[tuple[int, int], tuple[str, str]]
 
 def sample_tree(worker: str, pid: int, start: int | None, members: Iterable[tuple[int, int]] = (),
                 protect: Collection[str] = (), *, children: ChildrenOf | None = None, measure: bool | str = True,
-                names: NameCache | None = None, pids: Iterable[int] | None = None) -> WorkerSample:
+                names: NameCache | None = None, pids: Iterable[int] | None = None,
+                io: bool = True) -> WorkerSample:
     """Measure one worker's whole tree (see the module text): memory, process count, protection, members.
 
     ``measure``: ``True`` or ``"pss"`` sums PSS over the tree (exact, walks
@@ -310,20 +323,25 @@ def sample_tree(worker: str, pid: int, start: int | None, members: Iterable[tupl
     exactly and far more cheaply. ``pids``: the worker's cgroup's processes
     (see :func:`cgroup_tree`), instead of walking children files.
     ``names`` caches (comm, argv[0]) per (pid, start time) across samples:
-    a process's name for ``protect:`` is read once.
+    a process's name for ``protect:`` is read once. ``io``: read each
+    process's I/O counters (``/proc/<pid>/io``: only ``worker.idle`` and
+    ``worker.quiet`` use them); otherwise the sample's ``io_bytes`` is
+    Unknown. The CPU time comes from the ``stat`` read that found the tree.
     """
-    why, tree = walk_tree(pid, start, members, children) if pids is None else cgroup_tree(pid, start, pids, members)
+    stats: dict = {}
+    why, tree = (walk_tree(pid, start, members, children, stats) if pids is None
+                 else cgroup_tree(pid, start, pids, members, stats))
     total = 0
-    cpu_ticks, io, counters_known = 0, 0, why is None
+    cpu_ticks, io_sum, counters_known = 0, 0, why is None
     for p in tree:
-        st = _stat(p)
-        got = _io_bytes(p)
+        st = stats.get(p)
+        got = _io_bytes(p) if io else 0
         if st is None or got is None:
             if p == pid:
                 counters_known = False  # the main process's counters are unreadable: no progress figure
             continue  # a member that vanished mid-read
         cpu_ticks += st.cpu_ticks
-        io += got
+        io_sum += got
     if not measure and why is None:
         why = "measured through its cgroup"
     read = resident_bytes if measure == "rss" else _process_memory
@@ -353,7 +371,7 @@ def sample_tree(worker: str, pid: int, start: int | None, members: Iterable[tupl
     memory = Unknown(why) if why is not None else total
     if counters_known:
         cpu: object = cpu_ticks / _CLK_TCK
-        io_total: object = io
+        io_total: object = io_sum if io else IO_NOT_READ
     else:
         cpu = io_total = Unknown("the main process's /proc stat or io is unreadable")
     return WorkerSample(worker, pid, memory, len(tree), protected, "rss" if measure == "rss" else "tree",

@@ -212,6 +212,7 @@ crashy = st.lists(st.one_of(
 
 @SETTINGS
 @given(st.one_of(scripts, crashy))
+@example([("exit", "w-0", ("rc", 1)), ("wait", 2.5)] * 8)  # a crash loop, always tried: random ones are rare
 def test_invariant_5_restart_budget_holds(script):
     """5. No worker slot is started more than budget+1 times inside any budget window (no restart storm)."""
     sim, trace = play(script)

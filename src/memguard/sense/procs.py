@@ -35,7 +35,7 @@ from typing import Callable, Collection, Iterable, Mapping, NamedTuple
 
 from memguard.model import IO_NOT_READ, Unknown, WorkerSample
 from memguard.sense.host import field_int
-from memguard.sense.procstat import read_stat
+from memguard.sense.procstat import ProcStat, read_stat
 
 __all__ = ["walk_tree", "sample_tree", "children_reader", "process_start_time", "NameCache", "own_children",
            "environ_marker", "Adopted", "find_adopted", "resident_bytes", "tree_resident_bytes", "cgroup_tree"]
@@ -212,8 +212,24 @@ def children_reader(use_children_files: bool | None = None) -> ChildrenOf:
     return _children_from_files if use_children_files else _children_from_scan()
 
 
+def _main_process(pid: int, start: int | None) -> tuple[str | None, ProcStat | None]:
+    """(None, its stat) when ``pid`` is still the live process that started at ``start``; else (why not,
+    None)."""
+    if start is None:
+        return f"process {pid} did not exist when tracking began", None
+    st = _stat(pid)
+    if st is None:
+        return f"process {pid} is gone", None
+    if st.start != start:
+        return f"pid {pid} now belongs to another process (start time {st.start}, expected {start})", None
+    if st.dead:
+        return f"process {pid} has exited", None
+    return None, st
+
+
 def walk_tree(pid: int, start: int | None, members: Iterable[tuple[int, int]] = (),
-              children: ChildrenOf | None = None, stats: dict | None = None) -> tuple[str | None, dict[int, int]]:
+              children: ChildrenOf | None = None,
+              stats: dict[int, ProcStat] | None = None) -> tuple[str | None, dict[int, int]]:
     """Every live process of the tree rooted at ``pid`` (which must have started at ``start``).
 
     ``members`` are descendants recorded earlier: one reparented away from
@@ -225,22 +241,12 @@ def walk_tree(pid: int, start: int | None, members: Iterable[tuple[int, int]] = 
     children = children if children is not None else children_reader()
     tree: dict[int, int] = {}
     stack: list[tuple[int, int, int]] = []
-    why: str | None = None
-    if start is None:
-        why = f"process {pid} did not exist when tracking began"
-    else:
-        st = _stat(pid)
-        if st is None:
-            why = f"process {pid} is gone"
-        elif st.start != start:
-            why = f"pid {pid} now belongs to another process (start time {st.start}, expected {start})"
-        elif st.dead:
-            why = f"process {pid} has exited"
-        else:
-            tree[pid] = start
-            stack.append((pid, st.threads, start))
-            if stats is not None:
-                stats[pid] = st
+    why, st = _main_process(pid, start)
+    if st is not None:
+        tree[pid] = st.start
+        stack.append((pid, st.threads, st.start))
+        if stats is not None:
+            stats[pid] = st
     for mpid, mstart in members:
         if mpid in tree:
             continue
@@ -268,26 +274,17 @@ def walk_tree(pid: int, start: int | None, members: Iterable[tuple[int, int]] = 
 
 
 def cgroup_tree(pid: int, start: int | None, pids: Iterable[int],
-                members: Iterable[tuple[int, int]] = (), stats: dict | None = None) -> tuple[str | None, dict[int, int]]:
+                members: Iterable[tuple[int, int]] = (),
+                stats: dict[int, ProcStat] | None = None) -> tuple[str | None, dict[int, int]]:
     """Like :func:`walk_tree`, for a worker with a cgroup of its own: its processes are those the cgroup
     lists (``cgroup.procs``, one read) instead of a walk of children files, plus recorded members still alive
     outside it."""
     tree: dict[int, int] = {}
-    why: str | None = None
-    if start is None:
-        why = f"process {pid} did not exist when tracking began"
-    else:
-        st = _stat(pid)
-        if st is None:
-            why = f"process {pid} is gone"
-        elif st.start != start:
-            why = f"pid {pid} now belongs to another process (start time {st.start}, expected {start})"
-        elif st.dead:
-            why = f"process {pid} has exited"
-        else:
-            tree[pid] = start
-            if stats is not None:
-                stats[pid] = st
+    why, st = _main_process(pid, start)
+    if st is not None:
+        tree[pid] = st.start
+        if stats is not None:
+            stats[pid] = st
     for p in pids:
         if p in tree:
             continue
@@ -328,7 +325,7 @@ def sample_tree(worker: str, pid: int, start: int | None, members: Iterable[tupl
     ``worker.quiet`` use them); otherwise the sample's ``io_bytes`` is
     Unknown. The CPU time comes from the ``stat`` read that found the tree.
     """
-    stats: dict = {}
+    stats: dict[int, ProcStat] = {}
     why, tree = (walk_tree(pid, start, members, children, stats) if pids is None
                  else cgroup_tree(pid, start, pids, members, stats))
     total = 0

@@ -150,7 +150,13 @@ def test_metrics_on_a_full_filesystem_recover_without_leftovers(tmp_path, memcg)
         started = fifo.line()
         assert fifo.line() == "terminated " + started.split()[1]
         assert proc.poll() is None
-        assert [p.name for p in mnt.iterdir()] == ["filler"], list(mnt.iterdir())  # no .tmp left behind
+        # Each full tick tries again, so a temp file exists for an instant while a write fails; one left
+        # behind keeps its name (memguard.prom.tmp<pid>) and stays: wait, with a deadline, for a listing
+        # without it rather than sampling once mid-write.
+        deadline = time.monotonic() + DEADLINE_S
+        while (names := sorted(p.name for p in mnt.iterdir())) != ["filler"]:
+            assert time.monotonic() < deadline, f"a temporary file was left behind: {names}"
+            select.select([], [], [], 0.05)
         filler.unlink()  # room again: the next full tick writes the file
         deadline = time.monotonic() + DEADLINE_S
         while not (mnt / "memguard.prom").exists():
@@ -159,6 +165,7 @@ def test_metrics_on_a_full_filesystem_recover_without_leftovers(tmp_path, memcg)
         assert "memguard_worker_up" in (mnt / "memguard.prom").read_text()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(DEADLINE_S) == 0
+        assert sorted(p.name for p in mnt.iterdir()) == ["memguard.prom"]  # the last write, on exit, is clean
     finally:
         fifo.close()
         for p in memcg.pids():

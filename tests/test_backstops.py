@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -87,7 +88,10 @@ def test_grandchild_that_escaped_with_setsid_is_killed_with_the_worker(tmp_path,
     try:
         pids = d.worker_pids("e-0", timeout=30)
         main, child, grand = pids
-        assert os.getsid(grand) == grand != os.getsid(main)
+        sessions = d.wait_for(lambda e: e.get("event") == "output" and e.get("worker") == "e-0"
+                              and str(e.get("line", "")).startswith("sessions "), 30, what="sessions of e-0")
+        main_sid, grand_sid = (int(x) for x in sessions["line"].split()[1:])
+        assert grand_sid == grand != main_sid  # the grandchild escaped into a session of its own
         kill = d.event("kill", timeout=30)
         assert kill["worker"] == "e-0"
         d.event("exit", worker="e-0")
@@ -156,16 +160,19 @@ def test_protected_process_is_never_signalled_even_when_largest(tmp_path, memcg)
         d.stop()
 
 
-def _run(argv: list[str], cgroup=None, timeout: float = 60) -> subprocess.CompletedProcess:
+def _run(argv: list[str], cgroup=None, timeout: float = 60, stdin_closed: bool = False,
+         **kw) -> subprocess.CompletedProcess:
     from daemonkit import MEMGUARD, REPO
 
     cmd = MEMGUARD + ["run", *argv]
+    if stdin_closed:  # memguard starts with descriptor 0 closed
+        cmd = ["sh", "-c", 'exec "$@" <&-', "sh", *cmd]
     if cgroup is not None:
         cmd = cgroup.wrap(cmd)
     # memguard run alone: a daemon that may run on this machine (/run/memguard/control.sock) is not asked.
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEMGUARD_")}
     env["MEMGUARD_SOCKET"] = "/nonexistent/memguard-test/control.sock"
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout, env=env)
+    return subprocess.run(cmd, capture_output=True, cwd=REPO, timeout=timeout, env=env, **{"text": True, **kw})
 
 
 def test_run_require_free_refuses_with_exit_75():
@@ -203,6 +210,55 @@ def test_run_passes_the_exit_code_and_output_through():
     """A command exiting 3 makes `memguard run` exit 3, with its stdout and stderr passed through."""
     res = _run(["--", "sh", "-c", "echo out; echo err >&2; exit 3"])
     assert res.returncode == 3 and res.stdout == "out\n" and res.stderr.startswith("err\n")
+
+
+def test_run_passes_standard_input_through():
+    """`producer | memguard run -- consumer`: the job reads what is piped into memguard, to its end (a
+    daemon's workers read /dev/null; a run job in a shell pipeline must not silently get nothing)."""
+    data = "".join(f"row {i}\n" for i in range(20000))  # more than a pipe holds
+    res = _run(["-q", "--", "sh", "-c", "cat; echo done"], input=data)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == data + "done\n"
+
+
+def test_run_copies_the_jobs_output_byte_for_byte():
+    """Binary output with NUL bytes, CR LF, a 200 KiB line and no final newline reaches memguard run's
+    standard output unchanged (memguard reads the job's lines for itself, but does not pass on its own
+    split, decoded, truncated copy of them)."""
+    data = b"a\0b\r\n\xff\xfe" + bytes(range(256)) * 800 + b"x" * 200_000 + b"\nno final newline"
+    res = _run(["-q", "--", sys.executable, "-c", "import sys; sys.stdout.buffer.write(sys.stdin.buffer.read())"],
+               input=data, text=False)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == data
+
+
+def test_run_job_gets_sigpipe_when_its_reader_goes():
+    """`memguard run -- yes | head -n 2`: once head has gone, the job is stopped by SIGPIPE as without
+    memguard (exit 128 + 13), instead of writing on forever into a pipe nobody reads."""
+    from daemonkit import MEMGUARD, REPO
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEMGUARD_")}
+    env["MEMGUARD_SOCKET"] = "/nonexistent/memguard-test/control.sock"
+    shell = subprocess.Popen(["bash", "-c", 'set -o pipefail; "$@" | head -n 2; echo "${PIPESTATUS[0]}" >&2', "sh",
+                              *MEMGUARD, "run", "-q", "--", "yes"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, cwd=REPO, env=env, start_new_session=True)
+    try:
+        out, err = shell.communicate(timeout=60)
+    finally:
+        try:
+            os.killpg(shell.pid, signal.SIGKILL)  # the pipeline, should memguard run not have ended
+        except ProcessLookupError:
+            pass
+    assert out == "y\ny\n"
+    assert err.strip().splitlines()[-1] == str(128 + signal.SIGPIPE), err
+
+
+def test_run_with_its_standard_input_closed_gives_the_job_dev_null():
+    """memguard started with descriptor 0 closed gives its job /dev/null, not whatever file or socket of
+    memguard's own took descriptor 0 since."""
+    res = _run(["-q", "--", "sh", "-c", "readlink /proc/self/fd/0"], stdin_closed=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "/dev/null\n"
 
 
 def test_opt_in_unmanaged_process_is_chosen_and_stopped(tmp_path, memcg):
@@ -324,15 +380,16 @@ def test_two_memguard_runs_from_one_cgroup_keep_their_own_limits_and_lives(memcg
     and the shorter job's end (its memguard cleaning up) leaves the other job running."""
     from daemonkit import MEMGUARD, REPO
 
-    def start(limit: str, seconds: str) -> subprocess.Popen:
+    def start(limit: str) -> subprocess.Popen:  # each job runs until its standard input closes
         return subprocess.Popen(memcg.wrap(MEMGUARD + ["run", "-q", "--memory-max", limit, "--", "sh", "-c",
-                                                       f"echo $$; exec sleep {seconds}"]),
-                                stdout=subprocess.PIPE, text=True, cwd=REPO)
+                                                       "echo $$; read _ || true"]),
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
 
-    long_job, short_job = start("300MiB", "60"), start("100MiB", "1")
+    long_job, short_job = start("300MiB"), start("100MiB")
     try:
         long_pid, short_pid = int(long_job.stdout.readline()), int(short_job.stdout.readline())
         assert (_memory_limit_of(long_pid), _memory_limit_of(short_pid)) == (300 * MiB, 100 * MiB)
+        short_job.stdin.close()  # the short job ends now, while the long one runs
         assert short_job.wait(30) == 0
         assert wait_gone([long_pid], 1.0) == [long_pid]  # still running after the short job's memguard left
         assert long_job.poll() is None

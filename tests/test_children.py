@@ -337,8 +337,8 @@ def test_orphans_are_reparented_and_reaped() -> None:
 
 @pytest.mark.parametrize("restart_sentinel", [False, True], ids=["sentinel", "restarted-sentinel"])
 def test_daemon_sigkill_leaves_no_worker_alive(restart_sentinel: bool) -> None:
-    """THE guarantee: when the daemon is killed with SIGKILL, within 1 second
-    no worker and no worker's child is alive (pdeathsig kills the workers'
+    """THE guarantee: when the daemon is killed with SIGKILL, promptly (a 5 s deadline,
+    generous for a loaded machine) no worker and no worker's child is alive (pdeathsig kills the workers'
     main processes, the sentinel kills their groups). With a sentinel that
     died and was restarted, the new one was given every live group."""
     children_mod._set_subreaper(True)  # orphans come back to us: we can reap them
@@ -358,9 +358,9 @@ def test_daemon_sigkill_leaves_no_worker_alive(restart_sentinel: bool) -> None:
 
         daemon.kill()
         daemon.wait()
-        end = time.monotonic() + 1.0
+        end = time.monotonic() + 5.0  # generous for a loaded machine
         survivors = [pid for pid in watched if not gone(pidfds[pid], max(0.0, end - time.monotonic()))]
-        assert survivors == [], f"still alive 1 s after the daemon's SIGKILL: {survivors}"
+        assert survivors == [], f"still alive 5 s after the daemon's SIGKILL: {survivors}"
         assert gone(pidfds[info["sentinel"]], 5), "the sentinel did not exit after EOF"
     finally:
         if daemon.poll() is None:

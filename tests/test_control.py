@@ -463,7 +463,8 @@ def test_bad_clients_never_stall_the_loop_or_healthy_clients(sockdir: str) -> No
             healthy.close()
             assert answered > 50
             assert len(lateness) > 50
-            assert max(lateness) < 0.25, f"the loop stalled: a timer fired {max(lateness):.3f}s late"
+            # a blocked loop shows as seconds (or forever); 1 s leaves room for a loaded machine's scheduling
+            assert max(lateness) < 1.0, f"the loop stalled: a timer fired {max(lateness):.3f}s late"
             assert dropped.is_set()
 
     run(main(), timeout=60)
@@ -483,12 +484,17 @@ def test_idle_connections_close_and_the_connection_cap_holds(sockdir: str) -> No
             assert await idle.closed(timeout=5.0)
             assert h.server.send_reclaim("w-0", "still there?") == 1
             assert (await sub.recv()) == {"event": "reclaim", "reason": "still there?"}
-            others = [await Line.open(h.server.path) for _ in range(2)]
-            assert (await others[0].ask({"op": "ping"}))["ok"] and (await others[1].ask({"op": "ping"}))["ok"]
+            sub.close()
+        # the cap, with an idle timeout no stall of the test can reach (an idle close would free a place)
+        async with Harness(os.path.join(sockdir, "c.sock"), idle_timeout_s=600, max_connections=3,
+                           max_admin_connections=3) as h:
+            others = [await Line.open(h.server.path) for _ in range(3)]
+            for c in others:
+                assert (await c.ask({"op": "ping"}))["ok"]
             extra = await Line.open(h.server.path)
             reply = await extra.recv()
             assert reply["ok"] is False and "too many administrator connections" in reply["error"]
-            for c in (sub, *others, extra):
+            for c in (*others, extra):
                 c.close()
 
     run(main())

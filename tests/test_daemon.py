@@ -100,7 +100,8 @@ def test_only_the_leaking_replica_is_terminated_and_restarted(tmp_path, memcg):
 
 
 def test_sigkill_of_the_daemon_takes_every_worker_down(tmp_path):
-    """SIGKILL of the daemon: within a second no worker, and no worker's child, is alive."""
+    """SIGKILL of the daemon: soon after (a 5 s deadline, generous for a loaded machine), no worker and no
+    worker's child is alive."""
     cfg = write_config(tmp_path, "scope: host\nworkloads: workloads.d/\n", {"w": f"""
         name: w
         command: {worker_cmd("--fork", "1")}
@@ -113,8 +114,8 @@ def test_sigkill_of_the_daemon_takes_every_worker_down(tmp_path):
         assert len(pids) == 4 and not any(is_gone(p) for p in pids)
         os.kill(d.pid, signal.SIGKILL)
         d.proc.wait(5)
-        left = wait_gone(pids, 1.0)
-        assert left == [], f"still alive 1 s after the daemon's SIGKILL: {left}"
+        left = wait_gone(pids, 5.0)
+        assert left == [], f"still alive 5 s after the daemon's SIGKILL: {left}"
     finally:
         for p in pids:
             if not is_gone(p):

@@ -365,7 +365,7 @@ def test_a_hung_call_times_out_without_a_second_stuck_call_and_recovers(started)
     """A blocked NVML call: read() returns in timeout_s with 'timeout', makes no new call, then recovers.
     Minutes later (virtual clock) the problem is still the same one: only elapsed_s changes."""
     fake = FakeNvml.scenario("hang")
-    timeout_s = 0.3
+    timeout_s = 2.0  # long enough that "at once" below holds on a loaded machine too
     sensor = started(fake, timeout_s)
     virtual = [1000.0]
     sensor.clock = lambda: virtual[0]

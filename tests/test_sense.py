@@ -148,13 +148,14 @@ def test_host_scope_unreadable_files_give_unknown(tmp_path):
 
 
 def test_host_scope_is_cheap():
-    """host_scope() stays far below a millisecond a call (it runs up to ~1000 times a second)."""
+    """host_scope() costs far below a millisecond of CPU a call (it runs up to ~1000 times a second);
+    CPU time of this thread, so time the machine gave to others does not count."""
     host_scope()
     n = 2000
-    t0 = time.perf_counter()
+    t0 = time.thread_time()
     for _ in range(n):
         host_scope()
-    per_call = (time.perf_counter() - t0) / n
+    per_call = (time.thread_time() - t0) / n
     assert per_call < 500e-6, f"host_scope took {per_call * 1e6:.0f} µs a call"
 
 

@@ -750,6 +750,9 @@ def test_stop_stops_every_worker_well_within_the_timeout(memguard: Booted) -> No
     assert show["ExecMainStatus"] == "0"
     assert show["TimeoutStopUSec"] == "1min 30s"
     assert elapsed < 15, f"stop took {elapsed:.1f}s"
+    # memguard's last entries reach journald as datagrams sent just before it exits; journald stores them on
+    # its own schedule, unordered with the end of the stop job: wait for the last one before reading.
+    memguard.wait_entry(cursor, "MEMGUARD_EVENT=stopped", what="memguard's stopped entry")
     after = memguard.journal("-u", UNIT, after=cursor)
     exits = [e for e in after if e.get("MEMGUARD_EVENT") == "exit" and e.get("MEMGUARD_WORKER") == "steady-0"]
     assert exits and "stopped by memguard" in exits[-1]["MESSAGE"]

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .act.children import Stdio
 from .act.effects import Effects
 from .act.hooks import run_hook
 from .clock import MonotonicClock
@@ -33,13 +34,14 @@ __all__ = ["build_daemon", "incident_sinks"]
 
 
 def build_daemon(policy: DaemonPolicy, config_path: str | None = None, *, reporter: Any = None,
-                 one_shot: bool = False, sentinel: bool = True) -> Daemon:
-    """The daemon over the real ports. Raises ScopeError when the asked-for scope cannot be guarded."""
+                 one_shot: bool = False, sentinel: bool = True, stdio: Stdio | None = None) -> Daemon:
+    """The daemon over the real ports. Raises ScopeError when the asked-for scope cannot be guarded.
+    ``stdio``: the workers' standard streams lead to memguard's own (``memguard run``), see :class:`Stdio`."""
     runtime = daemon_runtime_dir(configured=policy.runtime_dir)
     policy = replace(policy, runtime_dir=runtime)
     observer = Observer(policy)
     effects = Effects(runtime_dir=runtime, worker_cgroups=policy.worker_cgroups, oom_score_adj=policy.oom_score_adj,
-                      mlock=policy.mlock, sentinel=sentinel)
+                      mlock=policy.mlock, sentinel=sentinel, stdio=stdio)
     clock = MonotonicClock()
     if reporter is None:
         # Always a Metrics: /metrics may be turned on by a reload; without file or listener it only counts.

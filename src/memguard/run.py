@@ -4,7 +4,8 @@
 
 The job runs in a cgroup of its own where memguard may create one (its
 ``--memory-max`` is then the kernel's hard limit too), under its
-``--policy`` rules if given; memguard passes the job's output and exit code
+``--policy`` rules if given; the job reads memguard's standard input (a
+pipe into ``memguard run`` reaches the job); memguard passes the job's output and exit code
 through (128 + the signal when it was killed) and prints a one-screen
 summary at the end: peak memory, duration, what memguard did and why.
 
@@ -52,7 +53,8 @@ class _Silent:
 
 
 class RunReporter(Reporter):
-    """The reporter of ``memguard run``: the job's output passed through, decisions on stderr, a summary."""
+    """The reporter of ``memguard run``: decisions on stderr, a summary (the job's output is copied by the
+    child supervisor)."""
 
     def __init__(self, quiet: bool = False, on_started: Callable[[int], None] | None = None,
                  on_exit: Callable[[int | None, int | None], None] | None = None) -> None:
@@ -70,12 +72,8 @@ class RunReporter(Reporter):
         self.started_at = time.monotonic()
 
     def output(self, worker: str, stream: str, line: str) -> None:
-        out = sys.stdout if stream == "stdout" else sys.stderr
-        try:
-            out.write(line + "\n")
-            out.flush()
-        except (OSError, ValueError):
-            pass
+        """The job's output reaches the terminal unsplit, byte for byte (:class:`~memguard.act.children.Stdio`);
+        its lines only feed the last lines and progress."""
 
     def decisions(self, actions: Iterable[Action], dry_run: bool) -> None:
         for action in actions:
@@ -282,6 +280,7 @@ async def _run(args: Any, wl: WorkloadPolicy, link: Any) -> int:
     code, ticket = await _admit(args, wl, link)
     if code is not None:
         return code
+    from .act.children import Stdio
     from .compose import build_daemon
 
     if wl.limits.memory_high_bytes is not None:
@@ -308,7 +307,7 @@ async def _run(args: Any, wl: WorkloadPolicy, link: Any) -> int:
     if link is not None:
         link.on_push = reporter.daemon_did
     try:
-        holder["daemon"] = daemon = build_daemon(policy, reporter=reporter, one_shot=True)
+        holder["daemon"] = daemon = build_daemon(policy, reporter=reporter, one_shot=True, stdio=Stdio.own())
         code = await daemon.run()
     finally:
         shutil.rmtree(runtime, ignore_errors=True)

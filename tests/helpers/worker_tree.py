@@ -2,7 +2,8 @@
 
     worker_tree.py fork4 MB   touch MB megabytes, fork 4 children that only read them, print "pids ..."
     worker_tree.py escape MB  fork a child that forks a grandchild; the grandchild calls setsid() and
-                              allocates MB megabytes, slowly; print "pids <main> <child> <grandchild>"
+                              allocates MB megabytes, slowly; print "sessions <main's> <grandchild's>" and
+                              "pids <main> <child> <grandchild>"
     worker_tree.py doublefork MB  the classic daemon double fork: a child calls setsid(), forks a
                               grandchild and exits at once, so the grandchild is an orphan from its
                               first instant; it allocates MB megabytes; print "pids <main> <grandchild>"
@@ -63,7 +64,7 @@ elif mode == "escape":
         grand = os.fork()
         if grand == 0:
             os.setsid()
-            os.write(w, f"{os.getpid()}\n".encode())
+            os.write(w, f"{os.getpid()} {os.getsid(0)}\n".encode())
             held = []
             for _ in range(mb // 4):
                 held.append(touch(4))
@@ -72,7 +73,8 @@ elif mode == "escape":
                 signal.pause()
         while True:
             signal.pause()
-    grand = int(os.read(r, 64).split()[0])
+    grand, grand_sid = (int(x) for x in os.read(r, 64).split()[:2])
+    print("sessions", os.getsid(0), grand_sid, flush=True)  # told before the allocation can get it killed
     print("pids", os.getpid(), child, grand, flush=True)
     while True:
         signal.pause()

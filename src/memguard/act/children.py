@@ -152,6 +152,53 @@ class _Stream:
         os.set_blocking(self.fd, False)
 
 
+@dataclass(frozen=True)
+class Stdio:
+    """Where a job's standard streams lead when memguard stands in a shell pipeline (``memguard run``):
+    ``stdin`` is given to the job as its standard input (None: /dev/null); what the job writes to its
+    stdout and stderr is still read (last lines, output as progress) and copied as it came, every byte,
+    to ``stdout`` and ``stderr`` (None: not copied). memguard's own descriptors, open when it started:
+    Python sets ``sys.stdin`` and the others to None when one was closed, and its number may since have
+    been reused by a file or socket of memguard's own, which the job must neither read nor write.
+
+    When the reader of ``stdout`` or ``stderr`` goes away (``memguard run -- yes | head -1``), the job's pipe
+    is closed too, so that the job gets SIGPIPE as it would without memguard; a write waits for a slow
+    reader, as the job would."""
+
+    stdin: int | None = None
+    stdout: int | None = None
+    stderr: int | None = None
+
+    @classmethod
+    def own(cls) -> "Stdio":
+        """memguard's own standard streams, those that were open when it started."""
+
+        def fd(f: object, n: int) -> int | None:
+            try:
+                return n if f is not None and f.fileno() == n else None  # type: ignore[attr-defined]
+            except (OSError, ValueError, AttributeError):
+                return None
+
+        return cls(fd(sys.__stdin__, 0), fd(sys.__stdout__, 1), fd(sys.__stderr__, 2))
+
+    def copy_to(self, stream: str) -> int | None:
+        return self.stdout if stream == "stdout" else self.stderr
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write every byte (a partial write goes on; a non-blocking descriptor is waited for). Raises OSError."""
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except BlockingIOError:
+            select.select([], [fd], [])
+            continue
+        except InterruptedError:
+            continue
+        view = view[n:]
+
+
 @dataclass(eq=False)
 class _Proc:
     worker: str
@@ -181,6 +228,11 @@ class ChildSupervisor(LoopOwned):
     :meth:`spawn`, synchronously) and :class:`Exited` (when a worker's main
     process has been reaped). ``on_output`` receives every output line as
     ``(worker, "stdout" | "stderr", line)``, without its newline.
+
+    A daemon's workers read ``/dev/null``. With ``stdio`` (``memguard run``)
+    the job reads memguard's standard input and its output is also copied,
+    byte for byte and unsplit, to memguard's own standard output and error:
+    see :class:`Stdio`.
     """
 
     def __init__(
@@ -192,8 +244,10 @@ class ChildSupervisor(LoopOwned):
         subreaper: bool = True,
         tail_lines: int = 50,
         kill_leftovers: bool = True,
+        stdio: Stdio | None = None,
     ) -> None:
         self._claim_thread()
+        self._stdio = stdio or Stdio()
         # A worker's processes die with it: when its main process exits, what
         # is left of its group and recorded tree is killed (no orphan keeps
         # holding RAM or GPU memory after a crash).
@@ -512,7 +566,7 @@ class ChildSupervisor(LoopOwned):
         try:
             popen = subprocess.Popen(
                 full,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL if self._stdio.stdin is None else self._stdio.stdin,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 close_fds=True,
@@ -591,6 +645,8 @@ class ChildSupervisor(LoopOwned):
                 continue
             except OSError:
                 chunk = b""
+            if chunk and (to := self._stdio.copy_to(s.name)) is not None and not self._copy(rec, s, to, chunk):
+                return
             if not chunk:
                 if s.buf or s.discarding:
                     line = bytes(s.buf)
@@ -602,6 +658,20 @@ class ChildSupervisor(LoopOwned):
                 self._maybe_drop(rec)
                 return
             self._feed(rec, s, chunk)
+
+    def _copy(self, rec: _Proc, s: _Stream, fd: int, chunk: bytes) -> bool:
+        """Copy a chunk of the job's output to memguard's own descriptor. False when its reader is gone: the
+        job's pipe is then closed (its next write gets SIGPIPE or EPIPE, as without memguard)."""
+        try:
+            _write_all(fd, chunk)
+            return True
+        except OSError as e:
+            if e.errno != errno.EPIPE:
+                log.warning("cannot copy %s's %s: %s", rec.worker, s.name, e)
+            self._feed(rec, s, chunk)  # still counted in the last lines
+            self._close_stream(s)
+            self._maybe_drop(rec)
+            return False
 
     def _feed(self, rec: _Proc, s: _Stream, chunk: bytes) -> None:
         start = 0

@@ -40,7 +40,7 @@ from ..sense.procstat import read_comm
 from ..threads import LoopOwned, on_owner_thread
 from ..units import format_size
 from .cgroups import CgroupLimits, WorkerCgroups, format_limits, instance_name, setup_worker_cgroups
-from .children import ChildSupervisor, SpawnError
+from .children import ChildSupervisor, SpawnError, Stdio
 from .adhoc import AdhocWorkers, JoinRefused, check_join, job_name
 from .control import ControlError, ControlServer, pid_in_tree
 from .oomscore import OomScores
@@ -164,7 +164,7 @@ class Effects(LoopOwned):
 
     def __init__(self, *, runtime_dir: str, worker_cgroups: str = "auto", base_env: Mapping[str, str] | None = None,
                  control_socket: str | None = None, sentinel: bool = True, oom_score_adj: int | None = None,
-                 mlock: bool = False, clock: Callable[[], float] | None = None) -> None:
+                 mlock: bool = False, clock: Callable[[], float] | None = None, stdio: Stdio | None = None) -> None:
         import time
 
         self._claim_thread()
@@ -177,6 +177,7 @@ class Effects(LoopOwned):
         self.admission_dir = os.path.join(runtime_dir, "admission")
         self._clock = clock or time.monotonic
         self._use_sentinel = sentinel
+        self._stdio = stdio  # memguard run: the job's standard streams are memguard's own
         self._inbox: Inbox | None = None
         self.children: ChildSupervisor | None = None
         self.cgroups: WorkerCgroups | None = None
@@ -222,7 +223,7 @@ class Effects(LoopOwned):
             self.control = None
             raise StartError(str(e)) from e
         self.children = ChildSupervisor(self._on_child_event, self._on_output, clock=self._clock,
-                                        sentinel=self._use_sentinel)
+                                        sentinel=self._use_sentinel, stdio=self._stdio)
         await self.children.start()
         self.children.set_instance(self.instance)
         import asyncio

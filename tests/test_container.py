@@ -245,6 +245,17 @@ def test_init_outside_a_container_guards_a_memory_cgroup(tmp_path):
         cg.cleanup()
 
 
+def test_init_gives_the_command_the_containers_standard_streams():
+    """`docker run -i image memguard init -- CMD` as a pipe would drive it: the command reads init's standard
+    input, and its output (binary, no final newline) comes out of init unchanged."""
+    data = b"row\0\xff\r\n" * 5000 + b"last"
+    out = subprocess.run([sys.executable, "-m", "memguard.cli", "init", "-q", "--", sys.executable, "-c",
+                          "import sys; sys.stdout.buffer.write(sys.stdin.buffer.read())"],
+                         input=data, capture_output=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == data
+
+
 def test_shipped_examples_and_doc_configs_are_valid(tmp_path):
     """examples/container: the Dockerfile's ENTRYPOINT + CMD and the pod's command + args are command lines
     memguard accepts, and the pod sets the memory limit memguard guards; the configuration blocks users copy

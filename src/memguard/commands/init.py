@@ -6,7 +6,9 @@
 Like tini it is a small init: it reaps every zombie of the container
 (orphans are reparented to it), forwards the signals it receives to the
 command's process group, and exits with the command's status (128 + the
-signal when a signal ended it). Unlike tini it also guards the container's
+signal when a signal ended it); the command reads the container's standard
+input (``docker run -i``) and its output reaches the container's log byte
+for byte. Unlike tini it also guards the container's
 memory: it reads the container's memory cgroup (limit and working set, as
 the kubelet does) and, as memory fills,
 
@@ -47,6 +49,7 @@ from typing import Any
 from ..expr import parse_expr
 from ..model import Shutdown
 from ..policy import ActionKind, DaemonPolicy, Rule, WorkloadPolicy
+from ..act.children import Stdio
 from ..run import RunReporter
 
 __all__ = ["add_parser", "run", "init_policy", "InitReporter", "termination_message", "FORWARDED"]
@@ -246,7 +249,7 @@ async def run_init(args: Any) -> int:
     reporter = InitReporter(quiet=args.quiet)
     try:
         daemon = build_daemon(init_policy(args, wl, guarded=guarded, runtime_dir=runtime), reporter=reporter,
-                              one_shot=True, sentinel=False)
+                              one_shot=True, sentinel=False, stdio=Stdio.own())
         daemon.capture_signals = False  # memguard init handles every signal itself (below)
         loop = asyncio.get_running_loop()
         task = asyncio.ensure_future(daemon.run())

@@ -253,6 +253,36 @@ def test_run_job_gets_sigpipe_when_its_reader_goes():
     assert err.strip().splitlines()[-1] == str(128 + signal.SIGPIPE), err
 
 
+def test_run_passes_ctrl_c_to_the_job_and_stops_it_on_sigterm():
+    """SIGINT to `memguard run` (a terminal's Ctrl-C) reaches the job as SIGINT: a Python job gets its
+    KeyboardInterrupt and runs its handler, and memguard run exits 130 as the job did. SIGTERM still stops the
+    job through the ladder (its SIGTERM, and the summary says memguard stopped it)."""
+    from daemonkit import MEMGUARD, REPO
+
+    job = ("import signal, sys, time\n"
+           "signal.signal(signal.SIGTERM, lambda *a: (print('job: SIGTERM', flush=True), sys.exit(7)))\n"
+           "try:\n    print('ready', flush=True); time.sleep(60)\n"
+           "except KeyboardInterrupt:\n    print('job: KeyboardInterrupt, saved', flush=True); raise\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEMGUARD_")}
+    env["MEMGUARD_SOCKET"] = "/nonexistent/memguard-test/control.sock"
+    for sig, line, code in ((signal.SIGINT, "job: KeyboardInterrupt, saved", 128 + signal.SIGINT),
+                            (signal.SIGTERM, "job: SIGTERM", 7)):
+        p = subprocess.Popen(MEMGUARD + ["run", "--", sys.executable, "-c", job], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+        try:
+            assert p.stdout.readline() == "ready\n"
+            p.send_signal(sig)
+            out, err = p.communicate(timeout=60)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        assert out == line + "\n", (out, err)
+        assert p.returncode == code, err
+        if sig == signal.SIGTERM:
+            assert "stopped by memguard" in err, err
+
+
 def test_run_with_its_standard_input_closed_gives_the_job_dev_null():
     """memguard started with descriptor 0 closed gives its job /dev/null, not whatever file or socket of
     memguard's own took descriptor 0 since."""

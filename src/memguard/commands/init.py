@@ -47,10 +47,9 @@ from dataclasses import replace
 from typing import Any
 
 from ..expr import parse_expr
-from ..model import Shutdown
 from ..policy import ActionKind, DaemonPolicy, Rule, WorkloadPolicy
 from ..act.children import Stdio
-from ..run import RunReporter
+from ..run import RunReporter, install_signals
 
 __all__ = ["add_parser", "run", "init_policy", "InitReporter", "termination_message", "FORWARDED"]
 
@@ -184,32 +183,6 @@ def _write_termination_log(path: str | None, message: str) -> str | None:
     return target
 
 
-def _install_signals(daemon: Any, reporter: InitReporter, worker: str) -> list[int]:
-    """SIGTERM stops the command through the ladder; the others go to its process group as they are."""
-    from ..act.process import signal_group
-
-    loop = asyncio.get_running_loop()
-
-    def stop(signum: int) -> None:
-        name = signal.Signals(signum).name
-        reporter.note("stopping", f"{name} received: stopping {worker}", signal=name)
-        daemon.post(Shutdown(name))
-
-    def forward(signum: int) -> None:
-        live = daemon.effects.snapshot().workers.get(worker)
-        if live is not None:
-            signal_group(live.pid, live.start, signum)
-
-    installed = []
-    for signum in (signal.SIGTERM, *FORWARDED):
-        try:
-            loop.add_signal_handler(signum, stop if signum == signal.SIGTERM else forward, signum)
-            installed.append(signum)
-        except (ValueError, RuntimeError, OSError):
-            pass
-    return installed
-
-
 async def run_init(args: Any) -> int:
     from ..compose import build_daemon
     from ..config import ConfigError
@@ -254,7 +227,7 @@ async def run_init(args: Any) -> int:
         loop = asyncio.get_running_loop()
         task = asyncio.ensure_future(daemon.run())
         await asyncio.sleep(0)  # the daemon's run() has begun; now the handlers are ours
-        installed = _install_signals(daemon, reporter, "init-0")
+        installed = install_signals(daemon, reporter, "init-0", FORWARDED)
         try:
             code = await task
         finally:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -251,6 +253,37 @@ def test_run_job_gets_sigpipe_when_its_reader_goes():
             pass
     assert out == "y\ny\n"
     assert err.strip().splitlines()[-1] == str(128 + signal.SIGPIPE), err
+
+
+def test_run_keeps_guarding_while_nobody_reads_the_jobs_output():
+    """A reader that stops reading (a paused pager) holds up the copy of the job's output, not memguard:
+    with `memguard run --timeout 2s -- yes` and its stdout left unread, the timeout still stops the job (the
+    decision is on stderr); the output is then read whole and memguard run exits 143 as the job did."""
+    from daemonkit import MEMGUARD, REPO
+
+    deadline_s = 30.0
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEMGUARD_")}
+    env["MEMGUARD_SOCKET"] = "/nonexistent/memguard-test/control.sock"
+    p = subprocess.Popen(MEMGUARD + ["run", "--timeout", "2s", "--grace", "1s", "--", "yes"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO, env=env)
+    try:
+        assert p.stderr is not None and p.stdout is not None
+        err = b""
+        deadline = time.monotonic() + deadline_s
+        while b"rule timeout" not in err:  # stdout is not read meanwhile
+            left = deadline - time.monotonic()
+            assert left > 0, f"no timeout decision while stdout was unread: {err!r}"
+            if select.select([p.stderr], [], [], left)[0]:
+                chunk = os.read(p.stderr.fileno(), 65536)
+                assert chunk, f"memguard run's stderr ended: {err!r}"
+                err += chunk
+        out, rest = p.communicate(timeout=deadline_s)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 128 + signal.SIGTERM, err + rest
+    assert out.startswith(b"y\ny\n") and set(out) == {ord("y"), ord("\n")}
 
 
 def test_run_passes_ctrl_c_to_the_job_and_stops_it_on_sigterm():

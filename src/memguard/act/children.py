@@ -36,6 +36,7 @@ import shutil
 import signal as _signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,8 +163,9 @@ class Stdio:
     been reused by a file or socket of memguard's own, which the job must neither read nor write.
 
     When the reader of ``stdout`` or ``stderr`` goes away (``memguard run -- yes | head -1``), the job's pipe
-    is closed too, so that the job gets SIGPIPE as it would without memguard; a write waits for a slow
-    reader, as the job would."""
+    is closed too, so that the job gets SIGPIPE as it would without memguard. A reader that stops reading (a
+    paused pager) holds up the copy (:class:`_Copier`, a thread), never memguard's loop: guarding goes on,
+    and the job waits on its own writes as it would alone."""
 
     stdin: int | None = None
     stdout: int | None = None
@@ -197,6 +199,72 @@ def _write_all(fd: int, data: bytes) -> None:
         except InterruptedError:
             continue
         view = view[n:]
+
+
+class _Copier:
+    """Copies a job's output to one of memguard's own descriptors from a thread of its own, so that a reader
+    that stops reading blocks this thread, not the loop. It holds at most about :attr:`HIGH` bytes: past that
+    :meth:`put` says so and the supervisor stops reading the job's pipe until the copy has caught up (then
+    ``wake`` is called, from this thread), so the job waits on its own writes as it would alone. A reader that
+    is gone (EPIPE, or another write error) marks it ``broken``, drops what it held, and wakes the loop."""
+
+    HIGH = 256 * 1024
+
+    def __init__(self, fd: int, wake: Callable[[], None]) -> None:
+        self.fd = fd
+        self.broken: OSError | None = None
+        self.waiting: list[tuple[_Proc, _Stream]] = []  # streams not read until the copy catches up (loop)
+        self._wake = wake
+        self._chunks: Deque[bytes] = collections.deque()
+        self._pending = 0  # bytes queued or being written
+        self._closed = False
+        self._cond = threading.Condition()
+        threading.Thread(target=self._run, name=f"memguard-copy-{fd}", daemon=True).start()
+
+    def put(self, chunk: bytes) -> bool:
+        """Queue a chunk; False when the copy is behind by HIGH bytes or more (stop reading for now)."""
+        with self._cond:
+            if self.broken is None:
+                self._chunks.append(chunk)
+                self._pending += len(chunk)
+                self._cond.notify_all()
+            return self._pending < self.HIGH
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._chunks and not self._closed:
+                    self._cond.wait()
+                if not self._chunks:
+                    return
+                chunk = self._chunks.popleft()
+            err: OSError | None = None
+            try:
+                _write_all(self.fd, chunk)
+            except OSError as e:
+                err = e
+            with self._cond:
+                behind = self._pending >= self.HIGH
+                self._pending -= len(chunk)
+                if err is not None and self.broken is None:
+                    self.broken = err
+                    self._chunks.clear()
+                    self._pending = 0
+                wake = (behind and self._pending < self.HIGH) or err is not None
+                self._cond.notify_all()
+            if wake:
+                self._wake()
+
+    def flush(self) -> None:
+        """Wait (in a thread) until everything queued is written or the reader is gone."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._pending == 0 or self.broken is not None)
+
+    def close(self) -> None:
+        """The thread ends once what is queued is written."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
 
 
 @dataclass(eq=False)
@@ -248,6 +316,7 @@ class ChildSupervisor(LoopOwned):
     ) -> None:
         self._claim_thread()
         self._stdio = stdio or Stdio()
+        self._copiers: dict[str, _Copier] = {}  # "stdout"/"stderr" -> its copy to memguard's own, with stdio
         # A worker's processes die with it: when its main process exits, what
         # is left of its group and recorded tree is killed (no orphan keeps
         # holding RAM or GPU memory after a crash).
@@ -291,6 +360,20 @@ class ChildSupervisor(LoopOwned):
         if self._loop is not None:
             raise RuntimeError("ChildSupervisor already started")
         self._loop = asyncio.get_running_loop()
+        loop = self._loop
+        for name in ("stdout", "stderr"):
+            fd = self._stdio.copy_to(name)
+            if fd is not None:
+                box: list[_Copier] = []
+
+                def wake(box: list[_Copier] = box) -> None:  # from the copier's thread
+                    try:
+                        loop.call_soon_threadsafe(self._copied, box[0])
+                    except RuntimeError:  # the loop is closed: nothing waits any more
+                        pass
+
+                box.append(_Copier(fd, wake))
+                self._copiers[name] = box[0]
         if self._use_subreaper:
             _set_subreaper(True)
             self._subreaper_set = True
@@ -325,6 +408,9 @@ class ChildSupervisor(LoopOwned):
         for rec in list(self._workers.values()) + list(self._old):
             self._forget(rec)
         self._old.clear()
+        for copier in self._copiers.values():  # the job's last output reaches the terminal before memguard's
+            copier.close()
+            await asyncio.to_thread(copier.flush)
         await self._stop_sentinel()
         if self._subreaper_set:
             try:
@@ -645,8 +731,21 @@ class ChildSupervisor(LoopOwned):
                 continue
             except OSError:
                 chunk = b""
-            if chunk and (to := self._stdio.copy_to(s.name)) is not None and not self._copy(rec, s, to, chunk):
-                return
+            copier = self._copiers.get(s.name) if chunk else None
+            if copier is not None:
+                if copier.broken is not None:  # the reader is gone: the job's pipe goes too (SIGPIPE)
+                    if copier.broken.errno != errno.EPIPE:
+                        log.warning("cannot copy %s's %s: %s", rec.worker, s.name, copier.broken)
+                    self._feed(rec, s, chunk)  # still counted in the last lines
+                    self._close_stream(s)
+                    self._maybe_drop(rec)
+                    return
+                if not copier.put(chunk) and not drain:  # behind: read on once the copy has caught up
+                    self._feed(rec, s, chunk)
+                    assert self._loop is not None
+                    self._loop.remove_reader(s.fd)
+                    copier.waiting.append((rec, s))
+                    return
             if not chunk:
                 if s.buf or s.discarding:
                     line = bytes(s.buf)
@@ -659,19 +758,12 @@ class ChildSupervisor(LoopOwned):
                 return
             self._feed(rec, s, chunk)
 
-    def _copy(self, rec: _Proc, s: _Stream, fd: int, chunk: bytes) -> bool:
-        """Copy a chunk of the job's output to memguard's own descriptor. False when its reader is gone: the
-        job's pipe is then closed (its next write gets SIGPIPE or EPIPE, as without memguard)."""
-        try:
-            _write_all(fd, chunk)
-            return True
-        except OSError as e:
-            if e.errno != errno.EPIPE:
-                log.warning("cannot copy %s's %s: %s", rec.worker, s.name, e)
-            self._feed(rec, s, chunk)  # still counted in the last lines
-            self._close_stream(s)
-            self._maybe_drop(rec)
-            return False
+    def _copied(self, copier: _Copier) -> None:
+        """The copy caught up (or its reader is gone): read the streams that waited for it again."""
+        waiting, copier.waiting = copier.waiting, []
+        for rec, s in waiting:
+            if not self._closed and s.fd is not None and self._loop is not None:
+                self._loop.add_reader(s.fd, self._on_readable, rec, s)
 
     def _feed(self, rec: _Proc, s: _Stream, chunk: bytes) -> None:
         start = 0

@@ -4,10 +4,11 @@
 
 The job runs in a cgroup of its own where memguard may create one (its
 ``--memory-max`` is then the kernel's hard limit too), under its
-``--policy`` rules if given; the job reads memguard's standard input (a
-pipe into ``memguard run`` reaches the job); memguard passes the job's output and exit code
-through (128 + the signal when it was killed) and prints a one-screen
-summary at the end: peak memory, duration, what memguard did and why.
+``--policy`` rules if given. The job stands in a shell pipeline as it would
+alone: it reads memguard's standard input, its output is copied byte for
+byte, its exit code passes through (128 + the signal when it was killed),
+and Ctrl-C reaches it as SIGINT. memguard prints a one-screen summary at
+the end: peak memory, duration, what memguard did and why.
 
 When a memguard daemon runs on the machine (its control socket answers:
 :mod:`memguard.runlink`), the job also joins it as an **ad-hoc worker**:
@@ -38,7 +39,7 @@ from .report.reporter import Reporter
 from .sense.cgroup import choose_scope
 from .units import duration_text, format_duration, format_size
 
-__all__ = ["run_job", "RunReporter", "EX_TEMPFAIL", "WAIT_POLL_S", "RUN_FORWARDED", "install_signals"]
+__all__ = ["run_job", "RunReporter", "EX_TEMPFAIL", "WAIT_POLL_S", "RUN_FORWARDED", "run_passing_signals"]
 
 EX_TEMPFAIL = 75  # sysexits.h: try again later (not enough memory free right now)
 #: Without a daemon, --wait-free reads the scope's available memory every 0.5 s: a job waits at most
@@ -155,19 +156,15 @@ RUN_FORWARDED = tuple(getattr(_signal, n) for n in ("SIGINT", "SIGQUIT", "SIGHUP
 _STOP_WHEN_NO_JOB = ("SIGINT", "SIGQUIT", "SIGHUP")
 
 
-def install_signals(daemon: Any, reporter: Reporter, worker: str, forwarded: Iterable[int]) -> list[int]:
-    """SIGTERM stops ``worker`` through the ladder (a Shutdown); the ``forwarded`` signals go to its process
-    group as they are, or stop memguard when the worker is not running. Call once ``daemon.run()`` has begun,
-    with ``daemon.capture_signals`` off; returns the signals to remove the handlers of."""
-    import signal
-
+async def run_passing_signals(daemon: Any, reporter: Reporter, worker: str, forwarded: Iterable[int]) -> int:
+    """Run the one-shot ``daemon`` with its signals handled here instead of by the daemon: SIGTERM stops
+    ``worker`` through the ladder (a Shutdown); the ``forwarded`` signals go to its process group as they are,
+    or stop memguard when the worker is not running. Returns the daemon's exit code."""
     from .act.process import signal_group
     from .model import Shutdown
 
-    loop = asyncio.get_running_loop()
-
     def stop(signum: int) -> None:
-        name = signal.Signals(signum).name
+        name = _signal.Signals(signum).name
         reporter.note("stopping", f"{name} received: stopping {worker}", signal=name)
         daemon.post(Shutdown(name))
 
@@ -175,24 +172,30 @@ def install_signals(daemon: Any, reporter: Reporter, worker: str, forwarded: Ite
         live = daemon.effects.snapshot().workers.get(worker)
         if live is not None:
             signal_group(live.pid, live.start, signum)
-        elif signal.Signals(signum).name in _STOP_WHEN_NO_JOB:
+        elif _signal.Signals(signum).name in _STOP_WHEN_NO_JOB:
             stop(signum)
 
+    daemon.capture_signals = False
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(daemon.run())
+    await asyncio.sleep(0)  # the daemon's run() has begun; now the handlers are ours
     installed = []
-    for signum in (signal.SIGTERM, *forwarded):
-        try:
-            loop.add_signal_handler(signum, stop if signum == signal.SIGTERM else forward, signum)
-            installed.append(signum)
-        except (ValueError, RuntimeError, OSError):
-            pass
-    return installed
+    try:
+        for signum in (_signal.SIGTERM, *forwarded):
+            try:
+                loop.add_signal_handler(signum, stop if signum == _signal.SIGTERM else forward, signum)
+                installed.append(signum)
+            except (ValueError, RuntimeError, OSError):
+                pass
+        return await task
+    finally:
+        for signum in installed:
+            loop.remove_signal_handler(signum)
 
 
 def _signum(name: str) -> int | None:
-    import signal
-
     try:
-        return int(signal.Signals[name])
+        return int(_signal.Signals[name])
     except KeyError:
         return None
 
@@ -352,16 +355,7 @@ async def _run(args: Any, wl: WorkloadPolicy, link: Any) -> int:
         link.on_push = reporter.daemon_did
     try:
         holder["daemon"] = daemon = build_daemon(policy, reporter=reporter, one_shot=True, stdio=Stdio.own())
-        daemon.capture_signals = False  # the job's signals are handled below: passed on, or the ladder
-        loop = asyncio.get_running_loop()
-        task = asyncio.ensure_future(daemon.run())
-        await asyncio.sleep(0)  # the daemon's run() has begun; now the handlers are ours
-        installed = install_signals(daemon, reporter, wl.worker_names()[0], RUN_FORWARDED)
-        try:
-            code = await task
-        finally:
-            for signum in installed:
-                loop.remove_signal_handler(signum)
+        code = await run_passing_signals(daemon, reporter, wl.worker_names()[0], RUN_FORWARDED)
     finally:
         shutil.rmtree(runtime, ignore_errors=True)
     if code != 0:

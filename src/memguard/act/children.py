@@ -205,12 +205,12 @@ class _Copier:
     """Copies a job's output to one of memguard's own descriptors from a thread of its own, so that a reader
     that stops reading blocks this thread, not the loop. It holds at most about :attr:`HIGH` bytes: past that
     :meth:`put` says so and the supervisor stops reading the job's pipe until the copy has caught up (then
-    ``wake`` is called, from this thread), so the job waits on its own writes as it would alone. A reader that
+    ``wake(copier)`` is called, from this thread), so the job waits on its own writes as it would alone. A reader that
     is gone (EPIPE, or another write error) marks it ``broken``, drops what it held, and wakes the loop."""
 
     HIGH = 256 * 1024
 
-    def __init__(self, fd: int, wake: Callable[[], None]) -> None:
+    def __init__(self, fd: int, wake: Callable[[_Copier], None]) -> None:
         self.fd = fd
         self.broken: OSError | None = None
         self.waiting: list[tuple[_Proc, _Stream]] = []  # streams not read until the copy catches up (loop)
@@ -253,7 +253,7 @@ class _Copier:
                 wake = (behind and self._pending < self.HIGH) or err is not None
                 self._cond.notify_all()
             if wake:
-                self._wake()
+                self._wake(self)
 
     def flush(self) -> None:
         """Wait (in a thread) until everything queued is written or the reader is gone."""
@@ -360,20 +360,10 @@ class ChildSupervisor(LoopOwned):
         if self._loop is not None:
             raise RuntimeError("ChildSupervisor already started")
         self._loop = asyncio.get_running_loop()
-        loop = self._loop
         for name in ("stdout", "stderr"):
             fd = self._stdio.copy_to(name)
             if fd is not None:
-                box: list[_Copier] = []
-
-                def wake(box: list[_Copier] = box) -> None:  # from the copier's thread
-                    try:
-                        loop.call_soon_threadsafe(self._copied, box[0])
-                    except RuntimeError:  # the loop is closed: nothing waits any more
-                        pass
-
-                box.append(_Copier(fd, wake))
-                self._copiers[name] = box[0]
+                self._copiers[name] = _Copier(fd, self._copy_caught_up)
         if self._use_subreaper:
             _set_subreaper(True)
             self._subreaper_set = True
@@ -757,6 +747,14 @@ class ChildSupervisor(LoopOwned):
                 self._maybe_drop(rec)
                 return
             self._feed(rec, s, chunk)
+
+    def _copy_caught_up(self, copier: _Copier) -> None:
+        """Called from a copier's thread: hand over to the loop."""
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(self._copied, copier)
+        except RuntimeError:  # the loop is closed: nothing waits any more
+            pass
 
     def _copied(self, copier: _Copier) -> None:
         """The copy caught up (or its reader is gone): read the streams that waited for it again."""

@@ -49,7 +49,7 @@ from typing import Any
 from ..expr import parse_expr
 from ..policy import ActionKind, DaemonPolicy, Rule, WorkloadPolicy
 from ..act.children import Stdio
-from ..run import RunReporter, install_signals
+from ..run import RunReporter, run_passing_signals
 
 __all__ = ["add_parser", "run", "init_policy", "InitReporter", "termination_message", "FORWARDED"]
 
@@ -223,16 +223,7 @@ async def run_init(args: Any) -> int:
     try:
         daemon = build_daemon(init_policy(args, wl, guarded=guarded, runtime_dir=runtime), reporter=reporter,
                               one_shot=True, sentinel=False, stdio=Stdio.own())
-        daemon.capture_signals = False  # memguard init handles every signal itself (below)
-        loop = asyncio.get_running_loop()
-        task = asyncio.ensure_future(daemon.run())
-        await asyncio.sleep(0)  # the daemon's run() has begun; now the handlers are ours
-        installed = install_signals(daemon, reporter, "init-0", FORWARDED)
-        try:
-            code = await task
-        finally:
-            for signum in installed:
-                loop.remove_signal_handler(signum)
+        code = await run_passing_signals(daemon, reporter, "init-0", FORWARDED)
     finally:
         shutil.rmtree(runtime, ignore_errors=True)
     if code != 0:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from memguard.decide.pacing import next_full_tick, watch_plan
 from memguard.decide.trend import fill_rate, note
 from memguard.model import (IO_NOT_READ, Admit, AdmitCancel, AdmitRequest, Exited, Joined, Notice, Observation,
-                            Progress)
+                            Progress, Reconcile)
 from memguard.policy import RestartPolicy, WorkloadPolicy
 
 from corekit import GiB, MiB, SIGKILL, SIGTERM, Sim, daemon, rule, scope, signals, workload
@@ -210,6 +210,36 @@ def test_io_not_read_is_not_unreadable_counters():
     assert sim.state.workers["w-0"].inc.progress_known
     sig = signals(sim.run_busy("w-0", 80, cores=0.0))
     assert sig and sig[0].signum == SIGTERM and sig[0].explain.rule == "deadlock"
+
+
+@dataclass
+class LateIoSim(ProgressSim):
+    """Samples without I/O (no rule reads it) until ``read_io`` is set, as after a reload that adds one."""
+
+    read_io: bool = False
+
+    def observe(self) -> Observation:
+        obs = super().observe()
+        if self.read_io:
+            return obs
+        return replace(obs, workers={n: replace(s, io_bytes=IO_NOT_READ) for n, s in obs.workers.items()})
+
+
+def test_a_reload_adding_an_idle_rule_does_not_take_unread_io_for_idleness():
+    """A worker doing steady I/O at 0 % CPU runs ten minutes under rules that never read its I/O; a reload
+    adds {worker.idle > 60s}. Nothing is known of its I/O before the first reading, so the I/O clock starts
+    there: the worker is not stopped as idle for ten minutes of unread I/O, and is stopped once its I/O
+    really stops."""
+    sim = LateIoSim(daemon(workload("w")))
+    sim.start()
+    sim.tick(0.1)
+    assert not signals(sim.run_busy("w-0", 600, cores=0.0, io_per_s=1 << 20))
+    sim.policy = daemon(workload("w", rules=(rule("worker.idle > 60s", "terminate", name="idle"),)))
+    sim.command(Reconcile("reload"))
+    sim.read_io = True
+    assert not signals(sim.run_busy("w-0", 120, cores=0.0, io_per_s=1 << 20))
+    sig = signals(sim.run_busy("w-0", 70, cores=0.0))
+    assert sig and sig[0].signum == SIGTERM and sig[0].explain.rule == "idle"
 
 
 def test_unreadable_counters_never_escalate():

@@ -10,9 +10,11 @@ kernel's own OOM reaper does; earlyoom calls it after each kill.
 
 It blocks while it unmaps, so it runs here, in one thread of its own, on
 pidfds pinned and identity-checked on the event loop (a reused pid is never
-touched): the thread sends SIGKILL and calls ``process_mrelease`` at once,
-back to back, for the call only helps before the victim has let go of its
-memory on its way out. What it did
+touched). The main victim gets its SIGKILL on the loop at once; the thread
+then calls ``process_mrelease`` on it and sends each other target its
+SIGKILL and the call back to back, for the call only helps before a victim
+has let go of its memory on its way out. The loop never waits for the
+thread. What it did
 comes back to the daemon's inbox as a notice, through the event loop. A
 kernel without the call is said once.
 
@@ -34,12 +36,7 @@ from typing import Callable
 from ..model import Notice
 from .process import MRELEASE_UNSUPPORTED, Outcome, pidfd_kill, pin, process_mrelease
 
-__all__ = ["MemoryReleaser", "KILL_WAIT_S"]
-
-#: How long the loop waits for the releaser's thread to have sent its SIGKILLs: it wakes in well under a
-#: millisecond; 50 ms bounds the wait if the machine is stalled, and the signals still go out after it.
-KILL_WAIT_S = 0.05
-
+__all__ = ["MemoryReleaser"]
 
 class MemoryReleaser:
     """One background thread that calls ``process_mrelease`` on processes that were just killed.
@@ -61,7 +58,7 @@ class MemoryReleaser:
         self._thread = threading.Thread(target=self._run, name="memguard-mrelease", daemon=True)
         self._thread.start()
 
-    def kill(self, targets: list[tuple[int, int]], who: str, wait_s: float = KILL_WAIT_S) -> list[tuple[int, int]]:
+    def kill(self, targets: list[tuple[int, int]], who: str) -> list[tuple[int, int]]:
         """SIGKILL ``targets`` (pid, start time) from the releaser's thread and reap their memory at once.
 
         ``process_mrelease`` only helps while the victim has not yet detached its memory on its way out
@@ -70,27 +67,24 @@ class MemoryReleaser:
         thread, at once: waking the releaser's thread can take milliseconds on a machine whose cores the
         victim keeps busy, and every millisecond is memory the victim takes. The thread then reaps it and
         sends each other target its signal and makes the call back to back, holding the interpreter lock
-        across the pair. This waits (at most ``wait_s``) for those signals to be sent, not for the memory;
-        returns the pairs signalled.
+        across the pair. Nothing here waits for the thread (the caller's own group and member kills follow
+        at once); returns the pair signalled here, the main victim, or nothing.
         """
         if self._thread is None or self.unsupported:
             return []
-        sent: list[int] = []
+        first: tuple[int, int] | None = None  # the main victim (or the first still there), signalled here
         fds = []
         for pid, start in targets:
             fd = pin(pid, start)
             if isinstance(fd, Outcome):
                 continue
-            if not fds and pidfd_kill(fd):  # the main victim (or the first still there): at once
-                sent.append(pid)
+            if not fds and pidfd_kill(fd):
+                first = (pid, start)
             fds.append((fd, pid))
         if not fds:
             return []
-        done = threading.Event()
-        self._queue.put((fds, who, time.monotonic(), done, sent))
-        if len(fds) > 1:
-            done.wait(wait_s)
-        return [(pid, start) for pid, start in targets if pid in sent]
+        self._queue.put((fds, who, time.monotonic(), first is not None))
+        return [first] if first is not None else []
 
     def close(self) -> None:
         if self._thread is not None:
@@ -112,20 +106,14 @@ class MemoryReleaser:
             item = self._queue.get()
             if item is None:
                 return
-            fds, who, queued, done, sent = item
+            fds, who, queued, first_killed = item
             released, freeing, errors = [], [], []
             began = time.monotonic()
             for i, (fd, pid) in enumerate(fds):
                 try:
-                    if sent is not None:  # kill, then reap at once (see kill())
-                        if i == 0:
-                            killed = pid in sent  # signalled by kill() itself
-                        else:
-                            killed = pidfd_kill(fd)
-                            if killed:
-                                sent.append(pid)
-                        if not killed:
-                            continue
+                    # the first was signalled by kill() itself; each other: kill, then reap at once
+                    if not (first_killed if i == 0 else pidfd_kill(fd)):
+                        continue
                     err = process_mrelease(fd)
                 finally:
                     os.close(fd)
@@ -138,8 +126,6 @@ class MemoryReleaser:
                     freeing.append(pid)
                 else:
                     errors.append((pid, err))
-            if done is not None:
-                done.set()
             took = time.monotonic() - began
             self._tell(who, released, freeing, errors, took, began - queued)
 

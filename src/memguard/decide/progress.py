@@ -58,7 +58,10 @@ def _absorb(inc: Incarnation, sample: WorkerSample, at: float) -> Incarnation:
         used = max(0.0, float(cpu) - c0)
         if dt > 0 and 100.0 * used / dt >= IDLE_CPU_PERCENT:
             active = at
-    if read_io and is_known(inc.io_bytes) and float(io) > float(inc.io_bytes):
+    if read_io and (not is_known(inc.io_bytes) or float(io) > float(inc.io_bytes)):
+        # More I/O than last time; or the first reading, at the start or once a reload added a rule on
+        # worker.idle or worker.quiet: nothing is known of the I/O before it, so the I/O clock starts here
+        # rather than the worker counting as idle (or quiet) since its start.
         active = at
         io_at = at
     kept = tuple(p for p in history if at - p[0] <= CPU_WINDOW_S)
@@ -113,6 +116,8 @@ def idle_for(w: WorkerState, now: float) -> Reading:
         return Unknown("the worker's CPU or I/O counters could not be read")
     if not w.cpu_history:
         return Unknown("not sampled yet")
+    if not is_known(w.inc.io_bytes):  # a rule on it came with a reload: its I/O is read from the next sample
+        return Unknown("the worker's I/O not read yet")
     since = _since(w, w.active_at)
     return Unknown("not started") if since is None else max(0.0, now - since)
 
@@ -123,5 +128,7 @@ def quiet_for(w: WorkerState, now: float) -> Reading:
         return Unknown("the worker's I/O counter could not be read")
     if not w.cpu_history:
         return Unknown("not sampled yet")
+    if not is_known(w.inc.io_bytes):
+        return Unknown("the worker's I/O not read yet")
     since = _since(w, w.io_at, w.output_at, w.last_heartbeat)
     return Unknown("not started") if since is None else max(0.0, now - since)

@@ -78,6 +78,19 @@ def test_system_victim_is_lowest_priority_then_largest():
     acts = signals(sim.tick(0.1))
     assert [a.worker for a in acts] == ["cheap-1"]
     assert "victim cheap-1" in acts[0].explain.display
+    # the explanation carries the ranking the choice was made on (the incident record copies it)
+    assert [(r.worker, r.priority, r.memory_bytes) for r in acts[0].explain.ranking] == [
+        ("cheap-1", 0, 3 * GiB), ("cheap-0", 0, 1 * GiB), ("precious-0", 10, 8 * GiB)]
+
+
+def test_a_workers_own_rule_names_no_ranking():
+    """A worker's own rule chooses nobody among others: its explanation has no ranking."""
+    sim = Sim(daemon(workload("w", rules=(rule("worker.memory > 1GiB", "terminate"),))))
+    sim.start()
+    sim.tick(0.1)
+    sim.memory["w-0"] = 2 * GiB
+    acts = signals(sim.run(2, 0.1))
+    assert acts and acts[0].explain.ranking == ()
 
 
 def test_post_action_delay_one_victim_at_a_time_unless_harder_rule():

@@ -551,6 +551,17 @@ class WatchPlan:
 
 
 @dataclass(frozen=True)
+class Ranked:
+    """One candidate of a system rule, as the core ranked it (its memory as the decision read it)."""
+
+    worker: str
+    pid: int | None
+    priority: int
+    memory_bytes: int | None
+    gpu_memory_bytes: int | None = None
+
+
+@dataclass(frozen=True)
 class Explanation:
     """Why a rule fired: which rule, which reading, which threshold.
 
@@ -559,6 +570,9 @@ class Explanation:
     ``gpu_device`` names the GPU whose reading decided (``"0"``, ``"0:1"``
     for a MIG device, ``"*"`` for a rule on any device), None for every
     other signal: victim choice under GPU pressure reads it, never the text.
+    ``ranking``: for a system rule that chose a victim, the workers it chose
+    among, in the victim order the core used (the first few); empty for a
+    worker's own rule, where nobody else was a candidate.
     """
 
     rule: str
@@ -570,6 +584,7 @@ class Explanation:
     display: str
     source: str = ""
     gpu_device: str | None = None
+    ranking: tuple[Ranked, ...] = ()
 
 
 @dataclass(frozen=True)

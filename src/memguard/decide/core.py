@@ -41,6 +41,7 @@ from ..model import (
     Observation,
     Operator,
     ProcessSample,
+    Ranked,
     Reclaim,
     Reconcile,
     SetAdmission,
@@ -999,6 +1000,21 @@ def _rank(s: _Step, gpu_device: str | None = None) -> list[WorkerState]:
                    if w.phase == Phase.RUNNING and w.sample is not None and not w.sample.protected), key=key)
 
 
+#: How many of a system rule's candidates its explanation names, in victim order (the incident record's ranking).
+RANKING_MAX = 8
+
+
+def _ranked(s: _Step, candidates: list[WorkerState]) -> tuple[Ranked, ...]:
+    """The first candidates as the decision saw them (memory re-read at a stop crossing where it was)."""
+    out = []
+    for w in candidates[:RANKING_MAX]:
+        mem = _memory_now(s, w)
+        gpu = w.sample.gpu_memory_bytes if w.sample is not None else None
+        out.append(Ranked(w.name, w.pid, s.workload(w).priority, int(mem) if is_known(mem) else None,
+                          int(gpu) if is_known(gpu) and gpu else None))
+    return tuple(out)
+
+
 def _system_rules(s: _Step, ctx: Context, obs: Observation) -> None:
     # Hardest first, so that a kill rule takes the victim before a terminate rule would.
     for rule in sorted(s.policy.rules, key=lambda r: -r.action.severity):
@@ -1046,6 +1062,7 @@ def _system_stop(s: _Step, rule: Rule, rs: RuleState, ex: Explanation, obs: Obse
                     return
     gpu_device = ex.gpu_device
     candidates = _rank(s, gpu_device)
+    ex = replace(ex, ranking=_ranked(s, candidates))
     procs = [] if gpu_device is not None else sorted((p for p in obs.unmanaged if is_known(p.memory_bytes)),
                    key=lambda p: (p.priority, -float(p.memory_bytes), p.pid))
     best_proc = procs[0] if procs else None

@@ -37,15 +37,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import heapq
 import queue
 import threading
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
-from ..decide.state import CoreState, Phase
-from ..model import Action, Exited, NotDone, Notice, Observation, Signal, SignalProcess, is_known, signal_name
+from ..decide.state import CoreState
+from ..model import Action, Exited, NotDone, Notice, Observation, Signal, SignalProcess, signal_name
 from ..policy import DaemonPolicy
 from ..sense.containers import cgroup_of_pid, cmdline_of_pid
 from .deaths import AFTER_S, TIMELINE_S, DeathWatch
@@ -69,9 +68,6 @@ normally followed by its exit within the grace period)."""
 STALE_SCAN = 200
 """Newest records looked at, at start, for stops a previous instance left pending (it died within seconds of
 writing them, so they are among the newest)."""
-
-RANKING_MAX = 8
-"""Victim candidates kept in a record of memguard's own stop (the chosen one first)."""
 
 STALE_NOTE = ("memguard stopped before it saw the outcome of its signal (the record was written before the "
               "signal was sent)")
@@ -184,7 +180,6 @@ class IncidentSink:
         self.after_s = after_s
         self.timeline_s = timeline_s
         self.policy: DaemonPolicy | None = None
-        self.state: CoreState | None = None
         self.writer = _Writer(failed)
         self._pending: dict[int, _Pending] = {}
         self._exits: list[Notice] = []
@@ -300,29 +295,14 @@ class IncidentSink:
         self.announce(inc, str(path))
         return inc
 
-    def _ranking(self, action: Signal | SignalProcess) -> list[dict[str, Any]]:
-        """The workers a system rule chose among, in victim order (lowest priority, then largest), as the last
-        tick measured them. None for a worker's own rule or limit: nobody else was a candidate."""
-        ex = action.explain
-        if ex is None or self.policy is None or self.state is None or \
-                ex.rule not in {r.name for r in self.policy.rules}:
-            return []
-        # Written between the decision and the signal: the first RANKING_MAX only, without sorting them all.
-        chosen = action.worker if isinstance(action, Signal) else None
-        pool = []
-        for w in self.state.workers.values():
-            if w.phase != Phase.RUNNING or w.sample is None or w.sample.protected:
-                continue
-            wl = self.policy.workload(w.workload)
-            mem = int(w.memory) if is_known(w.memory) else None
-            # the chosen one first (an unmanaged victim is not among the workers), then the victim order
-            pool.append((w.name != chosen, wl.priority if wl is not None else 0, -(mem or -1), w.name, w, mem))
-        out = []
-        for _, priority, _, name, w, mem in heapq.nsmallest(RANKING_MAX, pool, key=lambda t: t[:4]):
-            gpu = w.sample.gpu_memory_bytes if is_known(w.sample.gpu_memory_bytes) else None
-            out.append({"worker": name, "pid": w.pid, "priority": priority, "memory_bytes": mem,
-                        "gpu_memory_bytes": int(gpu) if gpu else None})
-        return [{k: v for k, v in r.items() if v is not None} for r in out[:RANKING_MAX]]
+    @staticmethod
+    def _ranking(action: Signal | SignalProcess) -> list[dict[str, Any]]:
+        """The workers a system rule chose among, in the victim order the core used (its explanation carries
+        them); none for a worker's own rule or limit: nobody else was a candidate."""
+        ranking = action.explain.ranking if action.explain is not None else ()
+        return [{k: v for k, v in (("worker", r.worker), ("pid", r.pid), ("priority", r.priority),
+                                   ("memory_bytes", r.memory_bytes), ("gpu_memory_bytes", r.gpu_memory_bytes))
+                 if v is not None} for r in ranking]
 
     def _exit_notice(self, n: Notice) -> None:
         pend = self._pending.pop(n.pid, None) if n.pid is not None else None
@@ -341,7 +321,6 @@ class IncidentSink:
     def ticked(self, obs: Observation, state: CoreState) -> None:
         """After the tick (its observation recorded, its signals sent): finish this tick's records."""
         self._before.clear()  # every action of the tick was logged by now
-        self.state = state
         if obs.full:
             for name, w in obs.workers.items():
                 if w.pid not in self._cgroups:

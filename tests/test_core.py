@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from memguard.decide.pacing import QUIET_FULL_TICK_S, next_full_tick, watch_plan
 from memguard.decide.state import Phase
 from memguard.model import UNKNOWN, Notice, SetAdmission, Signal, Spawn
@@ -296,7 +298,7 @@ def test_reload_restarts_changed_and_stops_removed():
     sim = Sim(daemon(a, b))
     sim.start()
     sim.tick(0.1)
-    a2 = a.__class__(**{**a.__dict__, "command": ("python3", "other.py")})
+    a2 = dataclasses.replace(a, command=("python3", "other.py"))
     sim.policy = daemon(a2)
     acts = sim.command(Reconcile("reload"))
     got = sorted((s.worker, s.event) for s in signals(acts))

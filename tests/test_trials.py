@@ -8,6 +8,7 @@ reading), then the real daemon with the real client and real processes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import sys
@@ -313,7 +314,7 @@ def test_brake_restarts_are_paced_by_restart_planned():
 def test_refusals_is_ignored_with_a_warning_and_the_brake_still_works():
     """A workload written for the old brake (restart_when_blocked: {refusals: 10}) loads; the log says the key
     is ignored and why, and the brake acts on evidence."""
-    sim = Sim(daemon(_braked().__class__(**{**_braked().__dict__, "brake": Brake(enabled=True, refusals=10)})))
+    sim = Sim(daemon(dataclasses.replace(_braked(), brake=Brake(enabled=True, refusals=10))))
     acts = sim.start()
     dep = [a for a in acts if isinstance(a, Notice) and a.event == "deprecated"]
     assert len(dep) == 1 and "restart_when_blocked.refusals is ignored" in dep[0].reason

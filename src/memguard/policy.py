@@ -207,6 +207,20 @@ class Recycle:
     jitter: float = 0.1
 
 
+def rules_signals(rules: tuple[Rule, ...]) -> frozenset[str]:
+    """Every signal the rules' ``when`` and ``release`` read."""
+    out: set[str] = set()
+    todo: list = [e for r in rules for e in (r.when, r.release) if e is not None]
+    while todo:
+        e = todo.pop()
+        args = getattr(e, "args", None)
+        if args is None:
+            out.add(e.signal)
+        else:
+            todo.extend(args)
+    return frozenset(out)
+
+
 @dataclass(frozen=True)
 class WorkloadPolicy:
     name: str
@@ -239,6 +253,12 @@ class WorkloadPolicy:
     reclaim_interval_s: float = 30.0
     gpus: tuple[str, ...] = ()  # devices the workload is pinned to: CUDA_VISIBLE_DEVICES
     source: str = ""
+    #: Every signal its rules' ``when`` and ``release`` read, worked out once (a policy is frozen): what the
+    #: reader must measure for its workers (PSS, I/O counters) and what the core must keep (a memory history).
+    signals: frozenset[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "signals", rules_signals(self.rules))
 
     def spec_key(self) -> tuple:
         """What a running worker was started with: a change restarts it on reload."""

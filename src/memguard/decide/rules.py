@@ -21,7 +21,7 @@ from .trend import WORKER_TREND_WINDOW_S, endpoint_rate, fill_rate
 
 __all__ = ["runtime_rule", "worker_rules", "system_context", "worker_context", "growth_rate", "timers",
            "BRAKE_ANSWER_S", "workload_of", "RUNTIME_RULE",
-           "rule_signals", "reads_growth", "changes_between_full_ticks"]
+           "reads_growth", "changes_between_full_ticks"]
 
 #: How long the brake waits for the worker to answer its reclaim request before judging the memory
 #: as it is: 10 s. A reclaim pass (gc.collect(), malloc_trim(), emptying caches) takes about a second for
@@ -34,41 +34,10 @@ RUNTIME_RULE = "limits.runtime"
 _FULL_TICK_PREFIXES = ("worker.memory", "worker.gpu_memory", "worker.processes", "worker.growth", "psi.", "swap.",
                        "gpu.")
 
-_SIGNALS: dict[int, tuple[object, frozenset[str]]] = {}
-
-
-def _expr_signals(expr: object, out: set[str]) -> None:
-    args = getattr(expr, "args", None)
-    if args is None:
-        out.add(expr.signal)  # type: ignore[attr-defined]
-        return
-    for a in args:
-        _expr_signals(a, out)
-
-
-def rule_signals(rules: tuple[Rule, ...]) -> frozenset[str]:
-    """Every signal the rules' ``when`` and ``release`` read (memoised per rules tuple: policies are frozen)."""
-    hit = _SIGNALS.get(id(rules))
-    if hit is not None and hit[0] is rules:
-        return hit[1]
-    out: set[str] = set()
-    for r in rules:
-        _expr_signals(r.when, out)
-        if r.release is not None:
-            _expr_signals(r.release, out)
-    found = frozenset(out)
-    if len(_SIGNALS) > 4096:
-        _SIGNALS.clear()
-    _SIGNALS[id(rules)] = (rules, found)
-    return found
-
 
 def reads_growth(wl: WorkloadPolicy) -> bool:
     """Does a rule of the workload read ``worker.growth`` (the only reason to keep a memory history)?"""
-    return "worker.growth" in rule_signals(wl.rules)
-
-
-_CHANGES: dict[int, tuple[object, bool]] = {}
+    return "worker.growth" in wl.signals
 
 
 def changes_between_full_ticks(wl: WorkloadPolicy) -> bool:
@@ -76,18 +45,10 @@ def changes_between_full_ticks(wl: WorkloadPolicy) -> bool:
 
     A workload whose rules read only what full ticks measure gets the same
     answers on a fast tick as on the last full one: its rules need not run.
-    (Memoised per workload policy, which is frozen: asked for every worker on every fast tick.)
     """
-    hit = _CHANGES.get(id(wl))
-    if hit is not None and hit[0] is wl:
-        return hit[1]
-    found = (any(not s.startswith(_FULL_TICK_PREFIXES) for s in rule_signals(wl.rules))
-             or any(r.within_s is not None for r in wl.rules)  # a trend moves with time
-             or wl.limits.runtime_s is not None)
-    if len(_CHANGES) > 4096:
-        _CHANGES.clear()
-    _CHANGES[id(wl)] = (wl, found)
-    return found
+    return (any(not s.startswith(_FULL_TICK_PREFIXES) for s in wl.signals)
+            or wl.limits.runtime_s is not None
+            or any(r.within_s is not None for r in wl.rules))  # a trend moves with time
 
 
 def runtime_rule(wl: WorkloadPolicy) -> Rule | None:

@@ -70,38 +70,27 @@ class Sample:
 PROTECT_SCAN_S = 10.0
 
 
+def _workers_reading(policy: DaemonPolicy, signals: frozenset[str]) -> frozenset[str]:
+    """The workers whose rules read any of ``signals``."""
+    return frozenset(n for wl in policy.workloads if wl.signals & signals for n in wl.worker_names())
+
+
 def _reads_worker_memory(policy: DaemonPolicy) -> frozenset[str]:
     """The workers whose rules read their own memory (worker.memory, worker.growth): PSS is for them."""
-    out: set[str] = set()
-    for wl in policy.workloads:
-        if any(_mentions(r.when) or (r.release is not None and _mentions(r.release)) for r in wl.rules):
-            out.update(wl.worker_names())
-    return frozenset(out)
+    return _workers_reading(policy, _MEMORY_SIGNALS)
 
 
 def _reads_io(policy: DaemonPolicy) -> frozenset[str]:
     """The workers whose rules read their I/O counters (worker.idle, worker.quiet): /proc/<pid>/io is for them."""
-    out: set[str] = set()
-    for wl in policy.workloads:
-        if any(_mentions(r.when, _IO_SIGNALS) or (r.release is not None and _mentions(r.release, _IO_SIGNALS))
-               for r in wl.rules):
-            out.update(wl.worker_names())
-    return frozenset(out)
+    return _workers_reading(policy, _IO_SIGNALS)
 
 
 def _managed_names(policy: DaemonPolicy) -> frozenset[str]:
     return frozenset(n for wl in policy.workloads for n in wl.worker_names())
 
 
-_MEMORY_SIGNALS = ("worker.memory", "worker.growth")
-_IO_SIGNALS = ("worker.idle", "worker.quiet")
-
-
-def _mentions(expr: Any, signals: tuple[str, ...] = _MEMORY_SIGNALS) -> bool:
-    args = getattr(expr, "args", None)
-    if args is None:
-        return expr.signal in signals
-    return any(_mentions(a, signals) for a in args)
+_MEMORY_SIGNALS = frozenset({"worker.memory", "worker.growth"})
+_IO_SIGNALS = frozenset({"worker.idle", "worker.quiet"})
 
 
 # A crossing read by the watcher less than 5 ms ago stands for the scope's reading of the tick it causes.

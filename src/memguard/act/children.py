@@ -516,8 +516,7 @@ class ChildSupervisor(LoopOwned):
     def live_records(self) -> dict[str, tuple[int, int, int, tuple[tuple[int, int], ...]]]:
         """worker -> (pid, start time, incarnation, recorded members) of every unreaped worker:
         copies, for an immutable snapshot."""
-        return {w: (r.pid, r.start, r.incarnation, tuple(r.members.items()))
-                for w, r in self._workers.items() if not r.reaped}
+        return {w: rec for w in self._workers if (rec := self.live_record(w)) is not None}
 
     @on_owner_thread
     def live_record(self, worker: str) -> tuple[int, int, int, tuple[tuple[int, int], ...]] | None:

@@ -842,13 +842,17 @@ class IncidentStore:
         except FileNotFoundError:
             return []
 
-    def _read(self, path: Path) -> Incident | Broken:
+    def _read(self, path: Path, mentioning: str | None = None) -> Incident | Broken | None:
+        """The record in ``path``, or why it is not one; None when its text does not mention ``mentioning``
+        (not parsed at all)."""
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             return Broken(str(path), "removed while reading")
         except (OSError, UnicodeDecodeError) as e:
             return Broken(str(path), f"unreadable: {getattr(e, 'strerror', None) or e}")
+        if mentioning is not None and mentioning not in text:
+            return None
         if not text.strip():
             return Broken(str(path), "empty")
         try:
@@ -908,7 +912,7 @@ class IncidentStore:
     def latest(self, n: int = 10) -> list[Incident]:
         """The ``n`` newest records, reading only those (names start with the UTC second of the death)."""
         out: list[Incident] = []
-        for p in sorted(self._files(), key=lambda p: p.name, reverse=True):
+        for p in self._newest_files():
             if len(out) >= n:
                 break
             got = self._read(p)
@@ -917,26 +921,19 @@ class IncidentStore:
         out.sort(key=lambda i: (i.wall, i.id), reverse=True)
         return out
 
+    def _newest_files(self) -> list[Path]:
+        """Record files, newest first (names start with the UTC second of the death)."""
+        return sorted(self._files(), key=lambda p: p.name, reverse=True)
+
     def pending(self, n: int) -> list[Incident]:
         """The pending records among the ``n`` newest files. Most records are complete: a file whose text does
         not mention ``pending`` is not parsed (a daemon's start must not hold a few hundred records' timelines
         in memory at once)."""
         out: list[Incident] = []
-        for i, p in enumerate(sorted(self._files(), key=lambda p: p.name, reverse=True)):
-            if i >= n:
-                break
-            try:
-                text = p.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError):
-                continue
-            if "pending" not in text:
-                continue
-            try:
-                inc = Incident.from_dict(json.loads(text))
-            except (ValueError, TypeError):
-                continue
-            if inc.state == "pending":
-                out.append(inc)
+        for p in self._newest_files()[:n]:
+            got = self._read(p, mentioning="pending")
+            if isinstance(got, Incident) and got.state == "pending":
+                out.append(got)
         return out
 
     def by_pid(self, pid: int) -> list[Incident]:
